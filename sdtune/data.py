@@ -1,0 +1,225 @@
+"""Training data: load an image-caption dataset, screen out unusable rows, and serve augmented examples.
+
+Every random choice of an example (caption pick, caption dropout, flip, crop) comes from a generator seeded by
+(seed, epoch, row), so an example is the same whichever worker loads it and whether or not the run was resumed.
+"""
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdtune.images import BadImageError, open_image, to_rgb
+
+logger = logging.getLogger(__name__)
+
+POKEMON_DATASET = "lambdalabs/pokemon-blip-captions"
+DATASET_ALTERNATIVES = (
+    "The dataset could not be loaded from the hub ({error}).\n"
+    "lambdalabs/pokemon-blip-captions was taken down in 2024. Alternatives:\n"
+    "  - a community mirror, e.g. --dataset_name svjack/pokemon-blip-captions-en-zh --caption_column en_text\n"
+    "  - a similar set, e.g. --dataset_name lambdalabs/naruto-blip-captions\n"
+    "  - your own copy as a local folder: --train_data_dir DIR (images plus metadata.jsonl with "
+    "file_name and text)\n"
+    "  - offline: python -m sdtune.tiny dataset data/tiny-shapes, then --train_data_dir data/tiny-shapes"
+)
+
+
+def load_rows(args):
+    """The dataset's train split, with images left undecoded so that broken files can be screened one by one."""
+    import datasets
+
+    try:
+        if args.train_data_dir is not None:
+            dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+        else:
+            dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"Dataset not found: {error}") from error
+    except Exception as error:  # the hub raises many types: offline, gated, removed, no network
+        if args.train_data_dir is not None:
+            raise SystemExit(f"Cannot read the image folder {args.train_data_dir}: {error}") from error
+        raise SystemExit(DATASET_ALTERNATIVES.format(error=f"{type(error).__name__}: {error}")) from error
+    rows = dataset["train"]
+    for column in (args.image_column, args.caption_column):
+        if column not in rows.column_names:
+            raise SystemExit(f"Column '{column}' not in the dataset; it has {rows.column_names}. "
+                             f"Set --image_column / --caption_column.")
+    rows = rows.cast_column(args.image_column, datasets.Image(decode=False))
+    if args.max_train_samples is not None:
+        rows = rows.select(range(min(args.max_train_samples, len(rows))))
+    return rows
+
+
+def usable_captions(caption) -> list[str]:
+    """The non-empty captions of a row: a string, or a list of strings to pick from."""
+    candidates = caption if isinstance(caption, (list, tuple)) else [caption]
+    return [c.strip() for c in candidates if isinstance(c, str) and c.strip()]
+
+
+def decode_row_image(value) -> Image.Image:
+    """Decode an undecoded `datasets.Image` value ({'bytes', 'path'}) to RGB."""
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    source = value.get("bytes") or value.get("path")
+    if source is None:
+        raise BadImageError("row has no image")
+    if isinstance(source, str) and _is_empty_file(source):
+        raise BadImageError("empty file (0 bytes)")
+    return to_rgb(open_image(source))
+
+
+def _is_empty_file(path: str) -> bool:
+    return os.path.isfile(path) and os.path.getsize(path) == 0
+
+
+@dataclass
+class ScreenResult:
+    usable: list[int]  # row indices that decode and have a caption
+    skipped: Counter  # reason -> count
+
+    def summary(self) -> str:
+        total = len(self.usable) + sum(self.skipped.values())
+        if not self.skipped:
+            return f"All {total} rows usable."
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+        return f"Skipped {sum(self.skipped.values())} of {total} rows: {reasons}."
+
+
+def screen_rows(rows, image_column: str, caption_column: str) -> ScreenResult:
+    """Decode every image once and check every caption; keep the usable rows and count the rest by reason."""
+    usable, skipped = [], Counter()
+    for index, row in enumerate(rows):
+        if not usable_captions(row[caption_column]):
+            skipped["missing caption" if row[caption_column] is None else "empty caption"] += 1
+            continue
+        try:
+            decode_row_image(row[image_column])
+        except BadImageError as error:
+            skipped["zero-byte file" if "0 bytes" in str(error) else "undecodable image"] += 1
+            logger.debug("row %d skipped: %s", index, error)
+            continue
+        usable.append(index)
+    result = ScreenResult(usable, skipped)
+    if not usable:
+        raise SystemExit(f"No usable rows in the dataset. {result.summary()} "
+                         "Check the image files and the caption column.")
+    return result
+
+
+def warn_long_captions(rows, caption_column: str, tokenizer) -> int:
+    """Count captions longer than the tokenizer's window and warn once; they are truncated when tokenized."""
+    limit = tokenizer.model_max_length
+    too_long = sum(
+        len(tokenizer(caption).input_ids) > limit
+        for caption_value in rows[caption_column]
+        for caption in usable_captions(caption_value)
+    )
+    if too_long:
+        logger.warning("%d captions are longer than %d tokens and will be truncated.", too_long, limit)
+    return too_long
+
+
+def example_generator(seed: int, epoch: int, row: int) -> torch.Generator:
+    """A generator private to one example of one epoch."""
+    mixed = (seed * 1_000_003 + epoch) * 1_000_033 + row
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+def uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator):
+    """Resize the shorter side to `resolution` and crop a square, centred or at a random offset."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    if center_crop:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left = int(torch.randint(spare_x + 1, (), generator=generator))
+        top = int(torch.randint(spare_y + 1, (), generator=generator))
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
+    """RGB image to a CHW float tensor in [-1, 1], optionally mirrored."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    if flip:
+        array = array[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """Yields (epoch, position) keys in an order fixed by (seed, epoch); call set_epoch before each epoch."""
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter([(self.epoch, int(position)) for position in order])
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Examples for the training step: pixels and token ids, or cached latent distributions and text embeddings."""
+
+    def __init__(self, rows, args, tokenizer, cache=None):
+        """`rows`: the screened rows only (see screen_rows); `cache`: a LatentCache under --cache_latents."""
+        self.rows, self.tokenizer, self.cache = rows, tokenizer, cache
+        self.image_column, self.caption_column = args.image_column, args.caption_column
+        self.resolution, self.center_crop, self.random_flip = args.resolution, args.center_crop, args.random_flip
+        self.proportion_empty_prompts, self.seed = args.proportion_empty_prompts, args.seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        epoch, position = key
+        generator = example_generator(self.seed, epoch, position)
+        row = self.rows[position]
+        caption = self.pick_caption(row[self.caption_column], generator)
+        flip = self.random_flip and uniform(generator) < 0.5
+        if self.cache is not None:
+            mean, std = self.cache.image_distribution(position, flip)
+            return {"latent_mean": mean, "latent_std": std,
+                    "encoder_hidden_states": self.cache.text_embedding(caption)}
+        image = resize_and_crop(decode_row_image(row[self.image_column]), self.resolution, self.center_crop,
+                                generator)
+        return {"pixel_values": to_tensor(image, flip), "input_ids": self.tokenize(caption)}
+
+    def pick_caption(self, caption_value, generator: torch.Generator) -> str:
+        """One caption of the row at random, or '' with probability --proportion_empty_prompts."""
+        captions = usable_captions(caption_value)
+        choice = captions[int(torch.randint(len(captions), (), generator=generator))]
+        return "" if uniform(generator) < self.proportion_empty_prompts else choice
+
+    def tokenize(self, caption: str) -> torch.Tensor:
+        return self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
+                              truncation=True, return_tensors="pt").input_ids[0]
+
+    def image_at(self, position: int, flip: bool) -> torch.Tensor:
+        """The centre-cropped pixels of one example, as cached by --cache_latents."""
+        row = self.rows[position]
+        image = resize_and_crop(decode_row_image(row[self.image_column]), self.resolution, True, None)
+        return to_tensor(image, flip)
+
+    def all_captions(self) -> list[str]:
+        """Every caption the training can draw, including '' when captions are dropped."""
+        captions = {c for value in self.rows[self.caption_column] for c in usable_captions(value)}
+        if self.proportion_empty_prompts > 0:
+            captions.add("")
+        return sorted(captions)

@@ -1,0 +1,66 @@
+"""Decoding untrusted image files into plain RGB, whatever their mode, orientation or size."""
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Refuse decompression bombs: 8192 x 8192 is far above anything Stable Diffusion is trained or run on.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class BadImageError(ValueError):
+    """An input that is not a decodable image of acceptable size."""
+
+
+def open_image(source) -> Image.Image:
+    """Decode a path, bytes or file object fully, with EXIF orientation applied; raise BadImageError if unusable."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise BadImageError("empty file (0 bytes)")
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            _check_size(image)
+            image.load()  # decode now: a truncated file must fail here, not later in a worker
+    except BadImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise BadImageError(f"cannot decode image: {error}") from error
+    return ImageOps.exif_transpose(image)
+
+
+def _check_size(image: Image.Image) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadImageError(f"image has no pixels ({width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadImageError(f"image too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)")
+
+
+def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: transparency over `background`, 16-bit and float scaled, CMYK converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = _high_bit_depth_to_l(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit or float greyscale image to 8 bits; PIL's own convert clips instead of scaling."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+    else:
+        # 16-bit PNGs arrive as mode I or I;16; their range is 0..65535
+        scaled = values / 257.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")

@@ -1,0 +1,58 @@
+"""--cache_latents: encode every training image and caption once, before training.
+
+The cache holds the VAE's latent *distribution* (mean and std) of each image and of its mirror, not a sample, so the
+training step still draws a fresh latent every time and trains on the same distribution as without the cache.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+
+class LatentCache:
+    """Latent distributions by (example, flipped) and text embeddings by caption, kept in CPU memory."""
+
+    def __init__(self, means: torch.Tensor, stds: torch.Tensor, text_embeddings: dict[str, torch.Tensor]):
+        self.means, self.stds, self.text_embeddings = means, stds, text_embeddings  # means: [N, flips, C, H, W]
+
+    def image_distribution(self, position: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        index = 1 if flip else 0
+        return self.means[position, index], self.stds[position, index]
+
+    def text_embedding(self, caption: str) -> torch.Tensor:
+        return self.text_embeddings[caption]
+
+    def nbytes(self) -> int:
+        tensors = [self.means, self.stds, *self.text_embeddings.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def build_latent_cache(dataset, vae, text_encoder, device, batch_size: int, show_progress: bool) -> LatentCache:
+    """Encode the dataset's images (both orientations when it flips) and every caption it can draw."""
+    flips = [False, True] if dataset.random_flip else [False]
+    means, stds = [], []
+    positions = range(len(dataset))
+    for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents", disable=not show_progress):
+        batch = positions[start:start + batch_size]
+        per_flip = [_encode_images(dataset, batch, flip, vae, device) for flip in flips]
+        means.append(torch.stack([mean for mean, _ in per_flip], dim=1))
+        stds.append(torch.stack([std for _, std in per_flip], dim=1))
+    text = _encode_captions(dataset, text_encoder, device, batch_size)
+    return LatentCache(torch.cat(means), torch.cat(stds), text)
+
+
+def _encode_images(dataset, positions, flip: bool, vae, device):
+    pixels = torch.stack([dataset.image_at(p, flip) for p in positions]).to(device, dtype=vae.dtype)
+    distribution = vae.encode(pixels).latent_dist
+    return distribution.mean.cpu(), distribution.std.cpu()
+
+
+def _encode_captions(dataset, text_encoder, device, batch_size: int) -> dict[str, torch.Tensor]:
+    captions = dataset.all_captions()
+    embeddings = {}
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        input_ids = torch.stack([dataset.tokenize(c) for c in chunk]).to(device)
+        hidden = text_encoder(input_ids, return_dict=False)[0].cpu()
+        embeddings.update(zip(chunk, hidden))
+    return embeddings

@@ -1,0 +1,47 @@
+"""Optimizer, learning-rate schedule and the offloaded EMA update."""
+
+import torch
+from diffusers.optimization import get_scheduler
+
+
+def make_optimizer(args, parameters, num_processes: int) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' AdamW8bit with --use_8bit_adam; the learning rate scaled with --scale_lr."""
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def make_lr_scheduler(args, optimizer, max_train_steps: int, num_processes: int):
+    """diffusers' schedules; counts are multiplied by the process count because accelerate steps the scheduler
+    once per process for every optimizer step."""
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                         num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=max_train_steps * num_processes)
+
+
+@torch.no_grad()
+def update_offloaded_ema(ema, parameters) -> None:
+    """EMAModel.step for shadow weights kept in CPU memory.
+
+    diffusers' own step needs the shadow weights on the parameters' device, which costs a full UNet copy of GPU
+    memory at every step; here each parameter visits the CPU instead, one at a time.
+    """
+    ema.optimization_step += 1
+    decay = ema.get_decay(ema.optimization_step)
+    ema.cur_decay_value = decay
+    for shadow, param in zip(ema.shadow_params, parameters):
+        value = param.detach().to(shadow.device, dtype=shadow.dtype)
+        if param.requires_grad:
+            shadow.sub_((1 - decay) * (shadow - value))
+        else:
+            shadow.copy_(value)

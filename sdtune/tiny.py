@@ -1,0 +1,84 @@
+"""Tiny offline stand-ins for Stable Diffusion and its dataset, for tests and first runs without a GPU or network.
+
+    python -m sdtune.tiny pipeline DIR   # a randomly initialised SD-shaped pipeline (diffusers format, safetensors)
+    python -m sdtune.tiny dataset DIR    # captioned shape images in imagefolder layout
+
+The pipeline has Stable Diffusion's architecture at a scale that trains on a CPU in seconds: 64 px images, 16x16
+latents with 4 channels, a CLIP text encoder of 2 layers. Its weights are random: it proves the code runs end to end,
+not that it draws anything.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdtune.shapes import shape_words, write_shapes_dataset
+from sdtune.tokenizer import save_word_tokenizer
+
+TINY_RESOLUTION = 64
+
+
+def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    """Three blocks: a downsampling factor of 4 (SD's has four blocks and a factor of 8)."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=TINY_RESOLUTION,
+    )
+
+
+def tiny_text_encoder(tokenizer, hidden_size: int = 32) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def sd_scheduler() -> PNDMScheduler:
+    """The noise schedule of Stable Diffusion v1 (what its scheduler_config.json holds)."""
+    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+
+
+def write_tiny_pipeline(folder, seed: int = 0) -> Path:
+    """Write a random tiny StableDiffusionPipeline whose tokenizer knows the shape captions' words."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = save_word_tokenizer(shape_words(), folder / "tokenizer")
+    pipeline = StableDiffusionPipeline(
+        vae=tiny_vae(), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer, unet=tiny_unet(),
+        scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["pipeline", "dataset"])
+    parser.add_argument("folder")
+    parser.add_argument("--count", type=int, default=64, help="dataset: number of images")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.what == "pipeline":
+        print(write_tiny_pipeline(args.folder, args.seed))
+    else:
+        print(write_shapes_dataset(args.folder, args.count, args.seed, TINY_RESOLUTION))
+
+
+if __name__ == "__main__":
+    main()

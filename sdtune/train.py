@@ -1,0 +1,247 @@
+"""Fine-tune a Stable Diffusion UNet with accelerate. `main(args)` reads top to bottom: set-up, data, loop, export."""
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from sdtune.checkpoints import Progress, load_checkpoint, resolve_resume_path, save_checkpoint
+from sdtune.components import load_components, use_xformers
+from sdtune.config import save_resolved_config
+from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows, warn_long_captions
+from sdtune.export import check_hub_reachable, push_to_hub, save_pipeline, write_model_card
+from sdtune.latent_cache import build_latent_cache
+from sdtune.objective import diffusion_loss, step_generator
+from sdtune.optim import make_lr_scheduler, make_optimizer, update_offloaded_ema
+from sdtune.validation import log_grid_to_trackers, render_validation, validation_pipeline
+
+logger = logging.getLogger("sdtune.train")
+
+LOG_EVERY_STEPS = 50  # a line in train.log this often; the tracker gets every step
+
+
+def main(args) -> Path:
+    accelerator = make_accelerator(args)
+    setup_logging(args, accelerator)
+    check_hub_reachable(args)
+    set_seed(args.seed)
+
+    # The frozen parts run in the mixed-precision dtype; the trained UNet keeps fp32 master weights.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    parts = load_components(args, weight_dtype)
+    configure_unet(parts.unet, args)
+    move_frozen_parts(parts, accelerator.device)
+
+    dataset = make_dataset(args, parts.tokenizer)
+    if args.cache_latents:
+        dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,
+                                           args.train_batch_size, accelerator.is_local_main_process)
+        logger.info("Cached latents and text embeddings: %.1f MiB", dataset.cache.nbytes() / 2**20)
+        move_frozen_parts(parts, "cpu")  # they only come back for validation
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size,
+                                             sampler=EpochShuffleSampler(len(dataset), args.seed),
+                                             num_workers=args.dataloader_num_workers)
+
+    batches_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+
+    ema = make_ema(args, parts.unet, accelerator.device)
+    optimizer = make_optimizer(args, parts.unet.parameters(), accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # must run before load_state
+
+    if accelerator.is_main_process:
+        save_resolved_config(args, args.output_dir)
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+    progress = Progress()
+    resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+    if resume_path is not None:
+        progress = load_checkpoint(accelerator, resume_path)
+        if ema is not None and not args.offload_ema:
+            ema.to(accelerator.device)  # accelerate loads custom states onto the CPU
+
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    logger.info("Training %s UNet parameters on %d rows for %d optimizer steps (%d epochs), %d process(es).",
+                f"{trainable:,}", len(dataset), args.max_train_steps, num_epochs, accelerator.num_processes)
+    progress_bar = tqdm(total=args.max_train_steps, initial=progress.global_step, desc="steps",
+                        disable=not accelerator.is_local_main_process)
+    last_grid, validated_at, window_start, window_steps = None, -1, time.perf_counter(), 0
+    accumulated_loss = 0.0
+
+    for epoch in range(progress.epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        for batch_index, batch in enumerate(batches, start=skip):
+            with accelerator.accumulate(unet):
+                generator = step_generator(args.seed, accelerator.process_index, epoch, batch_index)
+                loss = diffusion_loss(batch, unet, parts, args, generator, weight_dtype)
+                accumulated_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+
+            update_ema(ema, unet, args)
+            progress = next_position(progress, epoch, batch_index, len(dataloader))
+            learning_rate = lr_scheduler.get_last_lr()[0]
+            accelerator.log({"train_loss": accumulated_loss, "lr": learning_rate}, step=progress.global_step)
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{accumulated_loss:.4f}", lr=f"{learning_rate:.2e}")
+            window_steps += 1
+            if progress.global_step % LOG_EVERY_STEPS == 0:
+                elapsed = time.perf_counter() - window_start
+                logger.info("(step=%07d) Train Loss: %.4f, LR: %.3g, Train Steps/Sec: %.2f", progress.global_step,
+                            accumulated_loss, learning_rate, window_steps / elapsed)
+                window_start, window_steps = time.perf_counter(), 0
+            accumulated_loss = 0.0
+
+            if progress.global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, progress)
+            if args.validation_steps and progress.global_step % args.validation_steps == 0:
+                last_grid, validated_at = validate(accelerator, parts, unet, ema, args, progress.global_step)
+            if progress.global_step >= args.max_train_steps:
+                break
+        if (epoch + 1) % args.validation_epochs == 0 and validated_at != progress.global_step:
+            last_grid, validated_at = validate(accelerator, parts, unet, ema, args, progress.global_step)
+        if progress.global_step >= args.max_train_steps:
+            break
+    progress_bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(final_unet.parameters())
+        save_pipeline(args, final_unet)
+        if args.validation_prompts and validated_at != progress.global_step:
+            last_grid = render_with(accelerator, parts, final_unet, args, progress.global_step)
+        save_resolved_config(args, args.output_dir)
+        write_model_card(args, trainable, last_grid)
+        if args.push_to_hub:
+            push_to_hub(args)
+    accelerator.end_training()
+    return Path(args.output_dir)
+
+
+def make_accelerator(args) -> Accelerator:
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir))
+    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       mixed_precision=args.mixed_precision,
+                       log_with=None if args.report_to == "none" else args.report_to,
+                       project_config=project)
+
+
+def setup_logging(args, accelerator) -> None:
+    """Log to the console and, on the main process, to output_dir/train.log."""
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger("sdtune")
+    root.setLevel(level)
+    root.handlers.clear()
+    console = logging.StreamHandler()
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        log_file = logging.FileHandler(Path(args.output_dir) / "train.log")
+        log_file.setFormatter(fmt)
+        root.addHandler(log_file)
+
+
+def configure_unet(unet, args) -> None:
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        use_xformers(unet)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def make_dataset(args, tokenizer) -> CaptionedImages:
+    """Load the rows, drop the unusable ones (counted in the log) and wrap them for training."""
+    rows = load_rows(args)
+    screened = screen_rows(rows, args.image_column, args.caption_column)
+    logger.info(screened.summary())
+    rows = rows.select(screened.usable)
+    warn_long_captions(rows, args.caption_column, tokenizer)
+    return CaptionedImages(rows, args, tokenizer)
+
+
+def move_frozen_parts(parts, device) -> None:
+    parts.vae.to(device)
+    parts.text_encoder.to(device)
+
+
+def make_ema(args, unet, device) -> EMAModel | None:
+    """The moving average of the UNet, on the device or (--offload_ema) in CPU memory."""
+    if not args.use_ema:
+        return None
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+    if not args.offload_ema:
+        ema.to(device)
+    return ema
+
+
+def update_ema(ema, unet, args) -> None:
+    if ema is None:
+        return
+    if args.offload_ema:
+        update_offloaded_ema(ema, unet.parameters())
+    else:
+        ema.step(unet.parameters())
+
+
+def next_position(progress: Progress, epoch: int, batch_index: int, batches_in_epoch: int) -> Progress:
+    """The data position after an optimizer step that ended on `batch_index`."""
+    if batch_index + 1 >= batches_in_epoch:
+        return Progress(progress.global_step + 1, epoch + 1, 0)
+    return Progress(progress.global_step + 1, epoch, batch_index + 1)
+
+
+def validate(accelerator, parts, unet, ema, args, global_step):
+    """Render the validation prompts on the main process, with the EMA weights when there are some."""
+    grid = None
+    if args.validation_prompts and accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+        grid = render_with(accelerator, parts, model, args, global_step)
+        if ema is not None:
+            ema.restore(model.parameters())
+    accelerator.wait_for_everyone()
+    return grid, global_step
+
+
+def render_with(accelerator, parts, model, args, global_step) -> Path:
+    """One validation grid from `model`, saved and sent to the trackers (main process only)."""
+    move_frozen_parts(parts, accelerator.device)
+    with accelerator.autocast():
+        grid = render_validation(validation_pipeline(parts, model, accelerator.device), args, global_step)
+    if args.cache_latents:
+        move_frozen_parts(parts, "cpu")
+    log_grid_to_trackers(accelerator, grid, global_step)
+    return grid
+
+
+def tracker_config(args) -> dict:
+    """Hyperparameters for the tracker; TensorBoard accepts scalars and strings only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()
+            if k != "hub_token"}

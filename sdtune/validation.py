@@ -1,0 +1,56 @@
+"""Validation images during training: one image per prompt, each from its own seed, saved as a grid."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+from sdtune.generate import GenerationSettings, image_grid, text_to_image
+
+logger = logging.getLogger(__name__)
+
+
+def validation_pipeline(components, unet, device) -> StableDiffusionPipeline:
+    """A pipeline around the UNet being trained; the frozen parts are shared, not copied."""
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def validation_seed(seed: int, prompt_index: int) -> int:
+    return seed + prompt_index
+
+
+def render_validation(pipeline, args, global_step: int) -> Path:
+    """Render every validation prompt and save the grid as validation/step-000500.png."""
+    settings = GenerationSettings(num_inference_steps=args.validation_inference_steps,
+                                  guidance_scale=args.validation_guidance_scale,
+                                  width=args.resolution, height=args.resolution)
+    images = [text_to_image(pipeline, prompt, validation_seed(args.seed, index), settings)
+              for index, prompt in enumerate(args.validation_prompts)]
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{global_step:06d}.png"
+    image_grid(images, columns=min(4, len(images))).save(path)
+    logger.info("Validation grid: %s", path)
+    return path
+
+
+def log_grid_to_trackers(accelerator, grid_path: Path, global_step: int) -> None:
+    grid = np.asarray(Image.open(grid_path).convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"validation": grid[None]}, global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"validation": [grid]}, global_step)

@@ -1,0 +1,7 @@
+"""Fine-tune Stable Diffusion's UNet on an image-caption dataset. Flags: python train_text_to_image.py --help"""
+
+from sdtune.config import parse_args
+from sdtune.train import main
+
+if __name__ == "__main__":
+    main(parse_args())
