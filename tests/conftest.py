@@ -1,0 +1,115 @@
+"""Shared fixtures: a tiny random pipeline, a small shapes dataset, and an in-process training runner.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set before any Hugging Face library is imported.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    from sdtune.tiny import write_tiny_pipeline
+
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory) -> Path:
+    from sdtune.shapes import write_shapes_dataset
+
+    return write_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", count=24, seed=0)
+
+
+def tiny_flags(pipeline: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Flags of a few-second CPU fine-tune; `extra` flags override them (a --dataset_name replaces `data`)."""
+    data_flags = [] if "--dataset_name" in extra else ["--train_data_dir", str(data)]
+    return [
+        "--pretrained_model_name_or_path", str(pipeline), *data_flags,
+        "--output_dir", str(output_dir), "--resolution", "64", "--center_crop", "--train_batch_size", "4",
+        "--max_train_steps", "4", "--checkpointing_steps", "1000", "--learning_rate", "1e-3",
+        "--lr_warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none", "--seed", "7",
+        "--validation_inference_steps", "2", *extra,
+    ]
+
+
+@pytest.fixture
+def train(tiny_pipeline, shapes_dataset):
+    """Run train_text_to_image in this process: train(output_dir, *flags, data=folder) -> output_dir."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sdtune.config import parse_args
+    from sdtune.train import main
+
+    def run(output_dir, *extra, data=None):
+        AcceleratorState._reset_state(True)  # each run builds its own Accelerator
+        GradientState._reset_state()
+        return main(parse_args(tiny_flags(tiny_pipeline, data or shapes_dataset, output_dir, *extra)))
+
+    return run
+
+
+def subprocess_env(threads: int = 1) -> dict:
+    """Environment for a child process: offline, the repo importable, and a fixed thread count (2 cores here)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=str(REPO))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+ODD_SKIPS = {"undecodable image": 1, "zero-byte file": 1, "missing caption": 1, "empty caption": 1}
+
+
+@pytest.fixture(scope="session")
+def odd_dataset(tmp_path_factory) -> Path:
+    """An imagefolder with every kind of broken or unusual file a scraped dataset holds, plus good shapes."""
+    import json
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from sdtune.shapes import random_shape
+
+    folder = tmp_path_factory.mktemp("odd")
+    rows = []
+    rng = random.Random(3)
+    for index in range(8):
+        image, caption = random_shape(rng)
+        image.save(folder / f"good{index}.png")
+        rows.append({"file_name": f"good{index}.png", "text": caption})
+    Image.new("CMYK", (70, 50), (0, 200, 200, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((40, 60), 40000, dtype=np.uint16)).save(folder / "deep16.png")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(folder / "transparent.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 40), "orange").save(folder / "rotated.jpg", exif=exif.tobytes())
+    Image.new("RGB", (1, 1), "blue").save(folder / "one_pixel.png")
+    Image.new("P", (30, 30), 3).save(folder / "palette.gif")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (folder / "zero.png").write_bytes(b"")
+    Image.new("RGB", (64, 64), "green").save(folder / "no_caption.png")
+    Image.new("RGB", (64, 64), "green").save(folder / "empty_caption.png")
+    rows += [
+        {"file_name": "cmyk.jpg", "text": "a cyan square on a white background"},
+        {"file_name": "deep16.png", "text": "a gray square on a white background"},
+        {"file_name": "transparent.png", "text": "a white square on a white background"},
+        {"file_name": "rotated.jpg", "text": "an orange square on a white background"},
+        {"file_name": "one_pixel.png", "text": "a blue square on a blue background"},
+        {"file_name": "palette.gif", "text": "a black square on a black background"},
+        {"file_name": "corrupt.png", "text": "a red circle on a white background"},
+        {"file_name": "zero.png", "text": "a red circle on a white background"},
+        {"file_name": "no_caption.png"},
+        {"file_name": "empty_caption.png", "text": "   "},
+    ]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder

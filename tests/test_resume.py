@@ -1,0 +1,58 @@
+"""A run killed with SIGKILL after a checkpoint, then resumed, ends with the same UNet as an uninterrupted run."""
+
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+from conftest import REPO, subprocess_env, tiny_flags
+
+# Every source of randomness is on: random crop and flip, caption dropout, noise offset, EMA, a warmup-cosine
+# schedule and gradient accumulation. 24 rows / batch 4 = 6 batches an epoch, 3 optimizer steps an epoch, so the
+# checkpoint at step 4 falls in the middle of the second epoch.
+FLAGS = ("--random_flip", "--proportion_empty_prompts", "0.2", "--noise_offset", "0.1", "--snr_gamma", "5",
+         "--use_ema", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--gradient_accumulation_steps", "2",
+         "--max_train_steps", "14", "--checkpointing_steps", "4")
+
+
+def start(tiny_pipeline, data, output_dir, *extra):
+    command = [sys.executable, str(REPO / "train_text_to_image.py"),
+               *tiny_flags(tiny_pipeline, data, output_dir, *FLAGS, *extra)]
+    return subprocess.Popen(command, env=subprocess_env(threads=1), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process):
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def kill_after_first_checkpoint(process, output_dir):
+    checkpoint = output_dir / "checkpoint-000004"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tiny_pipeline, shapes_dataset, tmp_path):
+    finish(start(tiny_pipeline, shapes_dataset, tmp_path / "straight"))
+
+    interrupted = tmp_path / "interrupted"
+    kill_after_first_checkpoint(start(tiny_pipeline, shapes_dataset, interrupted), interrupted)
+    assert not (interrupted / "model_index.json").exists()
+    finish(start(tiny_pipeline, shapes_dataset, interrupted, "--resume_from_checkpoint", "latest"))
+
+    straight = load_file(str(tmp_path / "straight/unet/diffusion_pytorch_model.safetensors"))
+    resumed = load_file(str(interrupted / "unet/diffusion_pytorch_model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert (straight[name] == resumed[name]).all(), name
+    log = (interrupted / "train.log").read_text()
+    assert "Resumed from" in log and "checkpoint-0000" in log
