@@ -1,13 +1,33 @@
-"""The generation core: one place that turns (pipeline, prompt, seed, settings) into an image.
+"""The generation core: one place that turns (pipeline, prompt, seed, settings) into images.
 
-Validation during training uses it, and so do the app, the batch CLI and metrics.py, so the same model, prompt, seed
-and settings give the same image everywhere.
+Validation during training, the app, the batch CLI and metrics.py all call it, so the same model, prompt, seed and
+settings give the same image everywhere (batched calls agree with single ones up to float rounding: at most one
+level of 255 on a few pixels).
 """
 
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass, replace
 
 import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler,
+                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
 from PIL import Image
+
+# name -> (scheduler class, the name AUTOMATIC1111's "Sampler" field uses for it)
+SCHEDULERS = {
+    "dpmsolver++": (DPMSolverMultistepScheduler, "DPM++ 2M"),
+    "euler_a": (EulerAncestralDiscreteScheduler, "Euler a"),
+    "ddim": (DDIMScheduler, "DDIM"),
+    "pndm": (PNDMScheduler, "PLMS"),
+}
+
+
+class GenerationError(ValueError):
+    """Settings that cannot produce an image, with the reason."""
+
+
+class Interrupted(RuntimeError):
+    """Generation stopped on request between denoising steps."""
 
 
 @dataclass(frozen=True)
@@ -17,6 +37,14 @@ class GenerationSettings:
     width: int = 512
     height: int = 512
     negative_prompt: str | None = None
+    scheduler: str = "dpmsolver++"
+    strength: float = 0.75  # image to image only: how far from the input image to go (1 = ignore it)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def sized(self, width: int, height: int) -> "GenerationSettings":
+        return replace(self, width=width, height=height)
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -24,19 +52,94 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+def make_scheduler(name: str, config):
+    if name not in SCHEDULERS:
+        raise GenerationError(f"Unknown scheduler '{name}'; choose from {', '.join(SCHEDULERS)}.")
+    return SCHEDULERS[name][0].from_config(config)
+
+
+def for_call(pipeline_class, pipeline, scheduler: str):
+    """A pipeline view with its own scheduler (schedulers keep per-call state); weights are shared, not copied."""
+    components = dict(pipeline.components, scheduler=make_scheduler(scheduler, pipeline.scheduler.config))
+    view = pipeline_class(**components)
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
+def interrupt_callback(stop: threading.Event | None):
+    """A diffusers step-end callback that stops the denoising loop once `stop` is set."""
+    def on_step_end(pipeline, step, timestep, tensors):
+        if stop is not None and stop.is_set():
+            pipeline._interrupt = True  # diffusers checks this flag before each step
+        return tensors
+    return on_step_end
+
+
+def check_settings(settings: GenerationSettings, image_to_image: bool = False) -> None:
+    """Refuse settings that would fail deep inside diffusers or silently do nothing."""
+    if settings.num_inference_steps < 1:
+        raise GenerationError("num_inference_steps must be at least 1.")
+    if settings.guidance_scale < 0:
+        raise GenerationError("guidance_scale must be 0 or more.")
+    if settings.width % 8 or settings.height % 8 or settings.width < 8 or settings.height < 8:
+        raise GenerationError(f"width and height must be positive multiples of 8, not {settings.width}x"
+                              f"{settings.height}.")
+    if image_to_image:
+        if not 0 < settings.strength <= 1:
+            raise GenerationError(f"strength must be in (0, 1], not {settings.strength}.")
+        if int(settings.num_inference_steps * settings.strength) < 1:
+            raise GenerationError(
+                f"strength {settings.strength} x {settings.num_inference_steps} steps runs no denoising step and "
+                f"would return the input unchanged: raise strength to at least {1 / settings.num_inference_steps:.3g}"
+                " or add steps.")
+
+
 @torch.no_grad()
-def text_to_image(pipeline, prompt: str, seed: int, settings: GenerationSettings) -> Image.Image:
-    """One image for one prompt from its own seed."""
-    result = pipeline(
-        prompt=prompt,
-        negative_prompt=settings.negative_prompt,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        width=settings.width,
-        height=settings.height,
-        generator=seeded_generator(seed),
+def text_to_images(pipeline, prompt: str, seeds: list[int], settings: GenerationSettings,
+                   stop: threading.Event | None = None) -> list[Image.Image]:
+    """One image per seed for one prompt, in one batch; each image from its own generator."""
+    check_settings(settings)
+    view = for_call(StableDiffusionPipeline, pipeline, settings.scheduler)
+    result = view(
+        prompt=prompt, negative_prompt=settings.negative_prompt, num_images_per_prompt=len(seeds),
+        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+        width=settings.width, height=settings.height, generator=[seeded_generator(s) for s in seeds],
+        callback_on_step_end=interrupt_callback(stop),
     )
-    return result.images[0]
+    if stop is not None and stop.is_set():
+        raise Interrupted("Generation stopped.")
+    return result.images
+
+
+def text_to_image(pipeline, prompt: str, seed: int, settings: GenerationSettings, stop=None) -> Image.Image:
+    return text_to_images(pipeline, prompt, [seed], settings, stop)[0]
+
+
+def working_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """Scale (width, height) so the longer side is `resolution`, each side rounded to a multiple of 8."""
+    width, height = size
+    scale = resolution / max(width, height)
+    return tuple(max(8, int(round(side * scale / 8)) * 8) for side in (width, height))
+
+
+@torch.no_grad()
+def image_to_image(pipeline, image: Image.Image, prompt: str, seed: int, settings: GenerationSettings,
+                   resolution: int, stop: threading.Event | None = None) -> Image.Image:
+    """Image to image at the working resolution (longer side = `resolution`), returned at the input's size."""
+    width, height = working_size(image.size, resolution)
+    settings = settings.sized(width, height)
+    check_settings(settings, image_to_image=True)
+    view = for_call(StableDiffusionImg2ImgPipeline, pipeline, settings.scheduler)
+    result = view(
+        prompt=prompt, negative_prompt=settings.negative_prompt,
+        image=image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS),
+        strength=settings.strength, num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale, generator=seeded_generator(seed),
+        callback_on_step_end=interrupt_callback(stop),
+    )
+    if stop is not None and stop.is_set():
+        raise Interrupted("Generation stopped.")
+    return result.images[0].resize(image.size, Image.Resampling.LANCZOS)
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:

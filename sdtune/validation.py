@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 
 from sdtune.generate import GenerationSettings, image_grid, text_to_image
 
@@ -13,13 +13,14 @@ logger = logging.getLogger(__name__)
 
 
 def validation_pipeline(components, unet, device) -> StableDiffusionPipeline:
-    """A pipeline around the UNet being trained; the frozen parts are shared, not copied."""
+    """A pipeline around the UNet being trained; the frozen parts are shared, not copied. The generation core
+    swaps in the sampling scheduler."""
     pipeline = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
         unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        scheduler=components.noise_scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

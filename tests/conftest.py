@@ -113,3 +113,40 @@ def odd_dataset(tmp_path_factory) -> Path:
     ]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, tiny_pipeline) -> Path:
+    """A random CLIPModel (text and vision towers) with a processor, sharing the tiny pipeline's tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("clip") / "clip"
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline / "tokenizer")
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def finetuned_pipeline(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
+    """The tiny pipeline after a short fine-tune: same VAE and text encoder, different UNet."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sdtune.config import parse_args
+    from sdtune.train import main
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path_factory.mktemp("finetuned") / "pipeline"
+    return main(parse_args(tiny_flags(tiny_pipeline, shapes_dataset, out)))

@@ -1,0 +1,188 @@
+"""Served and scored models: each loaded once, with identical components shared between them.
+
+After this project's fine-tune only the UNet differs from the stock model, so two models cost one pipeline plus one
+UNet: every component folder gets a content fingerprint, and a component whose fingerprint is already loaded is
+passed to `from_pretrained` instead of being loaded again. Only safetensors are ever read.
+"""
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+SHAREABLE = ("vae", "text_encoder", "unet", "safety_checker")  # components with weights
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str  # hub id or local pipeline folder
+    revision: str | None = None
+    variant: str | None = None
+
+
+class ModelUnavailable(RuntimeError):
+    """A model that is not in the list or failed to load."""
+
+
+def read_model_list(path) -> list[ModelSpec]:
+    """The `models:` list of a YAML file such as configs/models.yaml."""
+    if not Path(path).is_file():
+        raise SystemExit(f"Model list {path} not found; see configs/models.yaml for the format.")
+    entries = (yaml.safe_load(Path(path).read_text()) or {}).get("models") or []
+    specs = [ModelSpec(**entry) for entry in entries]
+    check_unique_names(specs, path)
+    return specs
+
+
+def parse_model_flags(values: list[str]) -> list[ModelSpec]:
+    """`name=path` pairs from the command line, or a single YAML model list."""
+    if len(values) == 1 and values[0].endswith((".yaml", ".yml")):
+        return read_model_list(values[0])
+    specs = []
+    for value in values:
+        name, separator, path = value.partition("=")
+        if not separator or not name or not path:
+            raise SystemExit(f"--models {value}: expected name=path_or_hub_id, e.g. stock=CompVis/stable-diffusion-v1-4")
+        specs.append(ModelSpec(name, path))
+    check_unique_names(specs, "--models")
+    return specs
+
+
+def check_unique_names(specs, source) -> None:
+    names = [spec.name for spec in specs]
+    if not names:
+        raise SystemExit(f"{source}: the model list is empty.")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SystemExit(f"{source}: duplicate model names {duplicates}.")
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA; fp32 elsewhere (fp16 on CPU is slow, and on MPS it can give black images)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def local_folder(spec: ModelSpec, cache_dir=None) -> Path:
+    """The pipeline's files on disk: the folder itself, or the hub snapshot (downloaded if needed and allowed)."""
+    if Path(spec.path).is_dir():
+        return Path(spec.path)
+    folder = DiffusionPipeline.download(spec.path, revision=spec.revision, variant=spec.variant,
+                                        cache_dir=cache_dir, use_safetensors=True)
+    return Path(folder)
+
+
+def component_fingerprint(folder: Path, variant: str | None) -> str:
+    """A digest of a component's config and the weights that would be loaded from it."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".json" or _is_loaded_weight(path.name, variant):
+            digest.update(path.name.encode())
+            digest.update(_file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def _is_loaded_weight(name: str, variant: str | None) -> bool:
+    if not name.endswith(".safetensors"):
+        return False
+    parts = name.split(".")
+    return (variant in parts[1:-1]) if variant else len(parts) == 2
+
+
+_digests: dict[tuple, str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """Content hash; a hub snapshot's file is a link to a blob already named by its hash, which is reused."""
+    if path.is_symlink() and "blobs" in Path(os.readlink(path)).parts:
+        return Path(os.readlink(path)).name
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+class ModelRegistry:
+    """Loads the listed pipelines on one device, once each, sharing identical components."""
+
+    def __init__(self, specs: list[ModelSpec], device="auto", dtype=None, cache_dir=None, lazy=False):
+        self.specs = {spec.name: spec for spec in specs}
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.dtype = dtype or default_dtype(self.device)
+        self.cache_dir = cache_dir
+        self.errors: dict[str, str] = {}  # name -> why it could not be loaded
+        self._pipelines: dict[str, StableDiffusionPipeline] = {}
+        self._components: dict[str, torch.nn.Module] = {}  # fingerprint -> loaded module
+        self._lock = threading.Lock()
+        if not lazy:
+            for name in self.specs:
+                self.try_load(name)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def try_load(self, name: str) -> bool:
+        """Load a model, recording (not raising) a failure so that the other models keep serving."""
+        try:
+            self.get(name)
+            return True
+        except ModelUnavailable:
+            return False
+
+    def get(self, name: str) -> StableDiffusionPipeline:
+        """The loaded pipeline of `name`, loading it on first use."""
+        if name not in self.specs:
+            raise ModelUnavailable(f"Unknown model '{name}'; available: {', '.join(self.specs)}.")
+        with self._lock:  # concurrent first requests must not load the same model twice
+            if name not in self._pipelines:
+                self._pipelines[name] = self._load(self.specs[name])
+        return self._pipelines[name]
+
+    def _load(self, spec: ModelSpec) -> StableDiffusionPipeline:
+        try:
+            folder = local_folder(spec, self.cache_dir)
+            fingerprints = {c: component_fingerprint(folder / c, spec.variant)
+                            for c in SHAREABLE if (folder / c).is_dir()}
+            shared = {c: self._components[f] for c, f in fingerprints.items() if f in self._components}
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                folder, torch_dtype=self.dtype, variant=spec.variant, use_safetensors=True, **shared)
+        except Exception as error:  # a broken model must not take the others down
+            self.errors[spec.name] = f"{type(error).__name__}: {error}"
+            logger.error("Model '%s' (%s) failed to load: %s", spec.name, spec.path, self.errors[spec.name])
+            raise ModelUnavailable(f"Model '{spec.name}' could not be loaded: {self.errors[spec.name]}") from error
+        pipeline.to(self.device)
+        pipeline.set_progress_bar_config(disable=True)
+        for component, fingerprint in fingerprints.items():
+            self._components.setdefault(fingerprint, getattr(pipeline, component))
+        logger.info("Loaded '%s' from %s (shared: %s)", spec.name, spec.path, ", ".join(shared) or "nothing")
+        self.errors.pop(spec.name, None)
+        return pipeline
+
+    def native_resolution(self, name: str) -> int:
+        """The image size the model was trained at (512 for SD v1)."""
+        pipeline = self.get(name)
+        return pipeline.unet.config.sample_size * pipeline.vae_scale_factor

@@ -1,0 +1,65 @@
+"""metrics.py's outputs: report.json, scores.csv and one image grid per model, published only when complete."""
+
+import csv
+import json
+import platform
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from sdtune.generate import image_grid
+
+LIBRARIES = ("torch", "diffusers", "transformers", "torchmetrics", "accelerate", "sdtune")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_report(args, results: dict, grids: dict) -> Path:
+    """Write everything to `<output_dir>.partial/`, then swap it in: a crash never leaves a report that looks done."""
+    final = Path(args.output_dir)
+    staging = final.with_name(final.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, images_by_prompt in grids.items():
+        rows = list(images_by_prompt.values())
+        image_grid([image for row in rows for image in row], columns=len(rows[0])).save(staging / f"grid-{name}.png")
+    write_scores_csv(staging / "scores.csv", results)
+    report = {"settings": vars(args), "versions": library_versions(), "models": results}
+    (staging / "report.json").write_text(json.dumps(report, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
+
+
+def write_scores_csv(path: Path, results: dict) -> None:
+    """One row an image: model, prompt (or input), seed index, seed and every score."""
+    rows = [dict(model=name, **row) for name, result in results.items() for row in result["per_image"]]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_table(results: dict, baseline: str, stream) -> None:
+    """model | mean ± std over images | std of per-prompt means | difference to the baseline [95% interval]."""
+    header = f"{'model':<16} {'CLIP score':>16} {'prompt-mean std':>16}   difference to {baseline} [95% CI]"
+    print(header, file=stream)
+    for name, result in results.items():
+        score = f"{result['clip_score_mean']:.2f} ± {result['clip_score_std']:.2f}"
+        line = f"{name:<16} {score:>16} {result['clip_score_prompt_means_std']:>16.2f}"
+        if "difference_to_first" in result:
+            diff = result["difference_to_first"]
+            line += f"   {diff['mean']:+.2f} [{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}]"
+        for key in ("directional_similarity_mean", "preservation_mean"):
+            if key in result:
+                line += f"   {key.removesuffix('_mean')}: {result[key]:.3f}"
+        print(line, file=stream)
