@@ -15,7 +15,8 @@ import torch
 from sdtune.clip_scoring import ClipScorer
 from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, image_to_image, text_to_images
 from sdtune.images import BadImageError, open_image, to_rgb
-from sdtune.prompts import prompt_from_filename, prompt_seed, read_prompts
+from sdtune.prompts import prompt_from_filename, read_prompts
+from sdtune.seeds import prompt_seed
 from sdtune.registry import ModelRegistry, parse_model_flags, pick_device
 from sdtune.report import print_table, write_report
 from sdtune.stats import paired_bootstrap, summarise

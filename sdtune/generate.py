@@ -61,7 +61,8 @@ def make_scheduler(name: str, config):
 def for_call(pipeline_class, pipeline, scheduler: str):
     """A pipeline view with its own scheduler (schedulers keep per-call state); weights are shared, not copied."""
     components = dict(pipeline.components, scheduler=make_scheduler(scheduler, pipeline.scheduler.config))
-    view = pipeline_class(**components)
+    # carry the model's own safety-checker setting over, or every view would warn about a missing checker
+    view = pipeline_class(**components, requires_safety_checker=pipeline.config.get("requires_safety_checker", True))
     view.set_progress_bar_config(disable=True)
     return view
 
@@ -75,15 +76,14 @@ def interrupt_callback(stop: threading.Event | None):
     return on_step_end
 
 
-def check_settings(settings: GenerationSettings, image_to_image: bool = False) -> None:
-    """Refuse settings that would fail deep inside diffusers or silently do nothing."""
+def check_sampling(settings: GenerationSettings, image_to_image: bool = False) -> None:
+    """Refuse sampling settings that would fail deep inside diffusers or silently do nothing."""
     if settings.num_inference_steps < 1:
         raise GenerationError("num_inference_steps must be at least 1.")
     if settings.guidance_scale < 0:
         raise GenerationError("guidance_scale must be 0 or more.")
-    if settings.width % 8 or settings.height % 8 or settings.width < 8 or settings.height < 8:
-        raise GenerationError(f"width and height must be positive multiples of 8, not {settings.width}x"
-                              f"{settings.height}.")
+    if settings.scheduler not in SCHEDULERS:
+        raise GenerationError(f"Unknown scheduler '{settings.scheduler}'; choose from {', '.join(SCHEDULERS)}.")
     if image_to_image:
         if not 0 < settings.strength <= 1:
             raise GenerationError(f"strength must be in (0, 1], not {settings.strength}.")
@@ -92,6 +92,16 @@ def check_settings(settings: GenerationSettings, image_to_image: bool = False) -
                 f"strength {settings.strength} x {settings.num_inference_steps} steps runs no denoising step and "
                 f"would return the input unchanged: raise strength to at least {1 / settings.num_inference_steps:.3g}"
                 " or add steps.")
+
+
+def check_size(width: int, height: int) -> None:
+    if width % 8 or height % 8 or width < 8 or height < 8:
+        raise GenerationError(f"width and height must be positive multiples of 8, not {width}x{height}.")
+
+
+def check_settings(settings: GenerationSettings, image_to_image: bool = False) -> None:
+    check_sampling(settings, image_to_image)
+    check_size(settings.width, settings.height)
 
 
 @torch.no_grad()
@@ -123,23 +133,34 @@ def working_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def image_to_image(pipeline, image: Image.Image, prompt: str, seed: int, settings: GenerationSettings,
-                   resolution: int, stop: threading.Event | None = None) -> Image.Image:
-    """Image to image at the working resolution (longer side = `resolution`), returned at the input's size."""
-    width, height = working_size(image.size, resolution)
+def images_to_images(pipeline, images: list[Image.Image], prompts: list[str], seeds: list[int],
+                     settings: GenerationSettings, resolution: int,
+                     stop: threading.Event | None = None) -> list[Image.Image]:
+    """Image to image for a batch whose inputs share one working size (longer side = `resolution`); each output
+    comes back at its input's size, each from its own seed."""
+    sizes = {working_size(image.size, resolution) for image in images}
+    if len(sizes) != 1:
+        raise GenerationError(f"a batch needs one working size, got {sorted(sizes)}")
+    width, height = sizes.pop()
     settings = settings.sized(width, height)
     check_settings(settings, image_to_image=True)
     view = for_call(StableDiffusionImg2ImgPipeline, pipeline, settings.scheduler)
     result = view(
-        prompt=prompt, negative_prompt=settings.negative_prompt,
-        image=image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS),
+        prompt=prompts, negative_prompt=[settings.negative_prompt or ""] * len(prompts),
+        image=[image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS) for image in images],
         strength=settings.strength, num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale, generator=seeded_generator(seed),
+        guidance_scale=settings.guidance_scale, generator=[seeded_generator(seed) for seed in seeds],
         callback_on_step_end=interrupt_callback(stop),
     )
     if stop is not None and stop.is_set():
         raise Interrupted("Generation stopped.")
-    return result.images[0].resize(image.size, Image.Resampling.LANCZOS)
+    return [out.resize(image.size, Image.Resampling.LANCZOS) for out, image in zip(result.images, images)]
+
+
+def image_to_image(pipeline, image: Image.Image, prompt: str, seed: int, settings: GenerationSettings,
+                   resolution: int, stop: threading.Event | None = None) -> Image.Image:
+    """One image to image, returned at the input's size."""
+    return images_to_images(pipeline, [image], [prompt], [seed], settings, resolution, stop)[0]
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:

@@ -14,8 +14,9 @@ class BadImageError(ValueError):
     """An input that is not a decodable image of acceptable size."""
 
 
-def open_image(source) -> Image.Image:
-    """Decode a path, bytes or file object fully, with EXIF orientation applied; raise BadImageError if unusable."""
+def open_image(source, max_pixels: int | None = None) -> Image.Image:
+    """Decode a path, bytes or file object fully, with EXIF orientation applied; raise BadImageError if unusable
+    or larger than `max_pixels` (default MAX_IMAGE_PIXELS)."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise BadImageError("empty file (0 bytes)")
@@ -24,7 +25,7 @@ def open_image(source) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(source)
-            _check_size(image)
+            _check_size(image, max_pixels or MAX_IMAGE_PIXELS)
             image.load()  # decode now: a truncated file must fail here, not later in a worker
     except BadImageError:
         raise
@@ -33,12 +34,12 @@ def open_image(source) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _check_size(image: Image.Image) -> None:
+def _check_size(image: Image.Image, max_pixels: int) -> None:
     width, height = image.size
     if width < 1 or height < 1:
         raise BadImageError(f"image has no pixels ({width}x{height})")
-    if width * height > MAX_IMAGE_PIXELS:
-        raise BadImageError(f"image too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)")
+    if width * height > max_pixels:
+        raise BadImageError(f"image too large ({width}x{height} > {max_pixels} pixels)")
 
 
 def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:

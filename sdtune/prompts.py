@@ -1,6 +1,5 @@
 """Prompts: from prompt files, and from image file names (`a_red_dragon.png` -> "a red dragon")."""
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -23,9 +22,3 @@ def prompt_from_filename(name: str) -> str:
     words = re.sub(r"[_\-.+]+", " ", stem)
     words = re.sub(r"\s+\(?\d+\)?$", "", words)  # "cat_02" or "cat (2)" -> "cat"
     return " ".join(words.split())
-
-
-def prompt_seed(seed: int, prompt: str, index: int) -> int:
-    """The seed of image `index` of `prompt`: tied to the prompt's text, not its position in a file."""
-    digest = hashlib.sha256(f"{seed}\0{prompt}\0{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**63)

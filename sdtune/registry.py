@@ -6,6 +6,7 @@ passed to `from_pretrained` instead of being loaded again. Only safetensors are 
 """
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -85,19 +86,34 @@ def local_folder(spec: ModelSpec, cache_dir=None) -> Path:
     """The pipeline's files on disk: the folder itself, or the hub snapshot (downloaded if needed and allowed)."""
     if Path(spec.path).is_dir():
         return Path(spec.path)
+    if looks_local(spec.path):
+        raise FileNotFoundError(f"no pipeline folder at {spec.path}")
     folder = DiffusionPipeline.download(spec.path, revision=spec.revision, variant=spec.variant,
                                         cache_dir=cache_dir, use_safetensors=True)
     return Path(folder)
+
+
+def looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ("namespace/name")."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
 def component_fingerprint(folder: Path, variant: str | None) -> str:
     """A digest of a component's config and the weights that would be loaded from it."""
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
-        if path.suffix == ".json" or _is_loaded_weight(path.name, variant):
-            digest.update(path.name.encode())
-            digest.update(_file_digest(path).encode())
+        if path.suffix == ".json":
+            digest.update(path.name.encode() + _config_digest(path).encode())
+        elif _is_loaded_weight(path.name, variant):
+            digest.update(path.name.encode() + _file_digest(path).encode())
     return digest.hexdigest()
+
+
+def _config_digest(path: Path) -> str:
+    """A config's settings without the bookkeeping keys (`_name_or_path`, `_diffusers_version`, ...) that a
+    re-save changes."""
+    settings = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _is_loaded_weight(name: str, variant: str | None) -> bool:
@@ -169,7 +185,7 @@ class ModelRegistry:
                             for c in SHAREABLE if (folder / c).is_dir()}
             shared = {c: self._components[f] for c, f in fingerprints.items() if f in self._components}
             pipeline = StableDiffusionPipeline.from_pretrained(
-                folder, torch_dtype=self.dtype, variant=spec.variant, use_safetensors=True, **shared)
+                folder, dtype=self.dtype, variant=spec.variant, use_safetensors=True, **shared)
         except Exception as error:  # a broken model must not take the others down
             self.errors[spec.name] = f"{type(error).__name__}: {error}"
             logger.error("Model '%s' (%s) failed to load: %s", spec.name, spec.path, self.errors[spec.name])
@@ -183,6 +199,13 @@ class ModelRegistry:
         return pipeline
 
     def native_resolution(self, name: str) -> int:
-        """The image size the model was trained at (512 for SD v1)."""
-        pipeline = self.get(name)
-        return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        """The image size the model was trained at (512 for SD v1), read from its configs without loading it."""
+        if name not in self.specs:
+            raise ModelUnavailable(f"Unknown model '{name}'; available: {', '.join(self.specs)}.")
+        try:
+            folder = local_folder(self.specs[name], self.cache_dir)
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            vae = json.loads((folder / "vae" / "config.json").read_text())
+        except (OSError, ValueError) as error:
+            raise ModelUnavailable(f"Model '{name}' has no readable unet/vae config: {error}") from error
+        return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)

@@ -150,3 +150,24 @@ def finetuned_pipeline(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
     GradientState._reset_state()
     out = tmp_path_factory.mktemp("finetuned") / "pipeline"
     return main(parse_args(tiny_flags(tiny_pipeline, shapes_dataset, out)))
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_pipeline, finetuned_pipeline):
+    """The app, launched in this process, serving the tiny stock model, its fine-tune and a model that cannot
+    load."""
+    from sdtune.registry import ModelRegistry, ModelSpec
+    from sdtune.serving import Service
+    from sdtune.webui import build_ui
+
+    root = tmp_path_factory.mktemp("app")
+    allowed = root / "input_images"
+    allowed.mkdir()
+    specs = [ModelSpec("stock", str(tiny_pipeline)), ModelSpec("tuned", str(finetuned_pipeline)),
+             ModelSpec("broken", str(root / "missing-model"))]
+    service = Service(ModelRegistry(specs, device="cpu"), root / "outputs", allowed)
+    demo = build_ui(service)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, show_error=True)
+    yield {"url": demo.local_url, "service": service, "allowed": allowed, "root": root}
+    demo.close()

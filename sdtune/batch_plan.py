@@ -1,0 +1,72 @@
+"""Planning a random-model batch: what each input gets, and batches that do not depend on the process count.
+
+Every input's model, seed and prompt come from (seed, its relative path); inputs are grouped by (model, working
+size) into fixed batches, and whole batches are dealt to processes. So one process or many, first run or resumed,
+every image is computed in the same batch and comes out the same.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from sdtune.generate import working_size
+from sdtune.images import MAX_IMAGE_PIXELS
+from sdtune.prompts import prompt_from_filename
+from sdtune.seeds import draw_model, image_seed
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str  # path relative to --input
+    path: Path
+    model: str
+    prompt: str
+    seed: int
+    size: tuple[int, int] | None = None  # working size; None when the file cannot be used
+    error: str = ""
+
+
+def output_name(key: str, model: str, seed: int) -> str:
+    """`sub/a_cat.jpg` -> `sub/a_cat-stock-1234.png`: the input's name, the model and the seed."""
+    return f"{Path(key).with_suffix('').as_posix()}-{model}-{seed}.png"
+
+
+def read_size(path: Path, max_pixels: int) -> tuple[tuple[int, int] | None, str]:
+    """The image's size from its header (cheap), or why it cannot be used."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return None, f"not a readable image: {error}"
+    if width * height > max_pixels:
+        return None, f"image too large ({width}x{height} > {max_pixels} pixels)"
+    return (width, height), ""
+
+
+def scan(input_dir, models: list[str], seed: int, prompt: str | None, resolutions: dict[str, int],
+         max_pixels: int = MAX_IMAGE_PIXELS) -> list[Job]:
+    """A job for every file under `input_dir` (hidden files aside), sorted by relative path."""
+    root = Path(input_dir)
+    jobs = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        key = path.relative_to(root).as_posix()
+        model = draw_model(seed, key, models)
+        size, error = read_size(path, max_pixels)
+        working = working_size(size, resolutions[model]) if size else None
+        jobs.append(Job(key, path, model, prompt or prompt_from_filename(key), image_seed(seed, key), working, error))
+    return jobs
+
+
+def plan_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Usable jobs grouped by (model, working size) and cut into batches, in a fixed order."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        if not job.error:
+            groups.setdefault((job.model, job.size), []).append(job)
+    return [group[i:i + batch_size] for _, group in sorted(groups.items()) for i in range(0, len(group), batch_size)]
+
+
+def shard(batches: list, num_processes: int, process_index: int) -> list:
+    """This process's share: every num_processes-th batch."""
+    return batches[process_index::num_processes]

@@ -1,0 +1,63 @@
+"""manifest.jsonl of the batch CLI: one line per image, appended as each image is finished, so a killed run
+loses at most the images in flight and a rerun knows what is done."""
+
+import json
+import os
+from pathlib import Path
+
+MANIFEST = "manifest.jsonl"
+
+
+def part_path(output_dir, process_index: int) -> Path:
+    """Each process appends to its own part; the main process merges them at the end."""
+    return Path(output_dir) / f"manifest.part-{process_index:03d}.jsonl"
+
+
+def read_lines(path: Path) -> list[dict]:
+    """Complete lines of a manifest; a line cut short by a kill is ignored."""
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def read_all(output_dir) -> dict[str, dict]:
+    """The latest entry per input over the merged manifest and every part."""
+    folder = Path(output_dir)
+    latest = {}
+    for path in [folder / MANIFEST, *sorted(folder.glob("manifest.part-*.jsonl"))]:
+        for entry in read_lines(path):
+            latest[entry["input"]] = entry
+    return latest
+
+
+def completed(output_dir) -> set[str]:
+    """Inputs whose output exists and whose line records no error."""
+    folder = Path(output_dir)
+    return {key for key, entry in read_all(folder).items()
+            if not entry.get("error") and entry.get("output") and (folder / entry["output"]).is_file()}
+
+
+def append(path: Path, entry: dict) -> None:
+    """Append one line and push it to disk before going on."""
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def merge(output_dir) -> Path:
+    """One manifest.jsonl, sorted by input, replacing the parts."""
+    folder = Path(output_dir)
+    entries = sorted(read_all(folder).values(), key=lambda e: e["input"])
+    partial = folder / (MANIFEST + ".partial")
+    partial.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    os.replace(partial, folder / MANIFEST)
+    for part in folder.glob("manifest.part-*.jsonl"):
+        part.unlink()
+    return folder / MANIFEST

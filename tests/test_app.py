@@ -1,0 +1,167 @@
+"""The Gradio app through its API, as gradio_client users see it, with tiny models on the CPU."""
+
+import concurrent.futures
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from sdtune.pnginfo import parse_parameters
+
+T2I = dict(negative_prompt="", scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5, width=64,
+           height=64, num_images=1)
+
+
+@pytest.fixture
+def client(app):
+    return Client(app["url"], verbose=False)
+
+
+def image_file(path, size=(80, 48), colour="red"):
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_the_three_named_endpoints_exist(client):
+    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == \
+        {"/text2img", "/img2img", "/random_batch"}
+
+
+def test_text2img_returns_pngs_that_carry_their_parameters(client):
+    gallery, seed, run = client.predict(prompt="a red circle", model="tuned", seed=1234, **dict(T2I, num_images=2),
+                                        api_name="/text2img")
+    assert seed == 1234 and len(gallery) == 2 and run["images"] == 2 and run["peak_ram_mib"] > 0
+    for index, item in enumerate(gallery):
+        image = Image.open(item["image"])
+        assert image.format == "PNG" and image.size == (64, 64)
+        parameters = parse_parameters(image.info["parameters"])
+        assert parameters["prompt"] == "a red circle"
+        assert parameters["Seed"] == str(1234 + index) and parameters["Model"] == "tuned"
+        assert parameters["Steps"] == "4" and parameters["Sampler"] == "DPM++ 2M" and parameters["Size"] == "64x64"
+
+
+def test_random_seed_is_reported_and_reproduces_the_image(client):
+    gallery, seed, _ = client.predict(prompt="a blue square", model="stock", seed=-1, **T2I, api_name="/text2img")
+    assert 0 <= seed < 2**32
+    again, same_seed, _ = client.predict(prompt="a blue square", model="stock", seed=seed, **T2I,
+                                         api_name="/text2img")
+    assert np.array_equal(np.asarray(Image.open(gallery[0]["image"])), np.asarray(Image.open(again[0]["image"])))
+
+
+def test_img2img_returns_the_input_size(client, tmp_path):
+    path, seed, run = client.predict(image=handle_file(image_file(tmp_path / "in.png", (100, 60))), prompt="a cat",
+                                     negative_prompt="", model="stock", scheduler="euler_a", num_inference_steps=4,
+                                     guidance_scale=7.5, strength=0.5, seed=5, resolution=0, api_name="/img2img")
+    image = Image.open(path)
+    assert image.size == (100, 60) and seed == 5
+    parameters = parse_parameters(image.info["parameters"])
+    assert parameters["Denoising strength"] == "0.5" and parameters["Size"] == "64x40"  # the working size
+
+
+def batch(client, paths, seed, **overrides):
+    request = dict(folder="", models=["stock", "tuned"], prompt="", seed=seed, strength=0.6, num_inference_steps=4,
+                   guidance_scale=7.5, scheduler="dpmsolver++", resolution=0)
+    request.update(overrides)
+    return client.predict(images=[handle_file(p) for p in paths], **request, api_name="/random_batch")
+
+
+def test_random_batch_is_reproducible_from_its_seed(client, tmp_path):
+    names = ["a_red_dragon.png", "a_blue_bird.png", "green_frog_02.png", "yellow_star.png", "orange_cat.png"]
+    paths = [image_file(tmp_path / n, colour=c) for n, c in zip(names, ["red", "blue", "green", "yellow", "orange"])]
+    first_gallery, first_table, archive, run = batch(client, paths, seed=11)
+    second_gallery, second_table, _, _ = batch(client, paths, seed=11)
+    without_timing = lambda table: [row[:4] + row[5:] for row in table["data"]]  # noqa: E731
+    assert without_timing(first_table) == without_timing(second_table)
+    assert {row[1] for row in first_table["data"]} == {"stock", "tuned"}  # both models drawn over 5 images
+    assert [row[2] for row in first_table["data"]][:3] == ["a red dragon", "a blue bird", "green frog"]
+    for a, b in zip(first_gallery, second_gallery):
+        assert np.array_equal(np.asarray(Image.open(a["image"])), np.asarray(Image.open(b["image"])))
+    with zipfile.ZipFile(archive) as z:
+        assert len(z.namelist()) == 5
+    assert run["images"] == 5 and run["failed"] == 0 and run["batch_seed"] == 11
+
+
+def test_a_bad_image_in_a_batch_is_listed_and_the_batch_goes_on(client, tmp_path):
+    good = image_file(tmp_path / "good_one.png")
+    bad = tmp_path / "broken_one.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    gallery, table, _, run = batch(client, [good, bad], seed=2, models=["stock"])
+    errors = {row[0]: row[5] for row in table["data"]}
+    assert errors["good_one.png"] == "" and "cannot decode" in errors["broken_one.png"]
+    assert len(gallery) == 1 and run["failed"] == 1
+
+
+def test_batch_reads_folders_under_the_allowed_root_only(client, app, tmp_path):
+    (app["allowed"] / "set").mkdir(exist_ok=True)
+    image_file(app["allowed"] / "set" / "a_red_circle.png")
+    _, table, _, _ = client.predict(images=[], folder="set", models=["stock"], prompt="", seed=0, strength=0.6,
+                                    num_inference_steps=4, guidance_scale=7.5, scheduler="dpmsolver++", resolution=0,
+                                    api_name="/random_batch")
+    assert [row[0] for row in table["data"]] == ["a_red_circle.png"]
+    for outside in [str(tmp_path), "../", "set/../../"]:
+        with pytest.raises(Exception, match="outside the allowed root"):
+            client.predict(images=[], folder=outside, models=["stock"], prompt="", seed=0, strength=0.6,
+                           num_inference_steps=4, guidance_scale=7.5, scheduler="dpmsolver++", resolution=0,
+                           api_name="/random_batch")
+
+
+@pytest.mark.parametrize("override, message", [
+    # Gradio's sliders check their bounds first; the service checks the same for other callers (batch CLI)
+    ({"num_inference_steps": 0}, "at least 1|less than minimum value 1"),
+    ({"guidance_scale": -1}, "0 or more|less than minimum value 0"),
+    ({"width": 2048}, "capped|greater than maximum value 1024"),
+    ({"width": 100}, "multiples of 8"),
+    ({"model": "nope"}, "Unknown model|not in the list of choices"),
+    ({"model": "broken"}, "could not be loaded"),
+    ({"scheduler": "lms"}, "Unknown scheduler|not in the list of choices"),
+])
+def test_bad_text2img_requests_get_a_clear_error_and_the_server_stays_up(client, override, message):
+    request = dict(prompt="a red circle", model="stock", seed=1, **T2I)
+    request.update(override)
+    with pytest.raises(Exception, match=message):
+        client.predict(**request, api_name="/text2img")
+    assert client.predict(prompt="still up", model="stock", seed=1, **T2I, api_name="/text2img")[1] == 1
+
+
+@pytest.mark.parametrize("strength, message", [(0.0, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]|greater than maximum value 1"),
+                                               (0.1, "no denoising step")])
+def test_bad_strength_is_refused(client, tmp_path, strength, message):
+    with pytest.raises(Exception, match=message):
+        client.predict(image=handle_file(image_file(tmp_path / "in.png")), prompt="x", negative_prompt="",
+                       model="stock", scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5,
+                       strength=strength, seed=1, resolution=0, api_name="/img2img")
+
+
+def test_not_an_image_and_a_decompression_bomb_are_refused(client, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (5000, 5000)).save(bomb)  # 25 megapixels in a few kilobytes
+    for path, message in [(text, "cannot decode|cannot identify image file"), (bomb, "too large")]:
+        with pytest.raises(Exception, match=message):
+            client.predict(image=handle_file(path), prompt="x", negative_prompt="", model="stock",
+                           scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5, strength=0.5, seed=1,
+                           resolution=0, api_name="/img2img")
+
+
+def test_concurrent_users_get_their_own_results(app):
+    # requests queue one at a time on the device; each result must carry its own request's parameters
+    def request(index):
+        client = Client(app["url"], verbose=False)
+        model = ["stock", "tuned"][index % 2]
+        gallery, seed, _ = client.predict(prompt=f"prompt number {index}", model=model, seed=100 + index,
+                                          **T2I, api_name="/text2img")
+        return index, model, parse_parameters(Image.open(gallery[0]["image"]).info["parameters"])
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for index, model, parameters in pool.map(request, range(6)):
+            assert parameters["prompt"] == f"prompt number {index}"
+            assert parameters["Seed"] == str(100 + index) and parameters["Model"] == model
+
+
+def test_runs_are_logged(app, client):
+    client.predict(prompt="logged", model="stock", seed=3, **T2I, api_name="/text2img")
+    records = [json.loads(line) for line in (app["service"].run_log).read_text().splitlines()]
+    assert records[-1]["kind"] == "text2img" and records[-1]["run_id"] and records[-1]["total_seconds"] > 0

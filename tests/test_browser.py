@@ -1,0 +1,34 @@
+"""End to end in a real headless browser (Debian's chromium driven by Playwright): open, generate, see the image."""
+
+import shutil
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+
+# Without these, chromium tries to reach Google's services at start, which a closed network refuses.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]
+
+
+def test_generate_an_image_in_the_browser(app):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(app["url"])
+            page.get_by_label("Prompt", exact=True).first.fill("a red circle on a white background")
+            for name, value in [("Width", "64"), ("Height", "64"), ("Steps", "3")]:
+                box = page.get_by_role("spinbutton", name=name).first
+                box.fill(value)
+                box.press("Enter")
+            page.get_by_role("button", name="Generate").first.click()
+            image = page.locator("img[src*='00-stock-']").first
+            expect(image).to_be_visible(timeout=60_000)
+            assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) == 64
+            expect(page.get_by_text("Models: stock, tuned, broken")).to_be_visible()
+        finally:
+            browser.close()
