@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     demo.queue(default_concurrency_limit=1)
     # show_error: a file Gradio itself cannot open (not an image) reaches API clients with its reason
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, show_error=True,
-                max_file_size="50mb", allowed_paths=[str(service.output_dir.resolve())])
+                max_file_size="50mb", allowed_paths=[str(service.output_dir.resolve())], prevent_thread_lock=True)
     if args.share and not demo.share_url:
         logger.warning("The share link could not be created (no internet access?); serving locally only.")
+    demo.block_thread()
