@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
@@ -147,7 +148,9 @@ def main(argv=None) -> dict:
                 bar.set_postfix(all_processes=len(manifest.read_all(args.output)))
         bar.close()
     seconds = time.perf_counter() - start
-    totals = gather_object([{"done": done, "failed": failed, "peak_ram_mib": memory.peak / 2**20}])
+    gpu_peak = torch.cuda.max_memory_allocated(state.device) / 2**20 if state.device.type == "cuda" else 0.0
+    totals = gather_object([{"done": done, "failed": failed, "peak_ram_mib": memory.peak / 2**20,
+                             "peak_gpu_mib": gpu_peak}])
     state.wait_for_everyone()
     summary = None
     if state.is_main_process:
@@ -155,7 +158,7 @@ def main(argv=None) -> dict:
         unusable = sum(1 for job in jobs if job.error and job.key in todo)
         summary = summarise(totals, len(jobs) - len(todo), seconds, unusable)
         logger.info("Done: %(done)d, skipped (already done): %(skipped)d, failed: %(failed)d, %(images_per_second).2f "
-                    "images/s, peak RAM %(peak_ram_mib).0f MiB per process", summary)
+                    "images/s, peak RAM %(peak_ram_mib).0f MiB and GPU %(peak_gpu_mib).0f MiB per process", summary)
     return summary
 
 
@@ -163,7 +166,8 @@ def summarise(totals: list[dict], skipped: int, seconds: float, unusable: int) -
     done = sum(t["done"] for t in totals)
     return {"done": done, "skipped": skipped, "failed": sum(t["failed"] for t in totals) + unusable,
             "images_per_second": done / seconds if seconds > 0 else 0.0,
-            "peak_ram_mib": max(t["peak_ram_mib"] for t in totals)}
+            "peak_ram_mib": max(t["peak_ram_mib"] for t in totals),
+            "peak_gpu_mib": max(t["peak_gpu_mib"] for t in totals)}
 
 
 if __name__ == "__main__":
