@@ -1,0 +1,372 @@
+"""Benchmark: peak tensor memory of one training step of the full-size SD v1-4 UNet (512 px, batch 1), by category.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_memory.py [--autocast_policy cpu]
+
+Two recipes, read from their YAML files through sdtune.config:
+  configs/pokemon.yaml         fp16 autocast with fp32 master weights, AdamW, EMA on the device, gradient
+                               checkpointing, VAE + text encoder in fp16 on the device; target <= 20 GiB
+  configs/pokemon-lowmem.yaml  the same with bitsandbytes' AdamW8bit, the EMA in CPU memory and cached latents
+                               (VAE + text encoder off the device); target <= 12 GiB
+
+How it measures: the models are built from SD v1-4's published configs (below; no download) with random weights
+under FakeTensorMode, so every tensor has its real shape and dtype but no storage: a step of the 860M-parameter UNet
+costs seconds and no RAM. torch's MemTracker counts every tensor the step allocates, by category, and keeps the
+snapshot at the peak. The step is sdtune's: sdtune.objective.diffusion_loss, sdtune.optim.make_optimizer, diffusers'
+EMAModel through sdtune.train.make_ema, sdtune.optim.update_offloaded_ema; around them, what accelerate does on a GPU
+under fp16 (autocast around the UNet's forward, loss scaling, unscaling before clipping). One step is run first so
+that the optimizer state exists, as it does at every later step; the second step is measured. bitsandbytes' AdamW8bit
+runs under FakeTensorMode too: its own init_state makes its state tensors and its update op has a fake kernel; only
+its constructor runs outside (it builds its quantisation map from real numbers).
+
+The GPU is emulated where the CPU differs: AdamW runs its foreach implementation (torch's default for CUDA tensors;
+the CPU default is a per-tensor loop with smaller temporaries), and fp16 autocast follows CUDA's casting rules (CPU
+autocast runs group_norm, layer_norm, softmax and other CUDA-fp32 ops in fp16; --autocast_policy cpu measures that).
+"""
+
+import argparse
+import os
+import platform
+import time
+from datetime import date
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: nothing may be downloaded
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+from torch.utils._pytree import tree_map_only  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from sdtune.components import Components  # noqa: E402
+from sdtune.config import parse_args  # noqa: E402
+from sdtune.objective import diffusion_loss, step_generator  # noqa: E402
+from sdtune.optim import make_optimizer, update_offloaded_ema  # noqa: E402
+from sdtune.train import configure_unet, make_ema  # noqa: E402
+
+GIB = 2**30
+TARGETS_GIB = {"configs/pokemon.yaml": 20, "configs/pokemon-lowmem.yaml": 12}
+
+# CompVis/stable-diffusion-v1-4: unet/config.json, vae/config.json, text_encoder/config.json (as published)
+SD14_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD14_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
+    norm_num_groups=32, sample_size=512,
+)
+SD14_TEXT_ENCODER = dict(  # CLIP ViT-L/14's text tower
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+SD14_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+# CUDA autocast's float32 list (torch.amp docs, "CUDA Ops that can autocast to float32"), by function name
+CUDA_FP32_OPS = {
+    "acos", "asin", "binary_cross_entropy_with_logits", "cosh", "cosine_embedding_loss", "cdist",
+    "cosine_similarity", "cross_entropy", "cumprod", "cumsum", "dist", "erfinv", "exp", "expm1", "group_norm",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "layer_norm", "log", "log_softmax", "log10", "log1p", "log2",
+    "margin_ranking_loss", "mse_loss", "multilabel_margin_loss", "multi_margin_loss", "nll_loss", "norm",
+    "normalize", "pdist", "poisson_nll_loss", "pow", "prod", "reciprocal", "rsqrt", "sinh", "smooth_l1_loss",
+    "soft_margin_loss", "softmax", "softmin", "softplus", "sum", "renorm", "tan", "triplet_margin_loss",
+}
+CUDA_POLICY = torch.library.Library("aten", "IMPL")  # holds the emulation's kernels for the process's lifetime
+LOSS_SCALE = 65536.0  # GradScaler's initial scale; any value gives the same memory
+
+
+def parse_bench_args(argv=None) -> argparse.Namespace:
+    """The benchmark's flags; the training settings come from the recipes."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=list(TARGETS_GIB), help="YAML recipes to measure.")
+    parser.add_argument("--autocast_policy", choices=["cuda", "cpu"], default="cuda",
+                        help="cuda: CUDA's fp32 op list emulated on top of CPU autocast; cpu: CPU autocast as is.")
+    return parser.parse_args(argv)
+
+
+def emulate_cuda_fp32_ops(library: torch.library.Library) -> list[str]:
+    """Make CPU fp16 autocast compute CUDA autocast's float32 ops in float32, as a GPU would; returns their names.
+
+    CPU autocast lowers the precision of matmuls and convolutions only and runs every other op in the dtype that
+    comes in, so after a convolution it runs group_norm in fp16; CUDA casts such ops' inputs to fp32, which makes
+    bigger activations. The kernels go in at the AutocastCPU dispatch key, so they also hold when gradient
+    checkpointing recomputes a block in the backward pass (it restores the autocast state, not Python context).
+    """
+    registered = []
+    for name in sorted(CUDA_FP32_OPS):
+        packet = getattr(torch.ops.aten, name, None)  # some names are Python-level only (normalize, ...)
+        for overload in packet.overloads() if packet is not None else []:
+            op = getattr(packet, overload)
+            if takes_and_returns_tensors(op) and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                    op.name(), "AutocastCPU"):  # CPU's own float32 list (mse_loss, ...) already does this
+                library.impl(op.name().removeprefix("aten::"), fp32_kernel(op), "AutocastCPU")
+                registered.append(name)
+    return sorted(set(registered))
+
+
+def takes_and_returns_tensors(op) -> bool:
+    """A functional overload on tensors: no out= or in-place variants, no scalar-only ones."""
+    schema = op._schema
+    mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    takes_tensor = any(isinstance(a.type, torch.TensorType) for a in schema.arguments)
+    return takes_tensor and not mutates and all(isinstance(r.type, torch.TensorType) for r in schema.returns)
+
+
+def fp32_kernel(op):
+    """An autocast kernel: cast floating inputs to fp32, then run the op below the autocast layer."""
+    below_autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def kernel(*args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(below_autocast):
+            args, kwargs = tree_map_only(torch.Tensor, to_fp32, (args, kwargs))
+            return op(*args, **kwargs)
+
+    return kernel
+
+
+def to_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def autocast_check() -> list[str]:
+    """The ops the SD UNet uses that CPU fp16 autocast leaves in fp16 where CUDA autocast computes in fp32."""
+    x = torch.randn(1, 32, 4, 4, dtype=torch.float16)
+    probes = {"group_norm": lambda: F.group_norm(x, 8), "layer_norm": lambda: F.layer_norm(x, (4,)),
+              "softmax": lambda: x.softmax(-1), "pow": lambda: x.pow(2), "sum": lambda: x.sum()}
+    with torch.autocast("cpu", dtype=torch.float16):
+        return [name for name, probe in probes.items() if probe().dtype == torch.float16]
+
+
+class AutocastForward:
+    """The UNet as accelerate.prepare leaves it under fp16: forward in autocast, floating outputs back in fp32."""
+
+    def __init__(self, unet, dtype):
+        self.unet, self.dtype = unet, dtype
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=self.dtype):
+            outputs = self.unet(*args, **kwargs)
+        return tree_map_only(torch.Tensor, to_fp32, outputs)
+
+
+def build_parts(weight_dtype) -> Components:
+    """SD v1-4's UNet (fp32: the master weights) and its frozen VAE and text encoder (in the recipe's dtype)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD14_UNET)
+    # built in their dtype: under FakeTensorMode, Module.to(dtype) cannot swap the parameters it converts
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(weight_dtype)
+    try:
+        vae = AutoencoderKL(**SD14_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT_ENCODER))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.train()
+    return Components(None, text_encoder, vae, unet, DDPMScheduler(**SD14_SCHEDULER))
+
+
+def make_batch(args, weight_dtype) -> dict:
+    """One micro-batch as the data loader delivers it: pixels and token ids, or cached latents and embeddings."""
+    latent = args.resolution // 8
+    size = args.train_batch_size
+    if args.cache_latents:
+        # build_latent_cache stores the frozen models' outputs in their dtype
+        return {"latent_mean": torch.randn(size, 4, latent, latent, dtype=weight_dtype),
+                "latent_std": torch.rand(size, 4, latent, latent, dtype=weight_dtype),
+                "encoder_hidden_states": torch.randn(size, 77, SD14_TEXT_ENCODER["hidden_size"], dtype=weight_dtype)}
+    return {"pixel_values": torch.rand(size, 3, args.resolution, args.resolution) * 2 - 1,
+            "input_ids": torch.randint(0, SD14_TEXT_ENCODER["vocab_size"], (size, 77))}
+
+
+def make_step_optimizer(args, unet) -> torch.optim.Optimizer:
+    """sdtune's optimizer, made outside FakeTensorMode (AdamW8bit computes its quantisation map with .tolist()).
+
+    torch's AdamW picks its foreach implementation for CUDA tensors and a per-tensor loop for CPU ones; foreach is
+    set here so that its temporaries (a full fp32 copy of the second moments) are those of a GPU run.
+    """
+    optimizer = make_optimizer(args, unet.parameters(), num_processes=1)
+    if isinstance(optimizer, torch.optim.AdamW):
+        for group in optimizer.param_groups:
+            group["foreach"] = True
+    return optimizer
+
+
+def training_step(args, parts, unet_call, optimizer, ema, peaks, tracker=None) -> None:
+    """One step in sdtune.train's order; appends (phase, the peak so far by category) after each phase if tracked."""
+    weight_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
+
+    def record(phase):
+        if tracker is not None:
+            peaks.append((phase, by_category(tracker.get_tracker_snapshot("peak"))))
+
+    batch = make_batch(args, weight_dtype)  # made here, so that the tracked step counts it as it lands
+    loss = diffusion_loss(batch, unet_call, parts, args, step_generator(args.seed, 0, 0, 0), weight_dtype)
+    record("forward")
+    (loss * LOSS_SCALE).backward()  # accelerator.backward: GradScaler.scale(loss).backward()
+    record("backward")
+    grads = [p.grad for p in parts.unet.parameters() if p.grad is not None]
+    torch._foreach_mul_(grads, 1 / LOSS_SCALE)  # GradScaler.unscale_ in accelerator.clip_grad_norm_: in place
+    torch.nn.utils.clip_grad_norm_(parts.unet.parameters(), args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    record("optimizer step")
+    if ema is not None and not args.offload_ema:
+        ema.step(parts.unet.parameters())
+        record("EMA update")
+
+
+def by_category(snapshot: dict) -> dict[str, int]:
+    """A MemTracker snapshot summed over devices, keyed by category name ('Parameter', ..., 'Total')."""
+    totals = {}
+    for device in snapshot.values():
+        for key, value in device.items():
+            name = getattr(key, "value", key)
+            totals[name] = totals.get(name, 0) + value
+    return totals
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the tensors' storages, each tensor once (AdamW8bit's quantisation maps are shared by all states)."""
+    distinct = {id(tensor): tensor for tensor in tensors}
+    return sum(tensor.untyped_storage().nbytes() for tensor in distinct.values())
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    return [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
+
+
+def measure_recipe(recipe: str) -> dict:
+    """Build the recipe's parts under FakeTensorMode, run a warm-up step, then track the second step's memory."""
+    args = parse_args(["--config", recipe])
+    weight_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
+    fake = FakeTensorMode(allow_non_fake_inputs=True)  # the scheduler's tables and AdamW8bit's map stay real
+    with fake:
+        parts = build_parts(weight_dtype)
+        configure_unet(parts.unet, args)
+        ema = make_ema(args, parts.unet, "cpu")
+    optimizer = make_step_optimizer(args, parts.unet)
+    unet_call = AutocastForward(parts.unet, weight_dtype) if args.mixed_precision == "fp16" else parts.unet
+
+    peaks = []
+    with fake:
+        warm_up(args, parts, unet_call, optimizer, ema)
+        tracker = MemTracker()
+        tracker.track_external(parts.unet, optimizer)
+        if ema is not None and not args.offload_ema:
+            tracker.track_external(*ema.shadow_params)  # counted as "Other": nothing else is
+        if not args.cache_latents:
+            # MemTracker hooks the gradient of every parameter of a module it sees run, and torch refuses hooks on
+            # frozen ones; sdtune runs these two under no_grad, where requires_grad creates nothing.
+            parts.vae.requires_grad_(True)
+            parts.text_encoder.requires_grad_(True)
+            tracker.track_external(parts.vae, parts.text_encoder)
+        with tracker:
+            training_step(args, parts, unet_call, optimizer, ema, peaks, tracker)
+        if ema is not None and args.offload_ema:
+            update_offloaded_ema(ema, parts.unet.parameters())  # in CPU memory: outside the tracked device
+    return summarise(args, parts, optimizer, ema, tracker, peaks)
+
+
+def warm_up(args, parts, unet_call, optimizer, ema) -> None:
+    """A first, untracked step: creates the optimizer state that every later step carries."""
+    training_step(args, parts, unet_call, optimizer, ema, [])
+    if ema is not None and args.offload_ema:
+        update_offloaded_ema(ema, parts.unet.parameters())
+
+
+def summarise(args, parts, optimizer, ema, tracker, peaks) -> dict:
+    """The peak snapshot split into the benchmark's categories, with the analytic size of each where there is one."""
+    by_type = by_category(tracker.get_tracker_snapshot("peak"))
+    frozen = 0 if args.cache_latents else tensor_bytes(
+        [*parts.vae.parameters(), *parts.vae.buffers(), *parts.text_encoder.parameters(),
+         *parts.text_encoder.buffers()])
+    state = tensor_bytes(optimizer_state_tensors(optimizer))
+    ema_on_device = ema is not None and not args.offload_ema
+    rows = {
+        "parameters (UNet, fp32)": by_type["Parameter"] + by_type["Buffer"] - frozen,
+        "gradients (fp32)": by_type["Gradient"],
+        "optimizer state": min(state, by_type["Optstate"]),
+        "optimizer-step temporaries": max(by_type["Optstate"] - state, 0),
+        "EMA weights": by_type["Other"] if ema_on_device else None,
+        "activations (forward)": by_type["Activation"],
+        "backward temporaries": by_type["Temp"],
+        "frozen VAE + text encoder": frozen if not args.cache_latents else None,
+    }
+    peak_phase = next(phase for phase, peak in peaks if peak["Total"] == by_type["Total"])
+    return {"args": args, "rows": rows, "total": by_type["Total"], "peak_phase": peak_phase, "phases": peaks,
+            "expected": expected_bytes(args, parts, ema_on_device)}
+
+
+def expected_bytes(args, parts, ema_on_device) -> dict:
+    """Sizes that follow from the parameter counts alone, to check the tracked ones against."""
+    unet = sum(p.numel() for p in parts.unet.parameters())
+    expected = {"parameters (UNet, fp32)": 4 * unet, "gradients (fp32)": 4 * unet,
+                "EMA weights": 4 * unet if ema_on_device else None}
+    if args.use_8bit_adam:
+        # AdamW8bit: two uint8 moments plus an fp32 absmax per 256-value block; tensors under 4096 values stay fp32
+        expected["optimizer state"] = sum(8 * p.numel() if p.numel() < 4096 else
+                                          2 * p.numel() + 8 * -(-p.numel() // 256) for p in parts.unet.parameters())
+    else:
+        expected["optimizer state"] = 8 * unet  # two fp32 moments (+ a CPU-side step count per tensor)
+        expected["optimizer-step temporaries"] = 4 * unet  # foreach AdamW's sqrt(v) for every tensor at once
+    if not args.cache_latents:
+        frozen = sum(p.numel() for m in (parts.vae, parts.text_encoder) for p in m.parameters())
+        expected["frozen VAE + text encoder"] = frozen * torch.finfo(parts.vae.dtype).bits // 8
+    return expected
+
+
+def print_recipe(recipe: str, result: dict) -> None:
+    """One table: category, GiB at the peak, the analytic size where there is one, and how it was obtained."""
+    args = result["args"]
+    print(f"{recipe}: fp16 autocast={args.mixed_precision == 'fp16'}, 8-bit AdamW={args.use_8bit_adam}, "
+          f"EMA={'CPU' if args.offload_ema else 'device'}, cached latents={args.cache_latents}, gradient "
+          f"checkpointing={args.gradient_checkpointing}, {args.resolution} px, batch {args.train_batch_size}")
+    print(f"  {'GiB at the peak':<30}{'measured':>10}{'computed':>10}")
+    for name, value in result["rows"].items():
+        expected = result["expected"].get(name)
+        measured = f"{value / GIB:>10.2f}" if value is not None else f"{'off device':>10}"
+        computed = f"{expected / GIB:>10.2f}" if expected is not None else ""
+        print(f"  {name:<30}{measured}{computed}")
+    target = TARGETS_GIB.get(recipe)
+    total = result["total"] / GIB
+    verdict = "" if target is None else f"; target <= {target} GiB: {'met' if total <= target else 'MISSED'}"
+    print(f"  {'total':<30}{total:>10.2f}{'':>10}  reached in the {result['peak_phase']}{verdict}")
+    so_far = ", ".join(f"{phase} {peak['Total'] / GIB:.2f} (activations {peak['Activation'] / GIB:.2f})"
+                       for phase, peak in result["phases"])
+    print(f"  peak so far after each phase, GiB: {so_far}")
+
+
+def main(argv=None) -> None:
+    bench = parse_bench_args(argv)
+    print(f"train_memory, {date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+          f"autocast policy: {bench.autocast_policy}")
+    print(f"CPU fp16 autocast keeps in fp16 what CUDA autocast computes in fp32: {', '.join(autocast_check())}")
+    if bench.autocast_policy == "cuda":
+        ops = emulate_cuda_fp32_ops(CUDA_POLICY)
+        print(f"emulating CUDA's policy: fp16 inputs cast to fp32 for {len(ops)} aten ops ({', '.join(ops)})")
+        if autocast_check():
+            raise SystemExit(f"the CUDA autocast emulation did not take: {autocast_check()} still run in fp16")
+    for recipe in bench.recipes:
+        start = time.perf_counter()
+        result = measure_recipe(recipe)
+        print()
+        print_recipe(recipe, result)
+        print(f"  ({time.perf_counter() - start:.0f} s)")
+    print()
+    print("measured: MemTracker's count of the step's tensors under FakeTensorMode (real shapes and dtypes, no data), "
+          "by category at the moment of the peak; the optimizer's MemTracker category is split into its state "
+          "(the size of the state tensors) and the step's temporaries (the rest). computed: from the parameter "
+          "counts alone. Activations include autocast's cached fp16 copies of the weights. CUDA context and "
+          "allocator fragmentation are not tensor memory and are not counted.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Benchmark: steps/s of sdtune's training loop on a small SD-shaped model on the CPU, and where the time goes.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_speed.py [--train_batch_size 1]
+
+The model has Stable Diffusion v1's architecture scaled down (4 UNet blocks, 3 of them with cross-attention; a 4-block
+VAE with 8x downsampling; a CLIP text encoder) and random weights. The loop is sdtune's: sdtune.train's helpers build
+the dataset (sdtune.data.CaptionedImages), the latent cache (sdtune.latent_cache.build_latent_cache), the EMA
+(diffusers' EMAModel), the optimizer and schedule (sdtune.optim); each step makes the calls of sdtune.train.main's
+loop, in its order, through the same accelerate Accelerator. Only timers are added around them: the VAE encode, the
+text encoder and the UNet forward are timed from inside sdtune.objective.diffusion_loss by hooks on those modules.
+
+It runs twice, with and without --cache_latents, and checks the target: with the cache, a whole step takes at most
+15% longer than the UNet's own forward + backward + optimizer step. Absolute times on a shared 2-core machine mean
+little; compare the ratios of one run.
+"""
+
+import argparse
+import itertools
+import os
+import platform
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: nothing may be downloaded
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from sdtune.components import Components  # noqa: E402
+from sdtune.config import parse_args  # noqa: E402
+from sdtune.data import EpochShuffleSampler  # noqa: E402
+from sdtune.latent_cache import build_latent_cache  # noqa: E402
+from sdtune.objective import diffusion_loss, step_generator  # noqa: E402
+from sdtune.optim import make_lr_scheduler, make_optimizer  # noqa: E402
+from sdtune.shapes import shape_words, write_shapes_dataset  # noqa: E402
+from sdtune.tokenizer import save_word_tokenizer  # noqa: E402
+from sdtune.train import configure_unet, make_accelerator, make_dataset, make_ema, update_ema  # noqa: E402
+
+PHASES = ["data loading", "VAE encode", "text encoder", "UNet forward", "UNet backward", "optimizer step",
+          "EMA update", "other"]
+UNET_OWN = ["UNet forward", "UNet backward", "optimizer step"]  # the work no data path can avoid
+TARGET_OVERHEAD = 0.15  # with --cache_latents: step time <= (1 + this) x the UNet's own time
+LATENT_FACTOR = 8  # a 4-block VAE halves the resolution three times, as SD's does
+
+
+def parse_bench_args(argv=None) -> argparse.Namespace:
+    """The benchmark's own flags; the training flags it passes to sdtune are in training_flags()."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=128, help="Training resolution in pixels (latents: /8).")
+    parser.add_argument("--image_size", type=int, default=256,
+                        help="Side of the stored images; larger than --resolution so every example is resized.")
+    parser.add_argument("--num_images", type=int, default=64, help="Rows of the synthetic dataset.")
+    parser.add_argument("--train_batch_size", type=int, default=4)
+    parser.add_argument("--warmup_steps", type=int, default=5, help="Steps run before timing starts.")
+    parser.add_argument("--steps", type=int, default=30, help="Timed steps per mode.")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="As the GPU recipes; off by default, which makes the UNet's own time smaller and so "
+                             "the overhead target harder to meet.")
+    parser.add_argument("--no_ema", action="store_true", help="Train without --use_ema.")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the machine has 2 cores).")
+    return parser.parse_args(argv)
+
+
+def small_unet() -> UNet2DConditionModel:
+    """SD v1's UNet layout (3 cross-attention down blocks + 1 plain, mirrored up) at 1/10 of its widths."""
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def small_vae(resolution: int) -> AutoencoderKL:
+    """SD's VAE layout (4 encoder blocks, 8x downsampling, 4 latent channels) at 1/8 of its widths."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        sample_size=resolution,
+    )
+
+
+def small_text_encoder(tokenizer) -> CLIPTextModel:
+    """A CLIP text transformer over SD's 77-token window: 4 layers of width 64."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def small_components(tokenizer, resolution: int) -> Components:
+    """Random small SD parts, frozen and trainable as sdtune.components.load_components leaves them."""
+    torch.manual_seed(0)  # both modes start from the same weights
+    vae, text_encoder, unet = small_vae(resolution), small_text_encoder(tokenizer), small_unet()
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.train()
+    # SD v1's training noise schedule (its scheduler_config.json)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000)
+    return Components(tokenizer, text_encoder, vae, unet, scheduler)
+
+
+def training_flags(bench, folders: dict, cache_latents: bool) -> list[str]:
+    """train_text_to_image.py flags for this benchmark: fp32 on the CPU, no accumulation, no logging."""
+    flags = [
+        "--pretrained_model_name_or_path", "bench-small-sd",  # never loaded: the parts are built in memory
+        "--train_data_dir", str(folders["data"]), "--output_dir", str(folders["output"]),
+        "--resolution", str(bench.resolution), "--center_crop", "--random_flip",
+        "--train_batch_size", str(bench.train_batch_size), "--max_train_steps", str(bench.warmup_steps + bench.steps),
+        "--lr_warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none", "--seed", "0",
+    ]
+    flags += [] if bench.no_ema else ["--use_ema"]
+    flags += ["--gradient_checkpointing"] if bench.gradient_checkpointing else []
+    flags += ["--cache_latents"] if cache_latents else []
+    return flags
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of the training step, summed over the timed steps."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+        self._starts = {}
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - start
+
+    def around_module(self, module: torch.nn.Module, name: str) -> None:
+        """Time every forward call of `module` (hooks, so the caller's code runs unchanged)."""
+        module.register_forward_pre_hook(lambda *_: self._starts.__setitem__(name, time.perf_counter()))
+        module.register_forward_hook(lambda *_: self._add_since(name))
+
+    def around_method(self, owner, attribute: str, name: str) -> None:
+        """Time every call of owner.attribute (for VAE.encode, which is a method, not a module forward)."""
+        method = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            with self.phase(name):
+                return method(*args, **kwargs)
+
+        setattr(owner, attribute, timed)
+
+    def _add_since(self, name: str) -> None:
+        self.seconds[name] += time.perf_counter() - self._starts.pop(name)
+
+
+def prepare_inputs(root: Path, bench) -> dict:
+    """Write the synthetic captioned images and the tokenizer once; both modes read them."""
+    folders = {"data": root / "shapes", "tokenizer": root / "tokenizer", "output": root / "output"}
+    write_shapes_dataset(folders["data"], bench.num_images, seed=0, size=bench.image_size)
+    save_word_tokenizer(shape_words(), folders["tokenizer"])
+    return folders
+
+
+def run_mode(bench, folders: dict, accelerator, cache_latents: bool) -> dict:
+    """Set up, time the steps, and return seconds per phase and in total."""
+    loop, facts = set_up(bench, folders, accelerator, cache_latents)
+    timer = PhaseTimer()
+    timer.around_method(loop.parts.vae, "encode", "VAE encode")
+    timer.around_module(loop.parts.text_encoder, "text encoder")
+    timer.around_module(loop.unet, "UNet forward")
+    total = run_steps(loop, bench.warmup_steps, bench.steps, timer)
+    seconds = dict(timer.seconds)
+    seconds["other"] = total - sum(seconds.values())
+    return {"seconds": seconds, "total": total, "steps": bench.steps, **facts}
+
+
+def set_up(bench, folders: dict, accelerator, cache_latents: bool):
+    """Everything sdtune.train.main builds before its loop, in its order, with the small model's parts."""
+    args = parse_args(training_flags(bench, folders, cache_latents))
+    parts = small_components(CLIPTokenizer.from_pretrained(folders["tokenizer"]), bench.resolution)
+    configure_unet(parts.unet, args)
+    dataset = make_dataset(args, parts.tokenizer)
+    start = time.perf_counter()
+    if args.cache_latents:
+        dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,
+                                           args.train_batch_size, show_progress=False)
+    caching_seconds = time.perf_counter() - start
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size,
+                                             sampler=EpochShuffleSampler(len(dataset), args.seed),
+                                             num_workers=args.dataloader_num_workers)
+    ema = make_ema(args, parts.unet, accelerator.device)
+    optimizer = make_optimizer(args, parts.unet.parameters(), accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
+    facts = {"rows": len(dataset), "caching": caching_seconds,
+             "unet_parameters": sum(p.numel() for p in unet.parameters())}
+    return Loop(args, accelerator, parts, unet, optimizer, lr_scheduler, dataloader, ema), facts
+
+
+@dataclass
+class Loop:
+    """What sdtune.train.main's loop works with, after accelerator.prepare."""
+    args: argparse.Namespace
+    accelerator: object
+    parts: Components
+    unet: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+    dataloader: object
+    ema: object
+
+
+def run_steps(loop: Loop, warmup_steps: int, steps: int, timer: PhaseTimer) -> float:
+    """sdtune.train.main's loop body (no logging, checkpoints or validation); returns the timed steps' seconds."""
+    args, accelerator, unet, optimizer = loop.args, loop.accelerator, loop.unet, loop.optimizer
+    done, start = 0, time.perf_counter()
+    for epoch in itertools.count():
+        loop.dataloader.set_epoch(epoch)
+        with timer.phase("data loading"):
+            batches = iter(loop.dataloader)  # an epoch's first batch pays for starting the iterator
+        for batch_index in range(len(loop.dataloader)):
+            with timer.phase("data loading"):
+                batch = next(batches)
+            with accelerator.accumulate(unet):
+                generator = step_generator(args.seed, accelerator.process_index, epoch, batch_index)
+                # fp32 for the frozen parts too: --mixed_precision no
+                loss = diffusion_loss(batch, unet, loop.parts, args, generator, torch.float32)
+                accelerator.gather(loss.detach()).mean().item()  # as the loop's loss logging
+                with timer.phase("UNet backward"):
+                    accelerator.backward(loss)
+                with timer.phase("optimizer step"):
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    loop.lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            with timer.phase("EMA update"):
+                update_ema(loop.ema, unet, args)
+            done += 1
+            if done == warmup_steps:
+                timer.reset()
+                start = time.perf_counter()
+            if done == warmup_steps + steps:
+                return time.perf_counter() - start
+
+
+def overhead_ratio(result: dict) -> float:
+    """Whole step time over the UNet's own forward + backward + optimizer step."""
+    own = sum(result["seconds"].get(phase, 0.0) for phase in UNET_OWN)
+    return result["total"] / own
+
+
+def print_table(results: dict) -> None:
+    """Milliseconds per step and share of the step, one column pair per mode."""
+    modes = list(results)
+    print(f"{'phase':<16}" + "".join(f"{mode:>26}" for mode in modes))
+    print(f"{'':<16}" + "".join(f"{'ms/step':>16}{'% of step':>10}" for _ in modes))
+    for phase in PHASES + ["whole step"]:
+        row = f"{phase:<16}"
+        for mode in modes:
+            result = results[mode]
+            seconds = result["total"] if phase == "whole step" else result["seconds"].get(phase, 0.0)
+            row += f"{1000 * seconds / result['steps']:>16.1f}{100 * seconds / result['total']:>9.1f}%"
+        print(row)
+    print(f"{'steps/s':<16}" + "".join(f"{results[m]['steps'] / results[m]['total']:>26.2f}" for m in modes))
+    print(f"{'step / UNet own':<16}" + "".join(f"{overhead_ratio(results[m]):>26.3f}" for m in modes))
+
+
+def main(argv=None) -> None:
+    bench = parse_bench_args(argv)
+    torch.set_num_threads(bench.threads)
+    datasets.disable_progress_bars()
+    latent = bench.resolution // LATENT_FACTOR
+    print(f"train_speed, {date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"small SD-shaped model: {bench.resolution} px images -> {latent}x{latent}x4 latents, batch "
+          f"{bench.train_batch_size}, fp32, EMA {'off' if bench.no_ema else 'on'}, gradient checkpointing "
+          f"{'on' if bench.gradient_checkpointing else 'off'}; {bench.warmup_steps} warm-up + {bench.steps} timed "
+          "steps per mode")
+    with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as root:
+        folders = prepare_inputs(Path(root), bench)
+        accelerator = make_accelerator(parse_args(training_flags(bench, folders, cache_latents=False)))
+        results = {}
+        for cache_latents in (False, True):
+            name = "--cache_latents" if cache_latents else "encode every step"
+            results[name] = run_mode(bench, folders, accelerator, cache_latents)
+    cached = results["--cache_latents"]
+    print(f"UNet parameters: {cached['unet_parameters']:,}; dataset rows: {cached['rows']}; building the cache took "
+          f"{cached['caching']:.1f} s once")
+    print()
+    print_table(results)
+    print()
+    ratio = overhead_ratio(cached)
+    verdict = "met" if ratio <= 1 + TARGET_OVERHEAD else "MISSED"
+    print(f"Target (--cache_latents: whole step <= {1 + TARGET_OVERHEAD:.2f} x UNet forward + backward + optimizer "
+          f"step): {ratio:.3f} -> {verdict}")
+    print("Phases: 'data loading' is the DataLoader's next batch (dataset, collate, device move); VAE encode, text "
+          "encoder and UNet forward are timed inside sdtune.objective.diffusion_loss; 'optimizer step' is gradient "
+          "clipping + step + LR schedule + zero_grad; 'other' is the rest of the step (noise and timestep draws, "
+          "loss, the logged loss's .item()).")
+
+
+if __name__ == "__main__":
+    main()
