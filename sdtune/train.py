@@ -88,6 +88,7 @@ def main(args) -> Path:
             with accelerator.accumulate(unet):
                 generator = step_generator(args.seed, accelerator.process_index, epoch, batch_index)
                 loss = diffusion_loss(batch, unet, parts, args, generator, weight_dtype)
+                # CPU-GPU sync point: the logged loss, averaged over processes
                 accumulated_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
