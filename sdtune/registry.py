@@ -173,6 +173,8 @@ class ModelRegistry:
         """The loaded pipeline of `name`, loading it on first use."""
         if name not in self.specs:
             raise ModelUnavailable(f"Unknown model '{name}'; available: {', '.join(self.specs)}.")
+        if name in self._pipelines:  # loaded: no waiting while another model loads
+            return self._pipelines[name]
         with self._lock:  # concurrent first requests must not load the same model twice
             if name not in self._pipelines:
                 self._pipelines[name] = self._load(self.specs[name])

@@ -183,7 +183,8 @@ def batch_tab(handlers: Handlers, names, allowed_root):
 
 def build_ui(service: Service) -> gr.Blocks:
     names, handlers = service.registry.names, Handlers(service)
-    with gr.Blocks(title="sdtune") as demo:
+    # delete_cache: Gradio copies every upload and output into its temp folder; drop copies older than a day
+    with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# sdtune: stock and fine-tuned Stable Diffusion")
         gr.Markdown(model_status(service))
         with gr.Tab("Text to image"):
