@@ -1,5 +1,6 @@
 # Set-up and the two everyday commands. Everything runs inside .venv/ at the repository root.
-#   make demo   set up, build the offline tiny model and data, fine-tune it (CPU, no network)
+#   make demo   set up, write the tiny world's data, fine-tune its shipped stock model, score stock against
+#               fine-tuned with metrics.py, then serve both in gradio_app.py (CPU, no network; docs/tinyworld.md)
 #   make test   set up and run the test suite (offline)
 PYTHON ?= python3
 VENV := .venv
@@ -19,17 +20,27 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-data/tiny/pipeline/model_index.json: | setup
-	$(BIN)/python -m sdtune.tiny pipeline data/tiny/pipeline
+TINY_DATA := data/tinyworld/pokemon/train/metadata.jsonl
+TINY_MODEL := outputs/tiny-finetuned/model_index.json
+TINY_REPORT := outputs/tiny-metrics/report.json
 
-data/tiny/shapes/metadata.jsonl: | setup
-	$(BIN)/python -m sdtune.tiny dataset data/tiny/shapes --count 64
+$(TINY_DATA): | setup
+	$(BIN)/python -m sdtune.tinyworld.datasets data/tinyworld
 
-demo: setup data/tiny/pipeline/model_index.json data/tiny/shapes/metadata.jsonl
+# written last by the trainer, so an interrupted run is resumed (resume_from_checkpoint: latest), not skipped
+$(TINY_MODEL): $(TINY_DATA)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash train.sh --config configs/tiny.yaml
+
+# metrics.py writes its report under a temporary name and renames it when complete
+$(TINY_REPORT): $(TINY_MODEL)
+	$(BIN)/python metrics.py --models configs/models-tiny.yaml --prompts configs/tiny_prompts.txt \
+	  --clip_model_name_or_path tinyworld/clip --num_images_per_prompt 12 --output_dir outputs/tiny-metrics
+
+demo: setup $(TINY_REPORT)
+	$(BIN)/python gradio_app.py --models configs/models-tiny.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q tests
 
 clean-demo:
-	rm -rf data/tiny outputs/tiny-finetuned
+	rm -rf data/tinyworld outputs/tiny-finetuned outputs/tiny-metrics

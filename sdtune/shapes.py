@@ -1,4 +1,4 @@
-"""Procedural captioned images of simple shapes, written in datasets' imagefolder layout."""
+"""Procedural captioned images of simple shapes (the tiny world's base set), in datasets' imagefolder layout."""
 
 import json
 import math
@@ -19,21 +19,23 @@ BACKGROUNDS = {"white": (255, 255, 255), "black": (15, 15, 15), "gray": (128, 12
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def shape_caption(shape: str, colour: str, background: str) -> str:
-    return f"a {colour} {shape} on a {background} background"
+    return f"{article(colour)} {colour} {shape} on a {background} background"
 
 
 def shape_words() -> list[str]:
     """Every word a shape caption can use."""
-    words = {"a", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS}
+    words = {"a", "an", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS}
     return sorted(words)
 
 
-def draw_shape(shape: str, colour: str, background: str, centre, radius: float, size: int = 64) -> Image.Image:
-    """One filled shape of `radius` (half its extent, in pixels) at `centre` on a plain background."""
-    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(image)
-    x, y, r, fill = centre[0], centre[1], radius, COLOURS[colour]
+def outline(draw: ImageDraw.ImageDraw, shape: str, centre, radius: float, fill) -> None:
+    """Fill `shape` of `radius` (half its extent, in pixels) at `centre`; also draws the judge's masks."""
+    x, y, r = centre[0], centre[1], radius
     if shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif shape == "square":
@@ -47,6 +49,12 @@ def draw_shape(shape: str, colour: str, background: str, centre, radius: float, 
         draw.rectangle((x - arm, y - r, x + arm, y + r), fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+
+
+def draw_shape(shape: str, colour: str, background: str, centre, radius: float, size: int = 64) -> Image.Image:
+    """One filled shape on a plain background."""
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    outline(ImageDraw.Draw(image), shape, centre, radius, COLOURS[colour])
     return image
 
 
@@ -58,15 +66,19 @@ def random_shape(rng: random.Random, size: int = 64):
     return draw_shape(shape, colour, background, centre, radius, size), shape_caption(shape, colour, background)
 
 
-def write_shapes_dataset(folder, count: int, seed: int = 0, size: int = 64) -> Path:
-    """Write `count` PNGs and metadata.jsonl (file_name, text); the same seed always writes the same files."""
+def write_imagefolder(folder, examples) -> Path:
+    """Write (image, caption) pairs as numbered PNGs plus metadata.jsonl (file_name, text)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     with open(folder / "metadata.jsonl", "w") as metadata:
-        for index in range(count):
-            image, caption = random_shape(rng, size)
+        for index, (image, caption) in enumerate(examples):
             name = f"{index:05d}.png"
             image.save(folder / name)
             metadata.write(json.dumps({"file_name": name, "text": caption}) + "\n")
     return folder
+
+
+def write_shapes_dataset(folder, count: int, seed: int = 0, size: int = 64) -> Path:
+    """Write `count` shape images; the same seed always writes the same files."""
+    rng = random.Random(seed)
+    return write_imagefolder(folder, (random_shape(rng, size) for _ in range(count)))

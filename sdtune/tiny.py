@@ -1,11 +1,12 @@
-"""Tiny offline stand-ins for Stable Diffusion and its dataset, for tests and first runs without a GPU or network.
+"""Random tiny stand-ins for Stable Diffusion and its dataset: the fastest inputs for tests of code paths.
 
     python -m sdtune.tiny pipeline DIR   # a randomly initialised SD-shaped pipeline (diffusers format, safetensors)
     python -m sdtune.tiny dataset DIR    # captioned shape images in imagefolder layout
 
 The pipeline has Stable Diffusion's architecture at a scale that trains on a CPU in seconds: 64 px images, 16x16
 latents with 4 channels, a CLIP text encoder of 2 layers. Its weights are random: it proves the code runs end to end,
-not that it draws anything.
+not that it draws anything. For a model that draws what it is asked (the default of the offline path, make demo and
+configs/tiny.yaml), use the tiny world's trained stock pipeline in tinyworld/stock (see sdtune/tinyworld).
 """
 
 import argparse
@@ -50,8 +51,11 @@ def tiny_text_encoder(tokenizer, hidden_size: int = 32) -> CLIPTextModel:
 
 def sd_scheduler() -> PNDMScheduler:
     """The noise schedule of Stable Diffusion v1 (what its scheduler_config.json holds)."""
-    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    # not a PNDM setting, but SD's file has it and the DDPMScheduler that training builds from the file reads it
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
 
 
 def write_tiny_pipeline(folder, seed: int = 0) -> Path:

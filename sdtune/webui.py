@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from sdtune.generate import SCHEDULERS, GenerationSettings, Interrupted
+from sdtune.registry import ModelUnavailable
 from sdtune.serving import MAX_IMAGES, MAX_SIDE, BatchItem, RequestError, Service
 
 QUEUE = "device"  # every generating event shares one concurrency slot: one generation on the device at a time
@@ -120,13 +121,21 @@ class Handlers:
             raise gr.Error(str(error)) from error
 
 
-def text_tab(handlers: Handlers, names):
+def default_size(service: Service) -> int:
+    """The first model's native resolution (64 for the tiny world, 512 for SD v1-4), 512 when it is unreadable."""
+    try:
+        return service.registry.native_resolution(service.registry.names[0])
+    except (IndexError, ModelUnavailable):
+        return 512
+
+
+def text_tab(handlers: Handlers, names, size: int):
     prompt = gr.Textbox(label="Prompt", lines=2)
     negative = gr.Textbox(label="Negative prompt")
     model, scheduler, steps, guidance = sampling_controls(names)
     with gr.Row():
-        width = gr.Slider(64, MAX_SIDE, value=512, step=8, label="Width")
-        height = gr.Slider(64, MAX_SIDE, value=512, step=8, label="Height")
+        width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
+        height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
         seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
         count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
     with gr.Row():
@@ -188,7 +197,7 @@ def build_ui(service: Service) -> gr.Blocks:
         gr.Markdown("# sdtune: stock and fine-tuned Stable Diffusion")
         gr.Markdown(model_status(service))
         with gr.Tab("Text to image"):
-            text_event, text_stop = text_tab(handlers, names)
+            text_event, text_stop = text_tab(handlers, names, default_size(service))
         with gr.Tab("Image to image"):
             image_event, image_stop = image_tab(handlers, names)
         with gr.Tab("Random-model batch"):

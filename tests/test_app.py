@@ -43,6 +43,13 @@ def test_text2img_returns_pngs_that_carry_their_parameters(client):
         assert parameters["Steps"] == "4" and parameters["Sampler"] == "DPM++ 2M" and parameters["Size"] == "64x64"
 
 
+def test_text2img_defaults_to_the_first_models_native_size(client):
+    # A 64 px model asked for SD's 512 px draws nonsense slowly: width and height default to what it was trained at.
+    settings = {k: v for k, v in T2I.items() if k not in ("width", "height")}
+    gallery, _, _ = client.predict(prompt="a red circle", model="stock", seed=3, **settings, api_name="/text2img")
+    assert Image.open(gallery[0]["image"]).size == (64, 64)
+
+
 def test_random_seed_is_reported_and_reproduces_the_image(client):
     gallery, seed, _ = client.predict(prompt="a blue square", model="stock", seed=-1, **T2I, api_name="/text2img")
     assert 0 <= seed < 2**32

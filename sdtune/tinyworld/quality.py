@@ -1,0 +1,92 @@
+"""Does a tiny-world model draw what it is asked? Shape and colour accuracy over every (shape, colour) prompt.
+
+    python -m sdtune.tinyworld.quality [--pipeline tinyworld/stock] [--seeds 8] [--json report.json]
+
+Each (shape, colour) pair is drawn from `--seeds` seeds, the background word cycling through the three backgrounds;
+every image comes from sdtune.generate.text_to_image at the pipeline's default guidance and is read by judge.py.
+"""
+
+import argparse
+import json
+from collections import defaultdict
+
+from diffusers import StableDiffusionPipeline
+
+from sdtune.generate import GenerationSettings, text_to_image
+from sdtune.shapes import BACKGROUNDS, COLOURS, SHAPES, shape_caption
+from sdtune.tinyworld import STOCK
+from sdtune.tinyworld.judge import judge
+
+SETTINGS = GenerationSettings(width=64, height=64)  # 25 steps, guidance 7.5: the defaults everywhere else
+
+
+def quality_cases(seeds: list[int]) -> list[dict]:
+    """Every (shape, colour) pair once per seed; the background rotates so each pair meets all three."""
+    backgrounds = list(BACKGROUNDS)
+    cases = []
+    for seed in seeds:
+        for index, (shape, colour) in enumerate((s, c) for s in SHAPES for c in COLOURS):
+            background = backgrounds[(seed + index) % len(backgrounds)]
+            cases.append({"shape": shape, "colour": colour, "background": background, "seed": seed,
+                          "prompt": shape_caption(shape, colour, background)})
+    return cases
+
+
+def measure(pipeline, cases: list[dict], settings: GenerationSettings = SETTINGS) -> list[dict]:
+    """Each case with the judged shape and colour of its image."""
+    results = []
+    for case in cases:
+        verdict = judge(text_to_image(pipeline, case["prompt"], case["seed"], settings))
+        results.append({**case, "judged_shape": verdict.shape, "judged_colour": verdict.colour})
+    return results
+
+
+def accuracy(results: list[dict], key: str) -> float:
+    return sum(r[f"judged_{key}"] == r[key] for r in results) / len(results)
+
+
+def summary(results: list[dict]) -> dict:
+    """Shape and colour accuracy overall and per colour, shape and background."""
+    report = {"images": len(results), "shape": accuracy(results, "shape"), "colour": accuracy(results, "colour")}
+    for group in ("colour", "shape", "background"):
+        buckets = defaultdict(list)
+        for r in results:
+            buckets[r[group]].append(r)
+        report[f"by_{group}"] = {name: {"shape": accuracy(rows, "shape"), "colour": accuracy(rows, "colour")}
+                                 for name, rows in buckets.items()}
+    return report
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['images']} images: shape {report['shape']:.1%}, colour {report['colour']:.1%}",
+             f"{'group':<10} {'value':<10} {'shape':>7} {'colour':>7}"]
+    for group in ("colour", "shape", "background"):
+        for name, scores in report[f"by_{group}"].items():
+            lines.append(f"{group:<10} {name:<10} {scores['shape']:>7.1%} {scores['colour']:>7.1%}")
+    return "\n".join(lines)
+
+
+def load_pipeline(folder) -> StableDiffusionPipeline:
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", default=str(STOCK), help="A tiny-world StableDiffusionPipeline folder.")
+    parser.add_argument("--seeds", type=int, default=8, help="Seeds 0..N-1 for every (shape, colour) pair.")
+    parser.add_argument("--json", help="Also write the summary and every judged image here.")
+    args = parser.parse_args(argv)
+    results = measure(load_pipeline(args.pipeline), quality_cases(list(range(args.seeds))))
+    report = summary(results)
+    print(f"Tiny-world quality of {args.pipeline} ({SETTINGS.num_inference_steps} steps, guidance "
+          f"{SETTINGS.guidance_scale}):\n{table(report)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"summary": report, "images": results}, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
