@@ -131,7 +131,7 @@ def default_size(service: Service) -> int:
 
 def text_tab(handlers: Handlers, names, size: int):
     prompt = gr.Textbox(label="Prompt", lines=2)
-    negative = gr.Textbox(label="Negative prompt")
+    negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
     model, scheduler, steps, guidance = sampling_controls(names)
     with gr.Row():
         width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
@@ -152,7 +152,7 @@ def image_tab(handlers: Handlers, names):
     # image_mode=None: Gradio passes the file through undecoded; the service decodes it with its own limits
     source = gr.Image(type="filepath", image_mode=None, label="Input image", format="png")
     prompt = gr.Textbox(label="Prompt", lines=2)
-    negative = gr.Textbox(label="Negative prompt")
+    negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
     model, scheduler, steps, guidance = sampling_controls(names)
     with gr.Row():
         strength, resolution = strength_and_resolution()
