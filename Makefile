@@ -20,14 +20,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-TINY_DATA := data/tinyworld/pokemon/train/metadata.jsonl
-TINY_MODEL := outputs/tiny-finetuned/model_index.json
+TINY_DATA := data/tinyworld/pokemon/heldout/metadata.jsonl  # the last split written
+TINY_MODEL := outputs/tiny-finetuned/README.md
 TINY_REPORT := outputs/tiny-metrics/report.json
 
 $(TINY_DATA): | setup
 	$(BIN)/python -m sdtune.tinyworld.datasets data/tinyworld
 
-# written last by the trainer, so an interrupted run is resumed (resume_from_checkpoint: latest), not skipped
+# the model card is the trainer's last file: an interrupted run is resumed (resume_from_checkpoint: latest), not skipped
 $(TINY_MODEL): $(TINY_DATA)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash train.sh --config configs/tiny.yaml
 

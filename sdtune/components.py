@@ -31,7 +31,7 @@ def load_components(args, frozen_dtype) -> Components:
     except (OSError, ValueError) as error:
         raise SystemExit(f"Cannot load the pipeline '{source}': {error}\n"
                          "Give a local folder in diffusers layout or a hub id you can reach "
-                         "(offline: python -m sdtune.tiny pipeline DIR).") from error
+                         "(offline: the tiny world's tinyworld/stock).") from error
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     vae.requires_grad_(False)

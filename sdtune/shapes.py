@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def shape_words() -> list[str]:
     return sorted(words)
 
 
-def outline(draw: ImageDraw.ImageDraw, shape: str, centre, radius: float, fill) -> None:
+def fill_shape(draw: ImageDraw.ImageDraw, shape: str, centre, radius: float, fill) -> None:
     """Fill `shape` of `radius` (half its extent, in pixels) at `centre`; also draws the judge's masks."""
     x, y, r = centre[0], centre[1], radius
     if shape == "circle":
@@ -54,7 +55,7 @@ def outline(draw: ImageDraw.ImageDraw, shape: str, centre, radius: float, fill) 
 def draw_shape(shape: str, colour: str, background: str, centre, radius: float, size: int = 64) -> Image.Image:
     """One filled shape on a plain background."""
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    outline(ImageDraw.Draw(image), shape, centre, radius, COLOURS[colour])
+    fill_shape(ImageDraw.Draw(image), shape, centre, radius, COLOURS[colour])
     return image
 
 
@@ -67,14 +68,17 @@ def random_shape(rng: random.Random, size: int = 64):
 
 
 def write_imagefolder(folder, examples) -> Path:
-    """Write (image, caption) pairs as numbered PNGs plus metadata.jsonl (file_name, text)."""
+    """Write (image, caption) pairs as numbered PNGs plus metadata.jsonl (file_name, text). The metadata file is
+    renamed into place last, so its presence means the folder is complete (make demo relies on it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "metadata.jsonl", "w") as metadata:
+    partial = folder / "metadata.jsonl.partial"
+    with open(partial, "w") as metadata:
         for index, (image, caption) in enumerate(examples):
             name = f"{index:05d}.png"
             image.save(folder / name)
             metadata.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    os.replace(partial, folder / "metadata.jsonl")
     return folder
 
 

@@ -45,15 +45,10 @@ def tiny_flags(pipeline: Path, data: Path, output_dir: Path, *extra: str) -> lis
 @pytest.fixture
 def train(tiny_pipeline, shapes_dataset):
     """Run train_text_to_image in this process: train(output_dir, *flags, data=folder) -> output_dir."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from sdtune.config import parse_args
-    from sdtune.train import main
+    from sdtune.train import run_in_process
 
     def run(output_dir, *extra, data=None):
-        AcceleratorState._reset_state(True)  # each run builds its own Accelerator
-        GradientState._reset_state()
-        return main(parse_args(tiny_flags(tiny_pipeline, data or shapes_dataset, output_dir, *extra)))
+        return run_in_process(tiny_flags(tiny_pipeline, data or shapes_dataset, output_dir, *extra))
 
     return run
 
@@ -141,15 +136,9 @@ def tiny_clip(tmp_path_factory, tiny_pipeline) -> Path:
 @pytest.fixture(scope="session")
 def finetuned_pipeline(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
     """The tiny pipeline after a short fine-tune: same VAE and text encoder, different UNet."""
-    from accelerate.state import AcceleratorState, GradientState
+    from sdtune.train import run_in_process
 
-    from sdtune.config import parse_args
-    from sdtune.train import main
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    out = tmp_path_factory.mktemp("finetuned") / "pipeline"
-    return main(parse_args(tiny_flags(tiny_pipeline, shapes_dataset, out)))
+    return run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, tmp_path_factory.mktemp("finetuned") / "pipeline"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from sdtune.tokenizer import save_word_tokenizer
 from sdtune.tinyworld import CLIP, STOCK
 from sdtune.tinyworld.clip import MAX_TOKENS, ranking_accuracy, save_clip, train_clip
 from sdtune.tinyworld.datasets import every_caption, read_split, world_words, write_world
-from sdtune.tinyworld.stock import assemble_pipeline, run_trainer, ship
+from sdtune.tinyworld.stock import assemble_pipeline, ship
+from sdtune.train import run_in_process
 from sdtune.tinyworld.vae import set_scaling_factor, train_vae
 
 logger = logging.getLogger("sdtune.tinyworld")
@@ -49,11 +50,19 @@ def unet_flags(pipeline: Path, data: Path, output_dir: Path, seed: int) -> list[
     ]
 
 
+def require(path: Path, phase: str) -> Path:
+    """What an earlier phase wrote; a clear stop when `--only` skipped it."""
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run the {phase} phase first (python -m sdtune.tinyworld.build "
+                         f"--only {phase}, with the same --data and --work).")
+    return path
+
+
 def training_sets(data: Path) -> list:
-    return [read_split(data / "base/train"), read_split(data / "pokemon/train")]
+    return [read_split(require(data / split, "data")) for split in ("base/train", "pokemon/train")]
 
 
-def build_vae(args) -> None:
+def vae_phase(args) -> None:
     sets = training_sets(args.data)
     vae = train_vae(sets, VAE_STEPS, seed=args.seed)
     factor = set_scaling_factor(vae, torch.cat([pixels for pixels, _ in sets]), args.seed)
@@ -61,7 +70,7 @@ def build_vae(args) -> None:
     logger.info("VAE saved to %s, scaling factor %.4f", args.work / "vae", factor)
 
 
-def build_clip(args) -> None:
+def clip_phase(args) -> None:
     tokenizer = save_word_tokenizer(world_words(), args.work / "tokenizer", model_max_length=MAX_TOKENS)
     clip = train_clip(tokenizer, training_sets(args.data), CLIP_STEPS, seed=args.seed)
     save_clip(clip, tokenizer, args.clip)
@@ -72,9 +81,10 @@ def build_clip(args) -> None:
     logger.info("CLIP saved to %s", args.clip)
 
 
-def build_unet(args) -> None:
-    initial = assemble_pipeline(args.work / "stock-initial", args.work / "vae", args.clip, args.seed)
-    run = run_trainer(unet_flags(initial, args.data, args.work / "stock-run", args.seed))
+def unet_phase(args) -> None:
+    vae, clip = require(args.work / "vae", "vae"), require(args.clip / "config.json", "clip").parent
+    initial = assemble_pipeline(args.work / "stock-initial", vae, clip, args.seed)
+    run = run_in_process(unet_flags(initial, args.data, args.work / "stock-run", args.seed))
     ship(run, args.stock)
     logger.info("Stock pipeline saved to %s", args.stock)
 
@@ -98,7 +108,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     setup_logging()
-    phases = {"data": lambda a: write_world(a.data, a.seed), "vae": build_vae, "clip": build_clip, "unet": build_unet}
+    phases = {"data": lambda a: write_world(a.data, a.seed), "vae": vae_phase, "clip": clip_phase, "unet": unet_phase}
     for phase in [args.only] if args.only else PHASES:
         start = time.perf_counter()
         phases[phase](args)

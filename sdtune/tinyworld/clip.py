@@ -17,7 +17,7 @@ from sdtune.tinyworld.training import (StepLog, balanced_batch, random_flip, see
                                        with_background)
 
 IMAGE_SIZE = 64
-MAX_TOKENS = 32  # the longest caption is 15 tokens with its start and end; prompts beyond 32 are truncated
+MAX_TOKENS = 32  # the longest caption is 16 tokens with its start and end; prompts beyond 32 are truncated
 # OpenAI CLIP's normalisation, so that the saved CLIPImageProcessor is the usual one at 64 px
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -45,7 +45,9 @@ def every_caption(name: str) -> list[str]:
     """Every caption the "base" or "pokemon" set can have: the candidates a CLIP ranks."""
     if name == "base":
         return [shape_caption(s, c, b) for s in SHAPES for c in COLOURS for b in BACKGROUNDS]
-    return [creature_caption(species, background) for species in SPECIES for background in BACKGROUNDS]
+    if name == "pokemon":
+        return [creature_caption(species, background) for species in SPECIES for background in BACKGROUNDS]
+    raise ValueError(f"unknown set {name!r}: 'base' or 'pokemon'")
 
 
 def heldout_creature_prompts() -> list[str]:

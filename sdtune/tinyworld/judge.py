@@ -2,7 +2,8 @@
 
 The object is the largest connected region that differs from the background (the median border colour); its colour
 is the nearest palette colour to its median pixel, its shape the template (drawn by sdtune.shapes, fitted to the
-region's bounding box) that overlaps it best. On the dataset's own images it is right every time (tests check it).
+region's bounding box) that overlaps it best. It is right on every held-out
+base-world image (a test checks all 360).
 """
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sdtune.shapes import COLOURS, SHAPES, outline
+from sdtune.shapes import COLOURS, SHAPES, fill_shape
 
 OBJECT_DISTANCE = 48.0  # RGB distance from the background above which a pixel is object (palette: >= 94)
 MIN_OVERLAP = 0.6  # intersection over union below which the region is no shape at all
@@ -65,7 +66,7 @@ def template(shape: str, box, size: int) -> np.ndarray:
     radius = ((box[2] - box[0]) / (right - left) + (box[3] - box[1]) / (bottom - top)) / 2
     centre = (box[0] - left * radius, box[1] - top * radius)
     canvas = Image.new("L", (size, size), 0)
-    outline(ImageDraw.Draw(canvas), shape, centre, radius, 255)
+    fill_shape(ImageDraw.Draw(canvas), shape, centre, radius, 255)
     return np.asarray(canvas) > 0
 
 

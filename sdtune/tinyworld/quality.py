@@ -1,20 +1,16 @@
 """Does a tiny-world model draw what it is asked? Shape and colour accuracy over every (shape, colour) prompt.
 
-    python -m sdtune.tinyworld.quality [--pipeline tinyworld/stock] [--seeds 8] [--json report.json]
-
-Each (shape, colour) pair is drawn from `--seeds` seeds, the background word cycling through the three backgrounds;
-every image comes from sdtune.generate.text_to_image at the pipeline's default guidance and is read by judge.py.
+Each (shape, colour) pair is drawn from several seeds, the background word cycling through the three backgrounds;
+every image comes from sdtune.generate.text_to_image with the settings used everywhere else (DPM-Solver++, 25 steps,
+guidance 7.5) and is read by judge.py. bench/tinyworld_quality.py runs the full measurement, the tests a subset.
 """
 
-import argparse
-import json
 from collections import defaultdict
 
 from diffusers import StableDiffusionPipeline
 
 from sdtune.generate import GenerationSettings, text_to_image
 from sdtune.shapes import BACKGROUNDS, COLOURS, SHAPES, shape_caption
-from sdtune.tinyworld import STOCK
 from sdtune.tinyworld.judge import judge
 
 SETTINGS = GenerationSettings(width=64, height=64)  # 25 steps, guidance 7.5: the defaults everywhere else
@@ -70,23 +66,3 @@ def load_pipeline(folder) -> StableDiffusionPipeline:
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", default=str(STOCK), help="A tiny-world StableDiffusionPipeline folder.")
-    parser.add_argument("--seeds", type=int, default=8, help="Seeds 0..N-1 for every (shape, colour) pair.")
-    parser.add_argument("--json", help="Also write the summary and every judged image here.")
-    args = parser.parse_args(argv)
-    results = measure(load_pipeline(args.pipeline), quality_cases(list(range(args.seeds))))
-    report = summary(results)
-    print(f"Tiny-world quality of {args.pipeline} ({SETTINGS.num_inference_steps} steps, guidance "
-          f"{SETTINGS.guidance_scale}):\n{table(report)}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"summary": report, "images": results}, f, indent=1)
-    return report
-
-
-if __name__ == "__main__":
-    main()

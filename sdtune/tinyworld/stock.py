@@ -6,15 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTokenizer
 
-from sdtune.config import parse_args
 from sdtune.tiny import sd_scheduler
 from sdtune.tinyworld.clip import text_encoder_of
 from sdtune.tinyworld.training import seeded
-from sdtune.train import main as train
 
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 
@@ -40,13 +37,6 @@ def assemble_pipeline(folder, vae_folder, clip_folder, seed: int = 0) -> Path:
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
-
-
-def run_trainer(flags: list[str]) -> Path:
-    """train_text_to_image.py in this process."""
-    AcceleratorState._reset_state(True)  # a fresh Accelerator per run, as in a new process
-    GradientState._reset_state()
-    return train(parse_args(flags))
 
 
 def ship(run_folder, folder) -> Path:

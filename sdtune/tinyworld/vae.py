@@ -25,7 +25,7 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def object_mask(pixels: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+def differs_from_background(pixels: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     """1 where a pixel (in [-1, 1]) differs from its image's background, the median colour of its border."""
     return ((pixels - border_colour(pixels)).abs().amax(dim=1, keepdim=True) > threshold).float()
 
@@ -34,7 +34,7 @@ def vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generato
     """Object-weighted L1 reconstruction of a posterior sample, plus a small KL term."""
     posterior = vae.encode(pixels).latent_dist
     reconstruction = vae.decode(posterior.sample(generator)).sample.float()
-    weights = 1.0 + (OBJECT_WEIGHT - 1.0) * object_mask(pixels)
+    weights = 1.0 + (OBJECT_WEIGHT - 1.0) * differs_from_background(pixels)
     l1 = ((reconstruction - pixels).abs() * weights).sum() / (weights.sum() * pixels.shape[1])
     return l1 + KL_WEIGHT * posterior.kl().mean() / posterior.mean[0].numel()
 
