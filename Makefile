@@ -28,8 +28,11 @@ $(TINY_DATA): | setup
 	$(BIN)/python -m sdtune.tinyworld.datasets data/tinyworld
 
 # the model card is the trainer's last file: an interrupted run is resumed (resume_from_checkpoint: latest), not skipped
+# accelerate launch gives a process one thread unless told otherwise (right for one process per GPU); the CPU demo is
+# one process, which trains about 1.5x faster with every core
 $(TINY_MODEL): $(TINY_DATA)
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash train.sh --config configs/tiny.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(getconf _NPROCESSORS_ONLN)} \
+	  bash train.sh --config configs/tiny.yaml
 
 # metrics.py writes its report under a temporary name and renames it when complete
 $(TINY_REPORT): $(TINY_MODEL)
