@@ -46,10 +46,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from diffusers import (AutoencoderKL, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,  # noqa: E402
-                       UNet2DConditionModel)
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from transformers import CLIPTextModel  # noqa: E402
 
 from sdtune import batch as batch_cli  # noqa: E402
 from sdtune import registry as registry_module  # noqa: E402
@@ -59,10 +58,11 @@ from sdtune.registry import ModelRegistry, ModelSpec  # noqa: E402
 from sdtune.seeds import draw_model, image_seed  # noqa: E402
 from sdtune.serving import BatchItem, Service  # noqa: E402
 from sdtune.shapes import random_shape, shape_words  # noqa: E402
-from sdtune.tiny import sd_scheduler  # noqa: E402
+from sdtune.tiny import sd_layout_unet, sd_layout_vae, sd_scheduler, text_config  # noqa: E402
 from sdtune.tokenizer import save_word_tokenizer  # noqa: E402
 
-SD_UNET = (320, 640, 1280, 1280)  # SD v1's UNet block widths; its VAE's are (128, 256, 512, 512), its CLIP 768 wide
+SD_UNET = (320, 640, 1280, 1280)  # SD v1's UNet block widths; its CLIP is 768 wide
+SD_VAE = (128, 256, 512, 512)  # its VAE's
 TARGET_OVERHEAD = 0.10  # sdtune's batch: (total - time in pipeline calls) < this share of the total
 TARGET_MEMORY = 1.10  # two models <= this x (one pipeline + one UNet)
 WEIGHTED = ("vae", "text_encoder", "unet")
@@ -94,44 +94,24 @@ def widths(scale: float, full) -> tuple[int, ...]:
     return tuple(max(32, int(round(width * scale / 32)) * 32) for width in full)
 
 
-def small_unet(scale: float, resolution: int, text_width: int) -> UNet2DConditionModel:
-    """SD v1's UNet layout (2 layers a block, 3 cross-attention down blocks + 1 plain, mirrored up) scaled."""
-    return UNet2DConditionModel(
-        sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=widths(scale, SD_UNET), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=text_width,
-        attention_head_dim=8,
-    )
-
-
-def small_vae(scale: float, resolution: int) -> AutoencoderKL:
-    """SD's VAE layout (4 blocks of 2 layers, 8x downsampling, 4 latent channels) scaled."""
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=widths(scale, (128, 256, 512, 512)),
-        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=resolution,
-    )
-
-
 def small_text_encoder(tokenizer, scale: float) -> CLIPTextModel:
     """SD v1's CLIP text transformer (12 layers over a 77-token window) scaled in width."""
     width = widths(scale, (768,))[0]
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=12,
-        num_attention_heads=8, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
+    return CLIPTextModel(text_config(tokenizer, width, num_hidden_layers=12, intermediate_size=4 * width,
+                                     num_attention_heads=8))
 
 
 def write_small_pipeline(folder: Path, scale: float, resolution: int) -> Path:
-    """A random SD-shaped StableDiffusionPipeline in diffusers format (safetensors)."""
+    """A random SD-shaped StableDiffusionPipeline in diffusers format (safetensors): SD v1's layouts, 2 layers a
+    block as in SD, every width scaled."""
     torch.manual_seed(0)
     tokenizer = save_word_tokenizer(shape_words(), folder / "tokenizer")
     text_encoder = small_text_encoder(tokenizer, scale)
+    vae = sd_layout_vae(widths(scale, SD_VAE), layers_per_block=2, sample_size=resolution)
+    unet = sd_layout_unet(widths(scale, SD_UNET), layers_per_block=2,
+                          cross_attention_dim=text_encoder.config.hidden_size, sample_size=resolution // 8)
     pipeline = StableDiffusionPipeline(
-        vae=small_vae(scale, resolution), text_encoder=text_encoder, tokenizer=tokenizer,
-        unet=small_unet(scale, resolution, text_encoder.config.hidden_size), scheduler=sd_scheduler(),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)

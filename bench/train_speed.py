@@ -30,8 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: 
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from diffusers import DDPMScheduler  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from sdtune.components import Components  # noqa: E402
 from sdtune.config import parse_args  # noqa: E402
@@ -40,6 +40,7 @@ from sdtune.latent_cache import build_latent_cache  # noqa: E402
 from sdtune.objective import diffusion_loss, step_generator  # noqa: E402
 from sdtune.optim import make_lr_scheduler, make_optimizer  # noqa: E402
 from sdtune.shapes import shape_words, write_shapes_dataset  # noqa: E402
+from sdtune.tiny import sd_layout_unet, sd_layout_vae, text_config  # noqa: E402
 from sdtune.tokenizer import save_word_tokenizer  # noqa: E402
 from sdtune.train import configure_unet, make_accelerator, make_dataset, make_ema, update_ema  # noqa: E402
 
@@ -68,39 +69,13 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def small_unet() -> UNet2DConditionModel:
-    """SD v1's UNet layout (3 cross-attention down blocks + 1 plain, mirrored up) at 1/10 of its widths."""
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128, 128),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
-    )
-
-
-def small_vae(resolution: int) -> AutoencoderKL:
-    """SD's VAE layout (4 encoder blocks, 8x downsampling, 4 latent channels) at 1/8 of its widths."""
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-        sample_size=resolution,
-    )
-
-
-def small_text_encoder(tokenizer) -> CLIPTextModel:
-    """A CLIP text transformer over SD's 77-token window: 4 layers of width 64."""
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
-
-
 def small_components(tokenizer, resolution: int) -> Components:
     """Random small SD parts, frozen and trainable as sdtune.components.load_components leaves them."""
     torch.manual_seed(0)  # both modes start from the same weights
-    vae, text_encoder, unet = small_vae(resolution), small_text_encoder(tokenizer), small_unet()
+    # SD v1's layouts, 1 layer a block: the UNet at 1/10 of SD's widths, the VAE at 1/8; a 4-layer text encoder
+    vae = sd_layout_vae((16, 32, 64, 64), layers_per_block=1, sample_size=resolution, norm_num_groups=8)
+    text_encoder = CLIPTextModel(text_config(tokenizer, 64, num_hidden_layers=4, intermediate_size=256))
+    unet = sd_layout_unet((32, 64, 128, 128), layers_per_block=1, cross_attention_dim=64, sample_size=16)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.train()

@@ -22,6 +22,38 @@ from sdtune.tokenizer import save_word_tokenizer
 TINY_RESOLUTION = 64
 
 
+def text_config(tokenizer, hidden_size: int, num_hidden_layers: int, intermediate_size: int,
+                num_attention_heads: int = 4) -> CLIPTextConfig:
+    """A CLIP text transformer's config sized as asked, its vocabulary, window and special tokens the tokenizer's."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def sd_layout_unet(block_out_channels, layers_per_block: int, cross_attention_dim: int, sample_size: int,
+                   norm_num_groups: int = 32) -> UNet2DConditionModel:
+    """SD v1's UNet layout (3 cross-attention down blocks + 1 plain, mirrored up) at the given widths."""
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=tuple(block_out_channels), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=norm_num_groups,
+    )
+
+
+def sd_layout_vae(block_out_channels, layers_per_block: int, sample_size: int,
+                  norm_num_groups: int = 32) -> AutoencoderKL:
+    """SD's VAE layout (4 blocks, 8x downsampling, 4 latent channels) at the given widths."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=norm_num_groups, sample_size=sample_size,
+    )
+
+
 def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
@@ -41,12 +73,7 @@ def tiny_vae() -> AutoencoderKL:
 
 
 def tiny_text_encoder(tokenizer, hidden_size: int = 32) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
+    return CLIPTextModel(text_config(tokenizer, hidden_size, num_hidden_layers=2, intermediate_size=2 * hidden_size))
 
 
 def sd_scheduler() -> PNDMScheduler:

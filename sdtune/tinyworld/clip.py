@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel,
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel,
                           CLIPTokenizer, CLIPVisionConfig)
 
+from sdtune.tiny import text_config
 from sdtune.tinyworld.training import (StepLog, balanced_batch, random_flip, seeded, swap_background, warmup_cosine,
                                        with_background)
 
@@ -25,10 +26,7 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def build_clip(tokenizer: CLIPTokenizer) -> CLIPModel:
     """A 3-layer text tower (width 64, also the UNet's cross-attention width) and a 4-layer ViT on 8 px patches."""
-    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                          num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+    text = text_config(tokenizer, hidden_size=64, num_hidden_layers=3, intermediate_size=256)
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=96, intermediate_size=384,
                               num_hidden_layers=4, num_attention_heads=4)
     return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64))
