@@ -25,7 +25,7 @@ TINY_MODEL := outputs/tiny-finetuned/README.md
 TINY_REPORT := outputs/tiny-metrics/report.json
 
 $(TINY_DATA): | setup
-	$(BIN)/python -m sdtune.tinyworld.datasets data/tinyworld
+	$(BIN)/python -m tinyworld.datasets data/tinyworld
 
 # the model card is the trainer's last file: an interrupted run is resumed (resume_from_checkpoint: latest), not skipped
 # accelerate launch gives a process one thread unless told otherwise (right for one process per GPU); the CPU demo is

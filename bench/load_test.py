@@ -2,7 +2,7 @@
 
     cd /work/main && flock /tmp/sdtune-cpu.lock env HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/load_test.py
 
-It writes two tiny models that differ only in their UNet (sdtune.tiny's pipeline and a perturbed copy), starts
+It writes two tiny models that differ only in their UNet (tinyworld.factories's pipeline and a perturbed copy), starts
 `python gradio_app.py --models FILE --port P --output_dir DIR --device cpu` on loopback in a subprocess, and runs
 --users users at once, each with its own Client (its own session) making --requests requests in turn, cycling through
 /text2img, /img2img and /random_batch. Every request sends its own prompt, seed, model and step count; the check reads
@@ -40,7 +40,7 @@ from serve_batch import write_unet_variant  # noqa: E402  (bench/ is the script'
 from sdtune.generate import working_size  # noqa: E402
 from sdtune.pnginfo import parse_parameters, read_parameters  # noqa: E402
 from sdtune.seeds import draw_model, image_seed  # noqa: E402
-from sdtune.tiny import TINY_RESOLUTION, write_tiny_pipeline  # noqa: E402
+from tinyworld.factories import TINY_RESOLUTION, write_tiny_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENDPOINTS = ("/text2img", "/img2img", "/random_batch")

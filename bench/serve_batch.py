@@ -57,9 +57,9 @@ from sdtune.prompts import prompt_from_filename  # noqa: E402
 from sdtune.registry import ModelRegistry, ModelSpec  # noqa: E402
 from sdtune.seeds import draw_model, image_seed  # noqa: E402
 from sdtune.serving import BatchItem, Service  # noqa: E402
-from sdtune.shapes import random_shape, shape_words  # noqa: E402
-from sdtune.tiny import sd_layout_unet, sd_layout_vae, sd_scheduler, text_config  # noqa: E402
-from sdtune.tokenizer import save_word_tokenizer  # noqa: E402
+from tinyworld.shapes import random_shape, shape_words  # noqa: E402
+from tinyworld.factories import sd_layout_unet, sd_layout_vae, sd_scheduler, text_config  # noqa: E402
+from tinyworld.tokenizer import save_word_tokenizer  # noqa: E402
 
 SD_UNET = (320, 640, 1280, 1280)  # SD v1's UNet block widths; its CLIP is 768 wide
 SD_VAE = (128, 256, 512, 512)  # its VAE's

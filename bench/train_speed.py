@@ -39,9 +39,9 @@ from sdtune.data import EpochShuffleSampler  # noqa: E402
 from sdtune.latent_cache import build_latent_cache  # noqa: E402
 from sdtune.objective import diffusion_loss, step_generator  # noqa: E402
 from sdtune.optim import make_lr_scheduler, make_optimizer  # noqa: E402
-from sdtune.shapes import shape_words, write_shapes_dataset  # noqa: E402
-from sdtune.tiny import sd_layout_unet, sd_layout_vae, text_config  # noqa: E402
-from sdtune.tokenizer import save_word_tokenizer  # noqa: E402
+from tinyworld.shapes import shape_words, write_shapes_dataset  # noqa: E402
+from tinyworld.factories import sd_layout_unet, sd_layout_vae, text_config  # noqa: E402
+from tinyworld.tokenizer import save_word_tokenizer  # noqa: E402
 from sdtune.train import configure_unet, make_accelerator, make_dataset, make_ema, update_ema  # noqa: E402
 
 PHASES = ["data loading", "VAE encode", "text encoder", "UNet forward", "UNet backward", "optimizer step",

@@ -25,7 +25,7 @@ DATASET_ALTERNATIVES = (
     "  - a similar set, e.g. --dataset_name lambdalabs/naruto-blip-captions\n"
     "  - your own copy as a local folder: --train_data_dir DIR (images plus metadata.jsonl with "
     "file_name and text)\n"
-    "  - offline: the tiny world's creatures, python -m sdtune.tinyworld.datasets data/tinyworld, then "
+    "  - offline: the tiny world's creatures, python -m tinyworld.datasets data/tinyworld, then "
     "--train_data_dir data/tinyworld/pokemon/train (see docs/tinyworld.md)"
 )
 

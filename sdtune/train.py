@@ -141,18 +141,6 @@ def main(args) -> Path:
     return Path(args.output_dir)
 
 
-def run_in_process(flags: list[str]) -> Path:
-    """train_text_to_image.py with these flags, inside the calling process (tests, the tiny world's build): accelerate's
-    process-wide state is reset first, so each run builds its own Accelerator as it would in a new process."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from sdtune.config import parse_args
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return main(parse_args(flags))
-
-
 def make_accelerator(args) -> Accelerator:
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir))
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random pipeline, a small shapes dataset, and an in-process training runner.
+"""Shared fixtures: a tiny random pipeline, a small shapes dataset, odd files, a tiny CLIP, a fine-tune and the app.
 
 Nothing here touches the network: HF_HUB_OFFLINE is set before any Hugging Face library is imported.
 """
@@ -8,57 +8,34 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import run_in_process, tiny_flags  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
-    from sdtune.tiny import write_tiny_pipeline
+    from tinyworld.factories import write_tiny_pipeline
 
     return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline", seed=0)
 
 
 @pytest.fixture(scope="session")
 def shapes_dataset(tmp_path_factory) -> Path:
-    from sdtune.shapes import write_shapes_dataset
+    from tinyworld.shapes import write_shapes_dataset
 
     return write_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", count=24, seed=0)
-
-
-def tiny_flags(pipeline: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Flags of a few-second CPU fine-tune; `extra` flags override them (a --dataset_name replaces `data`)."""
-    data_flags = [] if "--dataset_name" in extra else ["--train_data_dir", str(data)]
-    return [
-        "--pretrained_model_name_or_path", str(pipeline), *data_flags,
-        "--output_dir", str(output_dir), "--resolution", "64", "--center_crop", "--train_batch_size", "4",
-        "--max_train_steps", "4", "--checkpointing_steps", "1000", "--learning_rate", "1e-3",
-        "--lr_warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none", "--seed", "7",
-        "--validation_inference_steps", "2", *extra,
-    ]
 
 
 @pytest.fixture
 def train(tiny_pipeline, shapes_dataset):
     """Run train_text_to_image in this process: train(output_dir, *flags, data=folder) -> output_dir."""
-    from sdtune.train import run_in_process
-
     def run(output_dir, *extra, data=None):
         return run_in_process(tiny_flags(tiny_pipeline, data or shapes_dataset, output_dir, *extra))
 
     return run
-
-
-def subprocess_env(threads: int = 1) -> dict:
-    """Environment for a child process: offline, the repo importable, and a fixed thread count (2 cores here)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=str(REPO))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 ODD_SKIPS = {"undecodable image": 1, "zero-byte file": 1, "missing caption": 1, "empty caption": 1}
@@ -73,7 +50,7 @@ def odd_dataset(tmp_path_factory) -> Path:
     import numpy as np
     from PIL import Image
 
-    from sdtune.shapes import random_shape
+    from tinyworld.shapes import random_shape
 
     folder = tmp_path_factory.mktemp("odd")
     rows = []
@@ -136,8 +113,6 @@ def tiny_clip(tmp_path_factory, tiny_pipeline) -> Path:
 @pytest.fixture(scope="session")
 def finetuned_pipeline(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
     """The tiny pipeline after a short fine-tune: same VAE and text encoder, different UNet."""
-    from sdtune.train import run_in_process
-
     return run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, tmp_path_factory.mktemp("finetuned") / "pipeline"))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, subprocess_env
+from helpers import REPO, subprocess_env
 from sdtune.batch import main
 from sdtune.pnginfo import parse_parameters, read_parameters
 

@@ -10,7 +10,7 @@ import sys
 import torch
 from diffusers import StableDiffusionPipeline
 
-from conftest import REPO, subprocess_env, tiny_flags
+from helpers import REPO, subprocess_env, tiny_flags
 
 
 def test_two_process_run_saves_one_loadable_pipeline(tiny_pipeline, shapes_dataset, tmp_path):

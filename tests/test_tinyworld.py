@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from conftest import REPO
-from sdtune.tinyworld import CLIP, STOCK
-from sdtune.tinyworld.clip import embed_images, embed_text, normalise, ranking_accuracy
+from helpers import REPO
+from tinyworld import CLIP, STOCK
+from tinyworld.clip_model import embed_images, embed_text, normalise, ranking_accuracy
 from sdtune.prompts import read_prompts
-from sdtune.tinyworld.datasets import (SPLITS, every_caption, heldout_creature_prompts, read_split, world_words,
+from tinyworld.datasets import (SPLITS, every_caption, heldout_creature_prompts, read_split, world_words,
                                        write_world)
-from sdtune.tinyworld.judge import judge
+from tinyworld.judge import judge
 
 
 def digest(folder) -> str:
@@ -129,7 +129,7 @@ def test_tiny_prompts_file_is_the_heldout_split():
 
 def test_stock_model_draws_the_prompted_shape_and_colour():
     # The stock model must draw what it is asked, or a fine-tune on top of it proves nothing (full run: bench/).
-    from sdtune.tinyworld.quality import load_pipeline, measure, quality_cases, summary
+    from tinyworld.quality import load_pipeline, measure, quality_cases, summary
 
     report = summary(measure(load_pipeline(STOCK), quality_cases(seeds=[0, 1])))
     assert report["shape"] >= 0.9 and report["colour"] >= 0.75, report
@@ -138,7 +138,7 @@ def test_stock_model_draws_the_prompted_shape_and_colour():
 @pytest.fixture(scope="session")
 def fine_tuned(world, tmp_path_factory):
     """configs/tiny.yaml run in this process on the written world."""
-    from sdtune.train import run_in_process
+    from helpers import run_in_process
 
     output = tmp_path_factory.mktemp("tiny-finetuned")
     return run_in_process(["--config", str(REPO / "configs/tiny.yaml"), "--pretrained_model_name_or_path", str(STOCK),

@@ -1,7 +1,7 @@
 from transformers import CLIPTokenizer
 
-from sdtune.shapes import shape_words
-from sdtune.tokenizer import apply_merges, save_word_tokenizer, word_merges
+from tinyworld.shapes import shape_words
+from tinyworld.tokenizer import apply_merges, save_word_tokenizer, word_merges
 
 
 def test_every_word_is_one_token_in_the_real_clip_tokenizer(tmp_path):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from sdtune.shapes import BACKGROUNDS, COLOURS, article
+from tinyworld.shapes import BACKGROUNDS, COLOURS, article
 
 INK = (25, 25, 25)  # eyes, pupils, mouths and tips: dark on every body colour
 EYE_WHITE = (250, 250, 250)
@@ -18,7 +18,7 @@ EYE_WHITE = (250, 250, 250)
 
 @dataclass(frozen=True)
 class Species:
-    colour: str  # a key of sdtune.shapes.COLOURS: the base world already knows the word
+    colour: str  # a key of tinyworld.shapes.COLOURS: the base world already knows the word
     body: str  # "round", "wide", "square", "tall" or "pear"
     feature: str  # the caption's "with ..." phrase; also selects the drawing of the feature
 

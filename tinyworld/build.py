@@ -1,7 +1,7 @@
 """Build the tiny world from nothing on the CPU: data, VAE, CLIP, then the stock UNet with the project's trainer.
 
-    python -m sdtune.tinyworld.build               # every phase in order
-    python -m sdtune.tinyworld.build --only vae    # one phase; a phase reads what the earlier ones wrote
+    python -m tinyworld.build               # every phase in order
+    python -m tinyworld.build --only vae    # one phase; a phase reads what the earlier ones wrote
 
 Writes the data under --data, intermediate models under --work, and the shipped folders tinyworld/clip (CLIPModel,
 tokenizer, image processor) and tinyworld/stock (StableDiffusionPipeline). Run it on idle cores and one phase at a
@@ -15,15 +15,16 @@ from pathlib import Path
 
 import torch
 
-from sdtune.tokenizer import save_word_tokenizer
-from sdtune.tinyworld import CLIP, STOCK
-from sdtune.tinyworld.clip import MAX_TOKENS, ranking_accuracy, save_clip, train_clip
-from sdtune.tinyworld.datasets import every_caption, read_split, world_words, write_world
-from sdtune.tinyworld.stock import assemble_pipeline, ship
-from sdtune.train import run_in_process
-from sdtune.tinyworld.vae import set_scaling_factor, train_vae
+from sdtune.config import parse_args as parse_training_args
+from sdtune.train import main as train
+from tinyworld import CLIP, STOCK
+from tinyworld.clip_model import MAX_TOKENS, ranking_accuracy, save_clip, train_clip
+from tinyworld.datasets import every_caption, read_split, world_words, write_world
+from tinyworld.stock_model import assemble_pipeline, ship
+from tinyworld.tokenizer import save_word_tokenizer
+from tinyworld.vae import set_scaling_factor, train_vae
 
-logger = logging.getLogger("sdtune.tinyworld")
+logger = logging.getLogger("tinyworld")
 
 PHASES = ("data", "vae", "clip", "unet")
 VAE_STEPS = 3000  # batches of 16, half shapes, half creatures
@@ -53,7 +54,7 @@ def unet_flags(pipeline: Path, data: Path, output_dir: Path, seed: int) -> list[
 def require(path: Path, phase: str) -> Path:
     """What an earlier phase wrote; a clear stop when `--only` skipped it."""
     if not path.exists():
-        raise SystemExit(f"{path} is missing: run the {phase} phase first (python -m sdtune.tinyworld.build "
+        raise SystemExit(f"{path} is missing: run the {phase} phase first (python -m tinyworld.build "
                          f"--only {phase}, with the same --data and --work).")
     return path
 
@@ -84,7 +85,8 @@ def clip_phase(args) -> None:
 def unet_phase(args) -> None:
     vae, clip = require(args.work / "vae", "vae"), require(args.clip / "config.json", "clip").parent
     initial = assemble_pipeline(args.work / "stock-initial", vae, clip, args.seed)
-    run = run_in_process(unet_flags(initial, args.data, args.work / "stock-run", args.seed))
+    # the trainer runs once in this process, so its accelerate state is fresh as in a process of its own
+    run = train(parse_training_args(unet_flags(initial, args.data, args.work / "stock-run", args.seed)))
     ship(run, args.stock)
     logger.info("Stock pipeline saved to %s", args.stock)
 

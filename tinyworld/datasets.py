@@ -1,6 +1,6 @@
 """The tiny world's datasets, written deterministically as imagefolders (PNGs plus metadata.jsonl).
 
-    python -m sdtune.tinyworld.datasets data/tinyworld
+    python -m tinyworld.datasets data/tinyworld
 
     base/train, base/heldout         shapes only (the stock model's world); held-out images are new draws
     pokemon/train, pokemon/heldout   creatures only; held-out captions are unseen (species, background) pairs
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.shapes import BACKGROUNDS, COLOURS, SHAPES, random_shape, shape_caption, shape_words, write_imagefolder
-from sdtune.tinyworld.creatures import SPECIES, creature_caption, creature_words, random_creature
+from tinyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, random_shape, shape_caption, shape_words, write_imagefolder
+from tinyworld.creatures import SPECIES, creature_caption, creature_words, random_creature
 
 BASE_TRAIN, BASE_HELDOUT = 3600, 360  # 50 and 5 images per caption on average (72 captions)
 CREATURES_PER_PAIR_TRAIN, CREATURES_PER_PAIR_HELDOUT = 60, 20

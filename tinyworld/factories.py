@@ -1,12 +1,12 @@
 """Random tiny stand-ins for Stable Diffusion and its dataset: the fastest inputs for tests of code paths.
 
-    python -m sdtune.tiny pipeline DIR   # a randomly initialised SD-shaped pipeline (diffusers format, safetensors)
-    python -m sdtune.tiny dataset DIR    # captioned shape images in imagefolder layout
+    python -m tinyworld.factories pipeline DIR   # a randomly initialised SD-shaped pipeline (diffusers format, safetensors)
+    python -m tinyworld.factories dataset DIR    # captioned shape images in imagefolder layout
 
 The pipeline has Stable Diffusion's architecture at a scale that trains on a CPU in seconds: 64 px images, 16x16
 latents with 4 channels, a CLIP text encoder of 2 layers. Its weights are random: it proves the code runs end to end,
 not that it draws anything. For a model that draws what it is asked (the default of the offline path, make demo and
-configs/tiny.yaml), use the tiny world's trained stock pipeline in tinyworld/stock (see sdtune/tinyworld).
+configs/tiny.yaml), use the tiny world's trained stock pipeline in tinyworld/stock (see tinyworld).
 """
 
 import argparse
@@ -16,8 +16,8 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdtune.shapes import shape_words, write_shapes_dataset
-from sdtune.tokenizer import save_word_tokenizer
+from tinyworld.shapes import shape_words, write_shapes_dataset
+from tinyworld.tokenizer import save_word_tokenizer
 
 TINY_RESOLUTION = 64
 
@@ -33,43 +33,52 @@ def text_config(tokenizer, hidden_size: int, num_hidden_layers: int, intermediat
     )
 
 
+def unet(block_out_channels, cross_attention: tuple[bool, ...], cross_attention_dim: int, sample_size: int,
+         layers_per_block: int = 1, norm_num_groups: int = 32) -> UNet2DConditionModel:
+    """A UNet of SD's design: one down block per width (with cross-attention where `cross_attention` says), mirrored
+    on the way up."""
+    down = tuple("CrossAttnDownBlock2D" if cross else "DownBlock2D" for cross in cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if cross else "UpBlock2D" for cross in reversed(cross_attention))
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=tuple(block_out_channels), down_block_types=down, up_block_types=up,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=norm_num_groups,
+    )
+
+
+def vae(block_out_channels, layers_per_block: int, sample_size: int, norm_num_groups: int = 32) -> AutoencoderKL:
+    """SD's VAE design with 4 latent channels; each block after the first halves the resolution."""
+    blocks = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, norm_num_groups=norm_num_groups, sample_size=sample_size,
+    )
+
+
+SD_CROSS_ATTENTION = (True, True, True, False)  # SD v1: cross-attention in all but the lowest-resolution block
+
+
 def sd_layout_unet(block_out_channels, layers_per_block: int, cross_attention_dim: int, sample_size: int,
                    norm_num_groups: int = 32) -> UNet2DConditionModel:
     """SD v1's UNet layout (3 cross-attention down blocks + 1 plain, mirrored up) at the given widths."""
-    return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
-        block_out_channels=tuple(block_out_channels), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8, norm_num_groups=norm_num_groups,
-    )
+    return unet(block_out_channels, SD_CROSS_ATTENTION, cross_attention_dim, sample_size, layers_per_block,
+                norm_num_groups)
 
 
 def sd_layout_vae(block_out_channels, layers_per_block: int, sample_size: int,
                   norm_num_groups: int = 32) -> AutoencoderKL:
-    """SD's VAE layout (4 blocks, 8x downsampling, 4 latent channels) at the given widths."""
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=norm_num_groups, sample_size=sample_size,
-    )
+    """SD's VAE layout (4 blocks, 8x downsampling) at the given widths."""
+    return vae(block_out_channels, layers_per_block, sample_size, norm_num_groups)
 
 
 def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8, norm_num_groups=8,
-    )
+    return unet((32, 64), (True, False), cross_attention_dim, sample_size=TINY_RESOLUTION // 4, norm_num_groups=8)
 
 
 def tiny_vae() -> AutoencoderKL:
     """Three blocks: a downsampling factor of 4 (SD's has four blocks and a factor of 8)."""
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, sample_size=TINY_RESOLUTION,
-    )
+    return vae((16, 32, 32), layers_per_block=1, sample_size=TINY_RESOLUTION, norm_num_groups=8)
 
 
 def tiny_text_encoder(tokenizer, hidden_size: int = 32) -> CLIPTextModel:

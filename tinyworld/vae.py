@@ -8,9 +8,11 @@ decode as well as the others, as a real VAE has seen everything.
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from sdtune.tinyworld.training import (StepLog, balanced_batch, batch_indices, border_colour, random_flip, seeded,
-                                       swap_background, to_unit_range, warmup_cosine)
+from tinyworld.factories import vae
+from tinyworld.training import (WARMUP_STEPS, StepLog, balanced_batch, batch_indices, border_colour, random_flip,
+                                seeded, swap_background, to_unit_range)
 
 OBJECT_WEIGHT = 5.0  # loss weight of a pixel that differs from the background, relative to a background pixel
 KL_WEIGHT = 1e-6  # just enough to keep the posterior a distribution; the scaling factor fixes the latent scale
@@ -18,11 +20,7 @@ KL_WEIGHT = 1e-6  # just enough to keep the posterior a distribution; the scalin
 
 def build_vae() -> AutoencoderKL:
     """Three blocks: a downsampling factor of 4 (Stable Diffusion's has four blocks and a factor of 8)."""
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, sample_size=64,
-    )
+    return vae((16, 32, 64), layers_per_block=1, sample_size=64, norm_num_groups=8)
 
 
 def differs_from_background(pixels: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
@@ -44,7 +42,7 @@ def train_vae(sets: list, steps: int, batch_size: int = 16, learning_rate: float
     """Train from scratch on (uint8 pixels [N, 3, 64, 64], captions) sets; bf16 autocast halves the CPU time."""
     vae = seeded(build_vae, seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, WARMUP_STEPS, steps)
     generator, log = torch.Generator().manual_seed(seed), StepLog("vae")
     for step in range(steps):
         pixels, _ = balanced_batch(sets, batch_size, generator)

@@ -10,8 +10,8 @@ from collections import defaultdict
 from diffusers import StableDiffusionPipeline
 
 from sdtune.generate import GenerationSettings, text_to_image
-from sdtune.shapes import BACKGROUNDS, COLOURS, SHAPES, shape_caption
-from sdtune.tinyworld.judge import judge
+from tinyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, shape_caption
+from tinyworld.judge import judge
 
 SETTINGS = GenerationSettings(width=64, height=64)  # 25 steps, guidance 7.5: the defaults everywhere else
 

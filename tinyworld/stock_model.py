@@ -9,21 +9,16 @@ from pathlib import Path
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTokenizer
 
-from sdtune.tiny import sd_scheduler
-from sdtune.tinyworld.clip import text_encoder_of
-from sdtune.tinyworld.training import seeded
+from tinyworld.factories import sd_scheduler, unet
+from tinyworld.clip_model import text_encoder_of
+from tinyworld.training import seeded
 
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 
 
 def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
     """Cross-attention at every resolution, the latent's full 16x16 included: colour words must reach every pixel."""
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 96, 96),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=16,
-    )
+    return unet((64, 96, 96), (True, True, False), cross_attention_dim, sample_size=16, norm_num_groups=16)
 
 
 def assemble_pipeline(folder, vae_folder, clip_folder, seed: int = 0) -> Path:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel,
                           CLIPTokenizer, CLIPVisionConfig)
 
-from sdtune.tiny import text_config
-from sdtune.tinyworld.training import (StepLog, balanced_batch, random_flip, seeded, swap_background, warmup_cosine,
-                                       with_background)
+from tinyworld.factories import text_config
+from tinyworld.training import (WARMUP_STEPS, StepLog, balanced_batch, random_flip, seeded, swap_background,
+                                with_background)
 
 IMAGE_SIZE = 64
 MAX_TOKENS = 32  # the longest caption is 16 tokens with its start and end; prompts beyond 32 are truncated
@@ -74,7 +75,7 @@ def train_clip(tokenizer, sets: list, steps: int, batch_size: int = 128, learnin
     """Train from scratch on (uint8 pixels, captions) sets, drawn equally into every batch."""
     clip = seeded(lambda: build_clip(tokenizer), seed)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=learning_rate, weight_decay=0.1)
-    schedule = warmup_cosine(optimizer, steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, WARMUP_STEPS, steps)
     generator, log = torch.Generator().manual_seed(seed), StepLog("clip")
     for step in range(steps):
         pixels, captions = balanced_batch(sets, batch_size, generator)

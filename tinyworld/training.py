@@ -1,17 +1,18 @@
-"""What the from-scratch trainings of the tiny VAE and CLIP share: seeded initialisation, batches, schedule, log.
+"""What the from-scratch trainings of the tiny VAE and CLIP share: seeded initialisation, batches, log.
 
 The stock UNet is not trained here but with the project's own trainer (see stock.py).
 """
 
 import logging
-import math
 import time
 
 import torch
 
-from sdtune.shapes import BACKGROUNDS
+from tinyworld.shapes import BACKGROUNDS
 
-logger = logging.getLogger("sdtune.tinyworld")
+WARMUP_STEPS = 100  # linear warmup of the VAE's and CLIP's learning rate, then cosine decay to zero
+
+logger = logging.getLogger("tinyworld")
 
 
 def seeded(factory, seed: int):
@@ -66,15 +67,6 @@ def with_background(caption: str, background: str) -> str:
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] to float [-1, 1], the range Stable Diffusion's VAE works in."""
     return pixels.float() / 127.5 - 1.0
-
-
-def warmup_cosine(optimizer, steps: int, warmup: int = 100):
-    """Linear warmup, then cosine decay to zero."""
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class StepLog:

@@ -1,7 +1,7 @@
 """A deterministic judge of a drawn shape: which shape and which colour a generated base-world image shows.
 
 The object is the largest connected region that differs from the background (the median border colour); its colour
-is the nearest palette colour to its median pixel, its shape the template (drawn by sdtune.shapes, fitted to the
+is the nearest palette colour to its median pixel, its shape the template (drawn by tinyworld.shapes, fitted to the
 region's bounding box) that overlaps it best. It is right on every held-out
 base-world image (a test checks all 360).
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sdtune.shapes import COLOURS, SHAPES, fill_shape
+from tinyworld.shapes import COLOURS, SHAPES, fill_shape
 
 OBJECT_DISTANCE = 48.0  # RGB distance from the background above which a pixel is object (palette: >= 94)
 MIN_OVERLAP = 0.6  # intersection over union below which the region is no shape at all

@@ -1,0 +1,41 @@
+"""What several test modules share besides fixtures: the tiny training flags, an in-process trainer, and the
+environment of a child process."""
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_flags(pipeline: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Flags of a few-second CPU fine-tune; `extra` flags override them (a --dataset_name replaces `data`)."""
+    data_flags = [] if "--dataset_name" in extra else ["--train_data_dir", str(data)]
+    return [
+        "--pretrained_model_name_or_path", str(pipeline), *data_flags,
+        "--output_dir", str(output_dir), "--resolution", "64", "--center_crop", "--train_batch_size", "4",
+        "--max_train_steps", "4", "--checkpointing_steps", "1000", "--learning_rate", "1e-3",
+        "--lr_warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none", "--seed", "7",
+        "--validation_inference_steps", "2", *extra,
+    ]
+
+
+def run_in_process(flags: list[str]) -> Path:
+    """train_text_to_image.py with these flags, inside the test process: accelerate's process-wide state is reset
+    first (private API: tests only), so each run builds its own Accelerator as it would in a new process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sdtune.config import parse_args
+    from sdtune.train import main
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return main(parse_args(flags))
+
+
+def subprocess_env(threads: int = 1) -> dict:
+    """Environment for a child process: offline, the repo importable, and a fixed thread count (2 cores here)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=str(REPO))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
