@@ -1,7 +1,10 @@
-"""Resumable checkpoints: accelerate's state plus the data position and the resolved config, saved atomically.
+"""Resumable checkpoints in diffusers' layout: accelerate's state plus the data position and the resolved config.
 
-A checkpoint is written to `checkpoint-000500.tmp/` and renamed to `checkpoint-000500/` only once complete, so a
-crash during a save never leaves a folder that `--resume_from_checkpoint latest` would pick.
+`checkpoint-500/unet/` (and with --use_ema `checkpoint-500/unet_ema/`) are diffusers models, as in diffusers' own
+training examples: `UNet2DConditionModel.from_pretrained(output_dir, subfolder="checkpoint-500/unet")` tries an
+intermediate checkpoint. Beside them accelerate keeps the optimizer, LR schedule, grad scaler and RNG states.
+A checkpoint is written to `checkpoint-500.tmp/` and renamed to `checkpoint-500/` only once complete, so a crash
+during a save never leaves a folder that `--resume_from_checkpoint latest` would pick.
 """
 
 import json
@@ -10,14 +13,28 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
+from diffusers import UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+
 from sdtune.config import save_resolved_config
+from sdtune.errors import SdtuneError
 
 logger = logging.getLogger(__name__)
 
+# Matches diffusers' checkpoint-500 and the zero-padded checkpoint-000500 that sdtune wrote before.
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PROGRESS_FILE = "training_state.json"
+UNET_FOLDER = "unet"
+EMA_FOLDER = "unet_ema"
+# Checkpoints older than the diffusers layout kept the EMA as a pickle that accelerate unpickles unrestricted.
+LEGACY_EMA_PICKLE = "custom_checkpoint_0.pkl"
+
+
+class CheckpointError(SdtuneError):
+    """--resume_from_checkpoint names no checkpoint that can be resumed."""
 
 
 @dataclass
@@ -30,11 +47,11 @@ class Progress:
 
 
 def checkpoint_name(global_step: int) -> str:
-    return f"checkpoint-{global_step:06d}"
+    return f"checkpoint-{global_step}"
 
 
 def list_checkpoints(output_dir) -> list[Path]:
-    """Complete checkpoints, oldest first (half-written `.tmp` folders are not listed)."""
+    """Complete checkpoints, oldest first by step number (half-written `.tmp` folders are not listed)."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
@@ -43,7 +60,9 @@ def list_checkpoints(output_dir) -> list[Path]:
 
 
 def resolve_resume_path(resume_from_checkpoint, output_dir):
-    """The folder to resume from, or None to start fresh ('latest' with no checkpoint yet starts fresh)."""
+    """The folder to resume from, or None to start fresh ('latest' with no checkpoint yet starts fresh).
+
+    A name is looked up inside --output_dir first, as diffusers' examples do; otherwise it is a path."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
@@ -52,10 +71,55 @@ def resolve_resume_path(resume_from_checkpoint, output_dir):
             logger.info("No checkpoint in %s yet: starting a new run.", output_dir)
             return None
         return checkpoints[-1]
-    path = Path(resume_from_checkpoint)
+    path = Path(output_dir) / resume_from_checkpoint
+    if not path.is_dir():
+        path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        names = [p.name for p in list_checkpoints(output_dir)] or ["none"]
+        raise CheckpointError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder or "
+                              f"name in {output_dir} (checkpoints there: {', '.join(names)}; or give 'latest').")
     if not (path / PROGRESS_FILE).is_file():
-        raise SystemExit(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {PROGRESS_FILE}).")
+        raise CheckpointError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {PROGRESS_FILE}).")
     return path
+
+
+def register_checkpoint_hooks(accelerator, ema: EMAModel | None) -> None:
+    """Make accelerate's save_state/load_state keep the UNet (and the EMA) as diffusers models; before any of them."""
+    accelerator.register_save_state_pre_hook(partial(_save_models, accelerator, ema))
+    accelerator.register_load_state_pre_hook(partial(_load_models, accelerator, ema))
+
+
+def _save_models(accelerator, ema, models, weights, output_dir) -> None:
+    """accelerate's save hook. `models` is accelerate's own list, so it stays whole; emptying `weights` is what
+    stops accelerate writing the same UNet again as model.safetensors."""
+    (unet,) = models
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(unet).save_pretrained(Path(output_dir) / UNET_FOLDER)
+        if ema is not None:
+            ema.save_pretrained(Path(output_dir) / EMA_FOLDER)
+    weights.clear()
+
+
+def _load_models(accelerator, ema, models, input_dir) -> None:
+    """accelerate's load hook. `models` is a list made for this load: taking the UNet out of it means accelerate
+    looks for no model.safetensors. A checkpoint without unet/ (sdtune before the diffusers layout) keeps it there."""
+    folder = Path(input_dir)
+    if ema is not None:
+        _load_ema(ema, folder)
+    if not (folder / UNET_FOLDER).is_dir():
+        return
+    (unet,) = models
+    saved = UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER)
+    accelerator.unwrap_model(unet).load_state_dict(saved.state_dict())
+    models.clear()
+
+
+def _load_ema(ema: EMAModel, folder: Path) -> None:
+    """The EMA weights and its step count from unet_ema/ (onto the CPU, like any loaded state)."""
+    if not (folder / EMA_FOLDER).is_dir():
+        raise CheckpointError(f"{folder} has no {EMA_FOLDER}/: it was saved without --use_ema: resume "
+                              "without it, or start a new run.")
+    ema.load_state_dict(EMAModel.from_pretrained(folder / EMA_FOLDER, UNet2DConditionModel).state_dict())
 
 
 def save_checkpoint(accelerator, args, progress: Progress) -> Path:
@@ -98,7 +162,14 @@ def prune_checkpoints(output_dir, total_limit) -> None:
 
 
 def load_checkpoint(accelerator, path: Path) -> Progress:
-    """Restore model, optimizer, scheduler, scaler, EMA and RNG states; return the data position."""
+    """Restore model, optimizer, scheduler, scaler, EMA and RNG states; return the data position.
+
+    Model and EMA weights are safetensors; accelerate 1.x reads its optimizer, scheduler, scaler and RNG files with
+    torch.load(weights_only=True), which rebuilds tensors and plain data but runs no code from the file."""
+    if (Path(path) / LEGACY_EMA_PICKLE).is_file():
+        raise CheckpointError(f"{path} keeps an EMA as a pickle ({LEGACY_EMA_PICKLE}, written by sdtune before the "
+                              "diffusers layout), which could run code when loaded and is not read any more: "
+                              "start a new run, or resume it with the sdtune version that wrote it.")
     accelerator.load_state(str(path))
     progress = Progress(**json.loads((Path(path) / PROGRESS_FILE).read_text()))
     logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path, progress.global_step, progress.epoch,

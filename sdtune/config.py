@@ -131,7 +131,8 @@ def _add_output_flags(group):
     group.add_argument("--checkpoints_total_limit", type=int, default=None,
                        help="Keep at most N checkpoints; the oldest are deleted.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help="A checkpoint folder, or 'latest' for the newest in --output_dir.")
+                       help="A checkpoint folder, a checkpoint's name inside --output_dir (e.g. checkpoint-500), "
+                            "or 'latest' for the newest there.")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the hub.")
     group.add_argument("--hub_model_id", type=str, default=None, help="Hub repository; default: output_dir's name.")
     group.add_argument("--hub_token", type=str, default=None, help="Hub token; default: the logged-in user's.")

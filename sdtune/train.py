@@ -12,7 +12,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from sdtune.checkpoints import Progress, load_checkpoint, resolve_resume_path, save_checkpoint
+from sdtune.checkpoints import (Progress, load_checkpoint, register_checkpoint_hooks, resolve_resume_path,
+                                save_checkpoint)
 from sdtune.components import load_components, use_xformers
 from sdtune.config import save_resolved_config
 from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows, warn_long_captions
@@ -59,8 +60,7 @@ def main(args) -> Path:
     optimizer = make_optimizer(args, parts.unet.parameters(), accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)  # must run before load_state
+    register_checkpoint_hooks(accelerator, ema)  # must run before load_state
 
     if accelerator.is_main_process:
         save_resolved_config(args, args.output_dir)
@@ -70,7 +70,7 @@ def main(args) -> Path:
     if resume_path is not None:
         progress = load_checkpoint(accelerator, resume_path)
         if ema is not None and not args.offload_ema:
-            ema.to(accelerator.device)  # accelerate loads custom states onto the CPU
+            ema.to(accelerator.device)  # the checkpoint's EMA is loaded onto the CPU
 
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     logger.info("Training %s UNet parameters on %d rows for %d optimizer steps (%d epochs), %d process(es).",

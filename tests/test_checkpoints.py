@@ -1,23 +1,57 @@
-import pytest
+"""Checkpoints in diffusers' layout and naming: listed and pruned by step number, resumed by path, name or 'latest'
+(including the zero-padded names sdtune wrote before), and read without unpickling anything but plain data."""
 
-from sdtune.checkpoints import PROGRESS_FILE, list_checkpoints, prune_checkpoints, resolve_resume_path
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import run_in_process, tiny_flags
+from sdtune.checkpoints import (PROGRESS_FILE, CheckpointError, checkpoint_name, list_checkpoints, prune_checkpoints,
+                                resolve_resume_path)
+from sdtune.errors import SdtuneError
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+# 4 steps with a checkpoint every 2 and the EMA on: checkpoint-2 is resumed, the run's end is the reference
+EMA_FLAGS = ("--use_ema", "--checkpointing_steps", "2")
 
 
 def make_checkpoints(folder, *names):
     for name in names:
-        (folder / name).mkdir()
+        (folder / name).mkdir(parents=True)
         (folder / name / PROGRESS_FILE).write_text("{}")
 
 
+def names(paths):
+    return [p.name for p in paths]
+
+
+def same_weights(first: Path, second: Path) -> bool:
+    a, b = load_file(str(first)), load_file(str(second))
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_checkpoints_are_named_by_their_step_like_diffusers():
+    assert checkpoint_name(500) == "checkpoint-500"
+    assert checkpoint_name(4) == "checkpoint-4"
+
+
+def test_latest_and_pruning_go_by_step_number_also_with_old_zero_padded_names(tmp_path):
+    # as text, checkpoint-9 sorts after checkpoint-12, and checkpoint-000011 before checkpoint-2
+    make_checkpoints(tmp_path, *(checkpoint_name(step) for step in [1, 2, 3, 9, 10, 12]), "checkpoint-000011",
+                     "checkpoint-000005")
+    assert names(list_checkpoints(tmp_path)) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-000005",
+                                                 "checkpoint-9", "checkpoint-10", "checkpoint-000011", "checkpoint-12"]
+    assert resolve_resume_path("latest", tmp_path).name == "checkpoint-12"
+    prune_checkpoints(tmp_path, 3)
+    assert names(list_checkpoints(tmp_path)) == ["checkpoint-10", "checkpoint-000011", "checkpoint-12"]
+
+
 def test_half_written_checkpoints_are_never_picked(tmp_path):
-    make_checkpoints(tmp_path, "checkpoint-000010", "checkpoint-000020", "checkpoint-000030.tmp")
-    assert resolve_resume_path("latest", tmp_path).name == "checkpoint-000020"
-
-
-def test_latest_is_by_step_not_by_name(tmp_path):
-    # the diffusers example names checkpoints without padding: checkpoint-500 sorts after checkpoint-1000 as text
-    make_checkpoints(tmp_path, "checkpoint-500", "checkpoint-1000")
-    assert resolve_resume_path("latest", tmp_path).name == "checkpoint-1000"
+    make_checkpoints(tmp_path, "checkpoint-10", "checkpoint-20", "checkpoint-30.tmp")
+    assert resolve_resume_path("latest", tmp_path).name == "checkpoint-20"
 
 
 def test_latest_without_checkpoints_starts_fresh(tmp_path):
@@ -25,13 +59,70 @@ def test_latest_without_checkpoints_starts_fresh(tmp_path):
     assert resolve_resume_path(None, tmp_path) is None
 
 
-def test_pruning_keeps_the_newest(tmp_path):
-    make_checkpoints(tmp_path, "checkpoint-000001", "checkpoint-000002", "checkpoint-000003")
-    prune_checkpoints(tmp_path, 2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000002", "checkpoint-000003"]
+def test_a_name_is_looked_up_in_the_output_dir_and_a_path_is_taken_as_it_is(tmp_path):
+    make_checkpoints(tmp_path / "run", "checkpoint-4")
+    make_checkpoints(tmp_path / "elsewhere", "checkpoint-2")
+    assert resolve_resume_path("checkpoint-4", tmp_path / "run") == tmp_path / "run" / "checkpoint-4"
+    path = tmp_path / "elsewhere" / "checkpoint-2"
+    assert resolve_resume_path(str(path), tmp_path / "run") == path
+
+
+def test_an_unknown_name_is_refused_with_the_checkpoints_there_are(tmp_path):
+    make_checkpoints(tmp_path, "checkpoint-2", "checkpoint-000004")
+    with pytest.raises(CheckpointError, match="checkpoints there: checkpoint-2, checkpoint-000004") as error:
+        resolve_resume_path("checkpoint-3", tmp_path)
+    assert isinstance(error.value, SdtuneError)
 
 
 def test_resuming_from_an_incomplete_folder_is_refused(tmp_path):
-    (tmp_path / "checkpoint-000005").mkdir()
-    with pytest.raises(SystemExit, match="not a complete checkpoint"):
-        resolve_resume_path(str(tmp_path / "checkpoint-000005"), tmp_path)
+    (tmp_path / "checkpoint-5").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_resume_path(str(tmp_path / "checkpoint-5"), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
+    """An uninterrupted 4-step run with the EMA, saving checkpoint-2 and checkpoint-4."""
+    return run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, tmp_path_factory.mktemp("ema") / "run", *EMA_FLAGS))
+
+
+def test_resume_by_name_gives_the_same_weights_and_unpickles_no_code(train, ema_run, tmp_path, monkeypatch):
+    shutil.copytree(ema_run / "checkpoint-2", tmp_path / "run" / "checkpoint-2")
+    loaded = []
+    real_load = torch.load
+
+    def recording_load(f, *args, **kwargs):
+        result = real_load(f, *args, **kwargs)
+        loaded.append((Path(f).name, kwargs.get("weights_only")))
+        return result
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    resumed = train(tmp_path / "run", *EMA_FLAGS, "--resume_from_checkpoint", "checkpoint-2")
+    assert same_weights(resumed / UNET_WEIGHTS, ema_run / UNET_WEIGHTS)
+    # optimizer, schedule and RNG state are read (successfully) and only as data; the weights are safetensors
+    assert sorted(loaded) == [("optimizer.bin", True), ("random_states_0.pkl", True), ("scheduler.bin", True)]
+
+
+def test_resume_by_path_gives_the_same_weights(train, ema_run, tmp_path):
+    resumed = train(tmp_path / "run", *EMA_FLAGS, "--resume_from_checkpoint", str(ema_run / "checkpoint-2"))
+    assert same_weights(resumed / UNET_WEIGHTS, ema_run / UNET_WEIGHTS)
+    assert f"Resumed from {ema_run / 'checkpoint-2'}" in (resumed / "train.log").read_text()
+
+
+def test_an_old_zero_padded_checkpoint_still_resumes(train, ema_run, tmp_path):
+    # sdtune's layout before: checkpoint-000002/ with accelerate's model.safetensors instead of unet/
+    old = tmp_path / "run" / "checkpoint-000002"
+    shutil.copytree(ema_run / "checkpoint-2", old, ignore=shutil.ignore_patterns("unet", "unet_ema"))
+    shutil.copy(ema_run / "checkpoint-2" / UNET_WEIGHTS, old / "model.safetensors")
+    resumed = train(tmp_path / "run", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
+    # without the EMA the run exports its raw weights, which are what the EMA run trained at step 4
+    assert same_weights(resumed / UNET_WEIGHTS, ema_run / "checkpoint-4" / UNET_WEIGHTS)
+    assert names(list_checkpoints(resumed)) == ["checkpoint-000002", "checkpoint-4"]
+
+
+def test_an_old_checkpoint_with_a_pickled_ema_is_refused(train, ema_run, tmp_path):
+    old = tmp_path / "run" / "checkpoint-000002"
+    shutil.copytree(ema_run / "checkpoint-2", old)
+    torch.save({"shadow_params": []}, old / "custom_checkpoint_0.pkl")
+    with pytest.raises(CheckpointError, match="custom_checkpoint_0.pkl"):
+        train(tmp_path / "run", *EMA_FLAGS, "--resume_from_checkpoint", "latest")

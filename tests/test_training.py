@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,6 +18,10 @@ def weights(folder, name=UNET_WEIGHTS):
 
 def max_difference(first: dict, second: dict) -> float:
     return max((first[key] - second[key]).abs().max().item() for key in first)
+
+
+def checkpoint_unet(output_dir, subfolder) -> dict:
+    return UNet2DConditionModel.from_pretrained(output_dir, subfolder=subfolder).state_dict()
 
 
 def test_fine_tune_writes_a_pipeline_that_loads_runs_and_differs_only_in_its_unet(train, tmp_path, tiny_pipeline):
@@ -66,10 +70,15 @@ def test_final_pipeline_carries_the_ema_weights(train, tmp_path):
              "--lr_warmup_steps", "2", "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5")
     plain = train(tmp_path / "plain", *flags)
     averaged = train(tmp_path / "ema", *flags, "--use_ema", "--offload_ema")
-    # the checkpoint holds the raw trained weights; the exported UNet is their average only with --use_ema
-    assert max_difference(weights(plain), weights(plain / "checkpoint-000004", "model.safetensors")) == 0.0
-    assert max_difference(weights(averaged), weights(averaged / "checkpoint-000004", "model.safetensors")) > 0.0
-    assert (averaged / "checkpoint-000004" / "custom_checkpoint_0.pkl").is_file()  # the EMA state
+    # checkpoint-4/unet is the raw trained weights, a diffusers model; the exported UNet is their average only with
+    # --use_ema, and checkpoint-4/unet_ema is that average
+    raw = checkpoint_unet(plain, "checkpoint-4/unet")
+    assert max_difference(weights(plain), raw) == 0.0
+    assert max_difference(checkpoint_unet(averaged, "checkpoint-4/unet"), raw) == 0.0
+    assert max_difference(weights(averaged), raw) > 0.0
+    assert max_difference(weights(averaged), checkpoint_unet(averaged, "checkpoint-4/unet_ema")) == 0.0
+    for checkpoint in [plain / "checkpoint-4", averaged / "checkpoint-4"]:  # the weights are not stored twice
+        assert not list(checkpoint.glob("model*.safetensors")) and not list(checkpoint.glob("custom_checkpoint*"))
 
 
 def test_offloaded_ema_update_matches_diffusers(tmp_path):
@@ -133,10 +142,10 @@ def test_validation_images_are_reproducible(train, tmp_path):
 def test_checkpoint_limit_keeps_the_newest_complete_checkpoints(train, tmp_path):
     out = train(tmp_path / "run", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
     names = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert names == ["checkpoint-000003", "checkpoint-000004"]
-    state = json.loads((out / "checkpoint-000004" / "training_state.json").read_text())
+    assert names == ["checkpoint-3", "checkpoint-4"]
+    state = json.loads((out / "checkpoint-4" / "training_state.json").read_text())
     assert state["global_step"] == 4
-    assert (out / "checkpoint-000004" / "training_config.yaml").is_file()
+    assert (out / "checkpoint-4" / "training_config.yaml").is_file()
 
 
 def test_push_to_hub_offline_fails_before_any_training(train, tmp_path):
