@@ -48,11 +48,20 @@ def test_model_lists(tmp_path):
         parse_model_flags(["just-a-path"])
 
 
-def test_lazy_registry_loads_on_first_use(tiny_pipeline):
+def test_lazy_registry_loads_on_first_use_only(tiny_pipeline, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    loads, load = [], StableDiffusionPipeline.from_pretrained
+
+    def counted_load(folder, **options):
+        loads.append(folder)
+        return load(folder, **options)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", counted_load)
     registry = ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu", lazy=True)
-    assert not registry._pipelines
-    registry.get("stock")
-    assert list(registry._pipelines) == ["stock"]
+    assert loads == []
+    pipeline = registry.get("stock")
+    assert registry.get("stock") is pipeline and loads == [tiny_pipeline]
 
 
 def test_stop_interrupts_between_denoising_steps(tiny_pipeline):

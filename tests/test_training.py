@@ -1,13 +1,19 @@
-"""End-to-end fine-tunes of the tiny pipeline, in this process, one flag group at a time."""
+"""End-to-end fine-tunes of the tiny pipeline, in this process, one flag group at a time; the flags' effects are
+watched inside the run (tests/test_training_flags.py checks them against hand computations)."""
 
 import json
 import shutil
+from dataclasses import dataclass, field
 
 import pytest
 import torch
+from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
+
+import sdtune.train
+from helpers import run_in_process, tiny_flags
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -65,11 +71,70 @@ def test_data_loader_workers_do_not_change_the_result(train, tmp_path):
     assert max_difference(weights(in_process), weights(workers)) == 0.0
 
 
-def test_final_pipeline_carries_the_ema_weights(train, tmp_path):
-    flags = ("--checkpointing_steps", "4", "--use_8bit_adam", "--scale_lr", "--lr_scheduler", "cosine",
-             "--lr_warmup_steps", "2", "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5")
-    plain = train(tmp_path / "plain", *flags)
-    averaged = train(tmp_path / "ema", *flags, "--use_ema", "--offload_ema")
+@dataclass
+class TrainingWatch:
+    """What a training run did, seen from outside: its loss calls, gradient clips and logged steps."""
+    loss_calls: list = field(default_factory=list)  # (unet, weight_dtype) of each micro-batch
+    clips: list = field(default_factory=list)  # (max_norm, norm before, norm after) of each optimizer step
+    logged: list = field(default_factory=list)  # (step, values) sent to the trackers
+
+    def observe(self, patch: pytest.MonkeyPatch) -> "TrainingWatch":
+        """Wrap the training step's loss, accelerate's clipping and its tracker log for the rest of `patch`."""
+        loss, clip, log = sdtune.train.diffusion_loss, Accelerator.clip_grad_norm_, Accelerator.log
+
+        def watched_loss(batch, unet, parts, args, generator, weight_dtype):
+            self.loss_calls.append((unet, weight_dtype))
+            return loss(batch, unet, parts, args, generator, weight_dtype)
+
+        def watched_clip(accelerator, parameters, max_norm, *rest, **options):
+            parameters = list(parameters)
+            before = clip(accelerator, parameters, max_norm, *rest, **options)
+            after = torch.stack([p.grad.norm() for p in parameters if p.grad is not None]).norm()
+            self.clips.append((max_norm, before.item(), after.item()))
+            return before
+
+        def watched_log(accelerator, values, step=None, **options):
+            self.logged.append((step, dict(values)))
+            return log(accelerator, values, step=step, **options)
+
+        patch.setattr(sdtune.train, "diffusion_loss", watched_loss)
+        patch.setattr(Accelerator, "clip_grad_norm_", watched_clip)
+        patch.setattr(Accelerator, "log", watched_log)
+        return self
+
+
+OPTIMISATION_FLAGS = ("--checkpointing_steps", "4", "--use_8bit_adam", "--scale_lr", "--lr_scheduler", "cosine",
+                      "--lr_warmup_steps", "2", "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5")
+
+
+@pytest.fixture(scope="module")
+def optimisation_runs(tmp_path_factory, tiny_pipeline, shapes_dataset):
+    """The optimisation flags' run, watched, and the same run with an offloaded EMA."""
+    folder = tmp_path_factory.mktemp("optimisation")
+    with pytest.MonkeyPatch.context() as patch:
+        watch = TrainingWatch().observe(patch)
+        plain = run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, folder / "plain", *OPTIMISATION_FLAGS))
+    averaged = run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, folder / "ema", *OPTIMISATION_FLAGS,
+                                         "--use_ema", "--offload_ema"))
+    return plain, averaged, watch
+
+
+def test_accumulation_clipping_and_the_scaled_cosine_learning_rate_act_in_training(optimisation_runs):
+    *_, watch = optimisation_runs
+    # 4 optimizer steps of 2 accumulated micro-batches each
+    assert len(watch.loss_calls) == 8
+    assert [step for step, _ in watch.logged] == [1, 2, 3, 4] and len(watch.clips) == 4
+    # every step clipped to --max_grad_norm, and at least one step needed it
+    assert all(max_norm == 0.5 and after <= 0.5 * (1 + 1e-4) for max_norm, _, after in watch.clips)
+    assert any(before > 0.5 for _, before, _ in watch.clips)
+    # the rate logged after steps 1-4: 1e-3 x batch 4 x accumulation 2 = 8e-3, times a linear warmup over 2 steps
+    # (1/2, 1) and then half a cosine over the 2 others ((1 + cos(pi/2)) / 2, (1 + cos(pi)) / 2)
+    rates = [values["lr"] for _, values in watch.logged]
+    assert rates == pytest.approx([4e-3, 8e-3, 4e-3, 0.0], abs=1e-12)
+
+
+def test_final_pipeline_carries_the_ema_weights(optimisation_runs):
+    plain, averaged, _ = optimisation_runs
     # checkpoint-4/unet is the raw trained weights, a diffusers model; the exported UNet is their average only with
     # --use_ema, and checkpoint-4/unet_ema is that average
     raw = checkpoint_unet(plain, "checkpoint-4/unet")
@@ -99,9 +164,14 @@ def test_offloaded_ema_update_matches_diffusers(tmp_path):
     assert reference.optimization_step == offloaded.optimization_step
 
 
-def test_memory_flags_run_on_the_cpu(train, tmp_path):
+def test_memory_flags_run_on_the_cpu(train, tmp_path, monkeypatch):
+    torch.backends.cuda.matmul.allow_tf32 = False  # for the run to turn on; it changes nothing on the CPU
+    watch = TrainingWatch().observe(monkeypatch)
     out = train(tmp_path / "run", "--gradient_checkpointing", "--mixed_precision", "bf16", "--allow_tf32")
     assert (out / "model_index.json").is_file()
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert watch.loss_calls and all(unet.is_gradient_checkpointing and dtype == torch.bfloat16
+                                    for unet, dtype in watch.loss_calls)
     # master weights stay fp32 under mixed precision
     assert all(t.dtype == torch.float32 for t in weights(out).values())
 
@@ -117,6 +187,7 @@ def test_missing_xformers_is_a_clear_error(train, tmp_path):
 
 
 def test_diffusion_objective_flags(train, tmp_path):
+    # the flags' effects on the loss and the captions: tests/test_training_flags.py; here they train together
     out = train(tmp_path / "run", "--snr_gamma", "5", "--noise_offset", "0.05", "--prediction_type",
                 "v_prediction", "--proportion_empty_prompts", "0.2")
     scheduler = json.loads((out / "scheduler/scheduler_config.json").read_text())
