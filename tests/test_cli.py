@@ -1,0 +1,91 @@
+"""The command lines a user types: `--help` and a mistyped flag answer without importing the heavy libraries, and
+every command the README shows parses as written."""
+
+import importlib.util
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, subprocess_env
+
+ENTRY_POINTS = [["train_text_to_image.py"], ["metrics.py"], ["gradio_app.py"], ["-m", "sdtune.batch"]]
+HEAVY = ["torch", "diffusers", "transformers", "gradio", "accelerate"]
+
+# Runs an entry point as `python ...` would, then reports which heavy libraries it imported before exiting.
+PROBE = """
+import runpy, sys
+entry, args = sys.argv[1:3], sys.argv[3:]
+sys.argv = [entry[-1]] + args
+try:
+    if entry[0] == "-m":
+        runpy.run_module(entry[1], run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(entry[0], run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+else:
+    code = 0
+print("IMPORTED", sorted(name for name in {heavy} if name in sys.modules), "EXIT", code)
+""".format(heavy=HEAVY)
+
+
+def probe(entry: list[str], *args: str) -> tuple[list[str], str]:
+    padded = entry if entry[0] == "-m" else ["", entry[0]]  # always two words: -m module, or "" script
+    result = subprocess.run([sys.executable, "-c", PROBE, *padded, *args], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    imported, exit_code = re.search(r"IMPORTED (\[.*\]) EXIT (\S+)", result.stdout).groups()
+    return eval(imported), exit_code  # noqa: S307 -- our own probe's output
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda entry: entry[-1])
+def test_help_and_a_bad_flag_answer_before_the_heavy_imports(entry):
+    imported, exit_code = probe(entry, "--help")
+    assert (imported, exit_code) == ([], "0")
+    imported, exit_code = probe(entry, "--no_such_flag")
+    assert (imported, exit_code) == ([], "2")
+
+
+def readme_commands() -> list[str]:
+    """Every command line of the README's bash blocks, continuation lines joined and comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [line.split(" #")[0].strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def parse_only(command: str) -> tuple[list[str], dict] | None:
+    """The README command as a `--help` run of its script with its environment variables, or None for a command
+    that another test or CI runs."""
+    words, env = shlex.split(command), subprocess_env()
+    while words and "=" in words[0]:  # leading VARIABLE=value assignments
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    if words[:2] == ["bash", "train.sh"]:
+        return ["bash", "train.sh", *words[2:], "--help"], env
+    if words[:2] == ["accelerate", "launch"]:  # the launcher runs in test_distributed; here, the script's flags
+        script = next(i for i, word in enumerate(words) if word.endswith(".py") or word == "-m")
+        words = ["python", *words[script:]]
+    if words[0] == "python":
+        return [sys.executable, *words[1:], "--help"], env
+    return None
+
+
+def test_every_readme_command_is_run_somewhere():
+    commands = readme_commands()
+    others = [c for c in commands if parse_only(c) is None]
+    # make test is CI's command; make demo's steps (data, configs/tiny.yaml, metrics.py) run in test_tinyworld.py;
+    # huggingface-cli and curl talk to the hub or a running app, which no test can reach offline; sudo installs
+    assert all(c.split()[0] in {"make", "huggingface-cli", "curl", "sudo"} for c in others), others
+    assert len(commands) - len(others) >= 10
+
+
+@pytest.mark.parametrize("command", [c for c in readme_commands() if parse_only(c)])
+def test_readme_command_parses_as_written(command):
+    if "deepspeed" in command and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("the README says to pip install deepspeed for this recipe")
+    argv, env = parse_only(command)
+    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
