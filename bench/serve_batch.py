@@ -5,7 +5,7 @@ two models.
 
 The naive loop is what the img2img pipelines this project grew from did for every image: build
 StableDiffusionImg2ImgPipeline.from_pretrained(model), then generate. sdtune runs the same images, models, prompts,
-seeds and settings twice: through Service.random_batch (the app's batch tab, one image a call) and through the batch
+seeds and settings twice: through Service.random_batch (the app's batch tab, 4 images a call) and through the batch
 CLI (sdtune.batch.main, --batch_size images a call). Both sdtune totals include loading the models once, and hashing
 their weight files as a freshly started process does; the naive loop's outputs are compared with sdtune's pixel by
 pixel. One image goes through each path first, untimed, so that no run pays for first calls or a cold page cache.
@@ -56,7 +56,8 @@ from sdtune.generate import SCHEDULERS, GenerationSettings, image_to_image, work
 from sdtune.prompts import prompt_from_filename  # noqa: E402
 from sdtune.registry import ModelRegistry, ModelSpec  # noqa: E402
 from sdtune.seeds import draw_model, image_seed  # noqa: E402
-from sdtune.serving import BatchItem, Service  # noqa: E402
+from sdtune.image_folder import InputImage  # noqa: E402
+from sdtune.serving import Service  # noqa: E402
 from tinyworld.shapes import random_shape, shape_words  # noqa: E402
 from tinyworld.factories import sd_layout_unet, sd_layout_vae, sd_scheduler, text_config  # noqa: E402
 from tinyworld.tokenizer import save_word_tokenizer  # noqa: E402
@@ -224,7 +225,7 @@ def run_service(models: dict[str, Path], inputs: list[Path], bench, output: Path
     """Service.random_batch, as the app's batch tab calls it, including loading the models."""
     registry = ModelRegistry([ModelSpec(name, str(path)) for name, path in models.items()], device="cpu")
     service = Service(registry, output, allowed_root=inputs[0].parent)
-    items = [BatchItem(path.name, path) for path in inputs]
+    items = [InputImage(path.name, path) for path in inputs]
     for update in service.random_batch(items, list(models), "", batch_seed, settings_from(bench)):
         pass
     failed = [row for row in update.rows if row.error]

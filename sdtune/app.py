@@ -3,6 +3,7 @@
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from sdtune.registry import ModelRegistry, read_model_list
 from sdtune.serving import Service
@@ -55,6 +56,7 @@ def main(argv=None) -> None:
                              lazy=args.lazy)
     if not args.lazy and len(registry.errors) == len(registry.names):
         logger.error("No model could be loaded; the app starts so the errors can be read in it.")
+    Path(args.allowed_root).mkdir(parents=True, exist_ok=True)  # the batch tab's folder mode works on a fresh clone
     service = Service(registry, args.output_dir, args.allowed_root)
     demo = build_ui(service)
     demo.queue(default_concurrency_limit=1)

@@ -5,12 +5,15 @@
 
 Each image gets a model drawn from (seed, its relative path), the prompt written in its file name (unless --prompt),
 and an output named after the input, the model and the seed, carrying its parameters; manifest.jsonl gets one line
-per image. A rerun skips what is done; an interrupted run loses at most the batch in flight.
+per image. A rerun skips what is done; an interrupted run loses at most the batch in flight. An --output folder made
+with other settings is refused (batch_settings.json records them), and is never read as input, even inside --input.
 """
 
 import argparse
 import logging
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,12 +21,13 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from sdtune import manifest
-from sdtune.batch_plan import Job, output_name, plan_batches, scan, shard
-from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, check_sampling, images_to_images
-from sdtune.images import BadImageError, open_image, to_rgb
-from sdtune.pnginfo import format_parameters, save_png
-from sdtune.registry import ModelRegistry, parse_model_flags
+from sdtune import batch_output, manifest
+from sdtune.batch_engine import generate_batch, save_output, working_resolutions
+from sdtune.batch_plan import BATCH_SIZE, Job, output_name, plan_batches, plan_jobs, shard
+from sdtune.errors import SdtuneError
+from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, check_sampling
+from sdtune.image_folder import list_images
+from sdtune.registry import ModelRegistry, ModelUnavailable, parse_model_flags
 from sdtune.runlog import PeakRss
 
 logger = logging.getLogger("sdtune.batch")
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--scheduler", default="dpmsolver++", choices=list(SCHEDULERS))
     parser.add_argument("--resolution", type=int, default=0, help="Working resolution; 0: each model's native.")
-    parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call.")
+    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="Images per pipeline call.")
     parser.add_argument("--cache_dir", default=None, help="Where hub models are cached.")
     return parser
 
@@ -51,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if not Path(args.input).is_dir():
-        raise SystemExit(f"--input {args.input}: no such folder.")
+        raise SdtuneError(f"--input {args.input}: no such folder.")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise SdtuneError("--output must not be the --input folder: give it a folder of its own.")
     if args.batch_size < 1:
-        raise SystemExit("--batch_size must be at least 1.")
+        raise SdtuneError("--batch_size must be at least 1.")
     return args
 
 
@@ -68,63 +74,79 @@ def settings_from(args) -> GenerationSettings:
     return settings
 
 
+def output_settings(args, specs) -> dict:
+    """The flags that change a batch's images, as batch_output records them (not --batch_size: batching changes
+    floating-point rounding only)."""
+    return {"--seed": args.seed, "--prompt": args.prompt, "--negative_prompt": args.negative_prompt,
+            "--strength": args.strength, "--num_inference_steps": args.num_inference_steps,
+            "--guidance_scale": args.guidance_scale, "--scheduler": args.scheduler, "--resolution": args.resolution,
+            "--models": [" ".join(f"{k}={v}" for k, v in asdict(spec).items() if v) for spec in specs]}
+
+
+def resolutions_of(registry: ModelRegistry, resolution: int) -> dict[str, int]:
+    try:
+        return working_resolutions(registry, registry.names, resolution)
+    except ModelUnavailable as error:
+        raise SdtuneError(f"{error} Fix its entry in --models or leave it out.") from error
+
+
 def entry(job: Job, output: str | None, seconds: float, error: str = "") -> dict:
     return {"input": job.key, "output": output, "model": job.model, "prompt": job.prompt, "seed": job.seed,
             "seconds": round(seconds, 3), "error": error}
 
 
-def load_images(batch: list[Job], todo: set[str], part: Path):
-    """Decode a batch's inputs; one that fails is recorded (if still to do) and left out."""
-    usable, images, failed = [], [], 0
-    for job in batch:
-        try:
-            images.append(to_rgb(open_image(job.path)))
-            usable.append(job)
-        except BadImageError as error:
-            if job.key in todo:
-                manifest.append(part, entry(job, None, 0.0, str(error)))
-                failed += 1
-    return usable, images, failed
-
-
-def run_batch(registry, batch: list[Job], todo: set[str], args, settings, part: Path) -> tuple[int, int]:
+def run_batch(registry, batch: list[Job], todo: set[str], resolution: int, settings, output: Path,
+              part: Path) -> tuple[int, int]:
     """Generate one planned batch (all of it, so results do not depend on what was done before) and record
     the images not yet done. Returns (done, failed)."""
-    start = time.perf_counter()
-    usable, images, failed = load_images(batch, todo, part)
-    pending = [job for job in usable if job.key in todo]
-    if not pending:
-        return 0, failed
-    resolution = args.resolution or registry.native_resolution(usable[0].model)
-    try:
-        outputs = images_to_images(registry.get(usable[0].model), images, [j.prompt for j in usable],
-                                   [j.seed for j in usable], settings, resolution)
-    except (GenerationError, RuntimeError, ValueError) as error:  # the batch fails, the run goes on
-        for job in pending:
-            manifest.append(part, entry(job, None, time.perf_counter() - start, str(error)))
-        return 0, failed + len(pending)
-    seconds = (time.perf_counter() - start) / len(usable)
-    for job, image in zip(usable, outputs):
-        if job.key in todo:
-            name = output_name(job.key, job.model, job.seed)
-            path = Path(args.output) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_png(image, path, format_parameters(job.prompt, settings.sized(*job.size), job.seed, job.model,
-                                                    image_to_image=True))
-            manifest.append(part, entry(job, name, seconds))
-    return len(pending), failed
+    done = failed = 0
+    for outcome in generate_batch(registry, batch, settings, resolution):
+        job = outcome.job
+        if job.key not in todo:
+            continue
+        if outcome.image is None:
+            manifest.append(part, entry(job, None, outcome.seconds, outcome.error))
+            failed += 1
+            continue
+        try:
+            save_output(outcome, output, settings)
+        except OSError as error:  # a full disk fails every later image too: stop with the reason
+            raise SdtuneError(f"Cannot write to --output {output}: {error.strerror or error}.") from error
+        manifest.append(part, entry(job, output_name(job.key, job.model, job.seed), outcome.seconds))
+        done += 1
+    return done, failed
 
 
 def main(argv=None) -> dict:
+    """Run the batch; a problem the user can fix exits with its message."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except SdtuneError as error:
+        sys.exit(f"error: {error}")
+
+
+def prepare(args, state: PartialState) -> tuple[ModelRegistry, dict[str, int]]:
+    """Everything checked before any model is loaded: the output folder, its settings, each model's resolution.
+    Returns the (lazy) registry and each model's working resolution."""
+    specs = parse_model_flags(args.models)
+    batch_output.check_writable(args.output)
+    batch_output.check_settings(args.output, output_settings(args, specs))
+    registry = ModelRegistry(specs, device=state.device, cache_dir=args.cache_dir, lazy=True)
+    resolutions = resolutions_of(registry, args.resolution)
+    state.wait_for_everyone()  # every process has compared the settings before they are recorded
+    if state.is_main_process:
+        batch_output.record_settings(args.output, output_settings(args, specs))
+    return registry, resolutions
+
+
+def run(args) -> dict:
     settings = settings_from(args)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    registry = ModelRegistry(parse_model_flags(args.models), device=state.device, cache_dir=args.cache_dir, lazy=True)
-    resolutions = {name: args.resolution or registry.native_resolution(name) for name in registry.names}
-    jobs = scan(args.input, registry.names, args.seed, args.prompt, resolutions)
-    Path(args.output).mkdir(parents=True, exist_ok=True)
+    registry, resolutions = prepare(args, state)
+    jobs = plan_jobs(list_images(args.input, exclude=args.output), registry.names, args.seed, args.prompt,
+                     resolutions)
     state.wait_for_everyone()  # every process reads the manifest before any writes to it
     already = manifest.completed(args.output)
     todo = {job.key for job in jobs if job.key not in already}
@@ -141,7 +163,8 @@ def main(argv=None) -> dict:
         bar = tqdm(total=sum(map(len, mine)), desc=f"process {state.process_index}", position=state.process_index)
         for batch in mine:
             if any(job.key in todo for job in batch):
-                batch_done, batch_failed = run_batch(registry, batch, todo, args, settings, part)
+                batch_done, batch_failed = run_batch(registry, batch, todo, resolutions[batch[0].model], settings,
+                                                     Path(args.output), part)
                 done, failed = done + batch_done, failed + batch_failed
             bar.update(len(batch))
             if state.is_main_process:

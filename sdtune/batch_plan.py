@@ -11,14 +11,17 @@ from pathlib import Path
 from PIL import Image
 
 from sdtune.generate import working_size
+from sdtune.image_folder import InputImage, printable
 from sdtune.images import MAX_IMAGE_PIXELS
 from sdtune.prompts import prompt_from_filename
 from sdtune.seeds import draw_model, image_seed
 
+BATCH_SIZE = 4  # images per pipeline call, the batch CLI's default and the app's
+
 
 @dataclass(frozen=True)
 class Job:
-    key: str  # path relative to --input
+    key: str  # path relative to --input, or an upload's name
     path: Path
     model: str
     prompt: str
@@ -28,8 +31,8 @@ class Job:
 
 
 def output_name(key: str, model: str, seed: int) -> str:
-    """`sub/a_cat.jpg` -> `sub/a_cat-stock-1234.png`: the input's name, the model and the seed."""
-    return f"{Path(key).with_suffix('').as_posix()}-{model}-{seed}.png"
+    """`sub/a_cat.jpg` -> `sub/a_cat-stock-1234.png`: the input's name (as valid text), the model and the seed."""
+    return f"{Path(printable(key)).with_suffix('').as_posix()}-{model}-{seed}.png"
 
 
 def read_size(path: Path, max_pixels: int) -> tuple[tuple[int, int] | None, str]:
@@ -38,23 +41,22 @@ def read_size(path: Path, max_pixels: int) -> tuple[tuple[int, int] | None, str]
         with Image.open(path) as image:
             width, height = image.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        return None, f"not a readable image: {error}"
+        return None, f"cannot decode image: {error}"
     if width * height > max_pixels:
         return None, f"image too large ({width}x{height} > {max_pixels} pixels)"
     return (width, height), ""
 
 
-def scan(input_dir, models: list[str], seed: int, prompt: str | None, resolutions: dict[str, int],
-         max_pixels: int = MAX_IMAGE_PIXELS) -> list[Job]:
-    """A job for every file under `input_dir` (hidden files aside), sorted by relative path."""
-    root = Path(input_dir)
+def plan_jobs(images: list[InputImage], models: list[str], seed: int, prompt: str | None,
+              resolutions: dict[str, int], max_pixels: int = MAX_IMAGE_PIXELS) -> list[Job]:
+    """A job for every input, in the given order: its model, prompt, seed and working size, or why it is unusable."""
     jobs = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        key = path.relative_to(root).as_posix()
-        model = draw_model(seed, key, models)
-        size, error = read_size(path, max_pixels)
+    for image in images:
+        model = draw_model(seed, image.key, models)
+        size, error = (None, image.error) if image.error else read_size(image.path, max_pixels)
         working = working_size(size, resolutions[model]) if size else None
-        jobs.append(Job(key, path, model, prompt or prompt_from_filename(key), image_seed(seed, key), working, error))
+        jobs.append(Job(image.key, image.path, model, prompt or prompt_from_filename(image.key),
+                        image_seed(seed, image.key), working, error))
     return jobs
 
 

@@ -14,6 +14,7 @@ import torch
 
 from sdtune.clip_scoring import ClipScorer
 from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, image_to_image, text_to_images
+from sdtune.image_folder import list_images, printable
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.prompts import prompt_from_filename, read_prompts
 from sdtune.seeds import prompt_seed
@@ -22,8 +23,6 @@ from sdtune.report import print_table, write_report
 from sdtune.stats import paired_bootstrap, summarise
 
 logger = logging.getLogger("sdtune.evaluate")
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,11 +83,14 @@ def read_init_images(folder) -> dict[str, object]:
     if not root.is_dir():
         raise SystemExit(f"--init_images {folder}: not a folder.")
     images = {}
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for image in list_images(root):
+        name = printable(image.key)  # reports and seeds see valid text, whatever the file system's bytes
+        if image.error:
+            raise SystemExit(f"--init_images: {name}: {image.error}")
         try:
-            images[str(path.relative_to(root))] = to_rgb(open_image(path))
+            images[name] = to_rgb(open_image(image.path))
         except BadImageError as error:
-            raise SystemExit(f"--init_images: {path}: {error}") from error
+            raise SystemExit(f"--init_images: {name}: {error}") from error
     if not images:
         raise SystemExit(f"--init_images {folder}: no images found.")
     return images

@@ -55,9 +55,19 @@ def merge(output_dir) -> Path:
     """One manifest.jsonl, sorted by input, replacing the parts."""
     folder = Path(output_dir)
     entries = sorted(read_all(folder).values(), key=lambda e: e["input"])
-    partial = folder / (MANIFEST + ".partial")
-    partial.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    os.replace(partial, folder / MANIFEST)
+    write_atomically(folder / MANIFEST, "".join(json.dumps(e) + "\n" for e in entries))
     for part in folder.glob("manifest.part-*.jsonl"):
         part.unlink()
     return folder / MANIFEST
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a `.partial` file renamed into place: a reader never sees half a file, and a failed write
+    (a full disk) leaves nothing behind."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise

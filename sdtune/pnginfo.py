@@ -59,8 +59,12 @@ def save_png(image: Image.Image, path, parameters: str) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     partial = path.with_name(path.name + ".partial")
-    image.save(partial, format="PNG", pnginfo=info)
-    os.replace(partial, path)
+    try:
+        image.save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, path)
+    except OSError:  # a full or read-only disk must not leave half-written files behind
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+from sdtune.image_folder import printable
+
 
 def read_prompts(path) -> list[str]:
     """One prompt a line; blank lines and lines starting with # are ignored."""
@@ -17,8 +19,9 @@ def read_prompts(path) -> list[str]:
 
 
 def prompt_from_filename(name: str) -> str:
-    """The words of a file name: separators become spaces, the extension and a trailing counter are dropped."""
-    stem = Path(name).stem
+    """The words of a file name: separators become spaces, the extension and a trailing counter are dropped (bytes
+    that are not UTF-8 are written as \\xNN: a prompt must be valid text to be stored in a PNG)."""
+    stem = Path(printable(name)).stem
     words = re.sub(r"[_\-.+]+", " ", stem)
     words = re.sub(r"\s+\(?\d+\)?$", "", words)  # "cat_02" or "cat (2)" -> "cat"
     return " ".join(words.split())

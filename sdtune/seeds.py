@@ -6,7 +6,7 @@ import hashlib
 
 def derive_seed(*parts) -> int:
     """A 32-bit seed from any parts (a base seed, a prompt or file name, an index...)."""
-    digest = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
+    digest = hashlib.sha256("\0".join(map(str, parts)).encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") % 2**32
 
 

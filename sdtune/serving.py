@@ -5,23 +5,22 @@ import secrets
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 
-from sdtune.batch_plan import output_name
-from sdtune.generate import (GenerationError, GenerationSettings, Interrupted, check_sampling, check_settings,
+from sdtune.batch_engine import Outcome as BatchOutcome, generate_batch, save_output, working_resolutions
+from sdtune.batch_plan import BATCH_SIZE, Job, plan_batches, plan_jobs
+from sdtune.generate import (GenerationError, GenerationSettings, check_sampling, check_settings,
                              image_to_image, text_to_images, working_size)
+from sdtune.image_folder import InputImage, list_images, printable
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.pnginfo import format_parameters, save_png
-from sdtune.prompts import prompt_from_filename
 from sdtune.registry import ModelRegistry, ModelUnavailable
 from sdtune.runlog import RunRecorder
-from sdtune.seeds import draw_model, image_seed
 
 MAX_SIDE = 1024  # width/height cap: beyond it SD v1 repeats itself and memory grows with the square
 MAX_IMAGES = 8  # images per text-to-image request
 MAX_UPLOAD_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (decompression bombs)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class RequestError(ValueError):
@@ -33,12 +32,6 @@ class Outcome:
     paths: list[Path]
     seeds: list[int]
     run: dict
-
-
-@dataclass
-class BatchItem:
-    key: str  # the name the prompt, model and seed are derived from (relative path or upload name)
-    path: Path
 
 
 @dataclass
@@ -132,68 +125,98 @@ class Service:
                         format_parameters(prompt, used, seed, model, image_to_image=True))
         return Outcome([path], [seed], recorder.finish(model=model))
 
-    def folder_items(self, folder: str) -> list[BatchItem]:
-        """The images under a folder inside --allowed-root; anything outside it is refused."""
+    def folder_items(self, folder: str) -> list[InputImage]:
+        """The images under a folder inside --allowed-root; a folder, or a file link, leading outside it is refused."""
         root = (self.allowed_root / folder).resolve() if not Path(folder).is_absolute() else Path(folder).resolve()
         if not root.is_relative_to(self.allowed_root):
-            raise RequestError(f"Folder {folder} is outside the allowed root {self.allowed_root}.")
+            raise RequestError(f"Folder {folder} is outside the allowed root.")
         if not root.is_dir():
-            raise RequestError(f"Folder {folder} does not exist under {self.allowed_root}.")
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return [BatchItem(str(p.relative_to(root)), p) for p in paths]
+            raise RequestError(f"Folder {folder} does not exist under the allowed root.")
+        return list_images(root, root=self.allowed_root)
 
-    def random_batch(self, items: list[BatchItem], models: list[str], prompt: str, seed: int,
+    def random_batch(self, items: list[InputImage], models: list[str], prompt: str, seed: int,
                      settings: GenerationSettings, resolution: int = 0, stop: threading.Event | None = None):
-        """Image to image over `items`, each with a model drawn from (seed, its name); yields after every image.
+        """Image to image over `items` as the batch CLI plans and runs it: each item gets a model drawn from (seed,
+        its name), items are grouped by (model, working size) and run BATCH_SIZE to a call; yields after every call.
 
-        A failing image is recorded in its row and the batch goes on; Stop ends it after the current image."""
+        A failing image is recorded in its row and the batch goes on; Stop ends it after the current call."""
         if not items:
             raise RequestError("No images given: upload some or name a folder.")
         models = list(models) or self.registry.names
+        resolutions = self.batch_resolutions(models, settings, resolution)
+        seed = resolve_seed(seed)
+        jobs = plan_jobs(distinct_keys(items), models, seed, prompt, resolutions, self.max_upload_pixels)
+        recorder = RunRecorder("random_batch", self.run_log, self.registry.device)
+        folder = self.output_dir / recorder.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = {job.key: batch_row(job) for job in jobs if job.error}
+        for _ in rows:
+            recorder.image_done(0.0, failed=True)
+        for batch in plan_batches(jobs, BATCH_SIZE):
+            if stop is not None and stop.is_set():
+                break
+            for outcome in generate_batch(self.registry, batch, settings, resolutions[batch[0].model], stop):
+                rows[outcome.job.key] = saved_row(outcome, folder, settings)
+                recorder.image_done(outcome.seconds, failed=bool(rows[outcome.job.key].error))
+            yield batch_update(jobs, rows)
+        update = batch_update(jobs, rows)
+        update.zip_path = zip_outputs(folder, update.outputs)
+        update.run = recorder.finish(batch_seed=seed, models=models, stopped=stop is not None and stop.is_set())
+        yield update
+
+    def batch_resolutions(self, models: list[str], settings: GenerationSettings, resolution: int) -> dict[str, int]:
+        """Refuse a batch that cannot run before any model time is spent; each model's working resolution."""
         unknown = [m for m in models if m not in self.registry.names]
         if unknown:
             raise RequestError(f"Unknown models {unknown}; available: {', '.join(self.registry.names)}.")
         self.check(settings.sized(resolution, resolution), image_to_image=True, size=False)
-        seed = resolve_seed(seed)
-        recorder = RunRecorder("random_batch", self.run_log, self.registry.device)
-        folder = self.output_dir / recorder.run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for item in items:
-            if stop is not None and stop.is_set():
-                break
-            row = self._batch_image(item, models, prompt, seed, settings, resolution, folder, stop)
-            recorder.image_done(row.seconds, failed=bool(row.error))
-            rows.append(row)
-            yield BatchUpdate(len(rows), len(items), rows, outputs=[r.output for r in rows if r.output])
-        zip_path = zip_outputs(folder, [r.output for r in rows if r.output])
-        run = recorder.finish(batch_seed=seed, models=models, stopped=len(rows) < len(items))
-        yield BatchUpdate(len(rows), len(items), rows, zip_path, run, [r.output for r in rows if r.output])
-
-    def _batch_image(self, item, models, prompt, seed, settings, resolution, folder, stop) -> BatchRow:
-        model = draw_model(seed, item.key, models)
-        row = BatchRow(item.key, model, prompt or prompt_from_filename(item.key), image_seed(seed, item.key))
-        start = time.perf_counter()
         try:
-            image = self.load_upload(item.path)
-            working = resolution or self.registry.native_resolution(model)
-            edited = image_to_image(self.pipeline(model), image, row.prompt, row.seed, settings, working, stop)
-            path = folder / output_name(item.key, model, row.seed)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            row.output = save_png(edited, path, format_parameters(
-                row.prompt, settings.sized(*working_size(image.size, working)), row.seed, model, image_to_image=True))
-        except Interrupted:
-            row.error = "stopped"
-        except (RequestError, GenerationError, ValueError, RuntimeError) as error:  # one bad image must not end the batch
-            row.error = str(error)
-        row.seconds = round(time.perf_counter() - start, 3)
-        return row
+            return working_resolutions(self.registry, models, resolution)
+        except ModelUnavailable as error:
+            raise RequestError(f"{error} Leave that model out of the batch.") from error
+
+
+def distinct_keys(items: list[InputImage]) -> list[InputImage]:
+    """Same-named inputs (two uploads called image.png) each get a name of their own, `image (2).png`, so each keeps
+    its own model, seed and output; the prompt read from the name stays the same."""
+    originals, used, distinct = {item.key for item in items}, set(), []
+    for item in items:
+        key, count = item.key, 1
+        while key in used or (count > 1 and key in originals):
+            count += 1
+            name = PurePosixPath(item.key)
+            key = str(name.with_name(f"{name.stem} ({count}){name.suffix}"))
+        used.add(key)
+        distinct.append(replace(item, key=key))
+    return distinct
+
+
+def batch_row(job: Job, seconds: float = 0.0, output: Path | None = None, error: str = "") -> BatchRow:
+    return BatchRow(printable(job.key), job.model, job.prompt, job.seed, round(seconds, 3), output,
+                    error or job.error)
+
+
+def saved_row(outcome: BatchOutcome, folder: Path, settings: GenerationSettings) -> BatchRow:
+    """The table row of a finished image, saved under the run's folder if it succeeded."""
+    if outcome.image is None:
+        return batch_row(outcome.job, outcome.seconds, error=outcome.error)
+    try:
+        return batch_row(outcome.job, outcome.seconds, save_output(outcome, folder, settings))
+    except OSError as error:
+        return batch_row(outcome.job, outcome.seconds, error=f"cannot save the output: {error.strerror or error}")
+
+
+def batch_update(jobs: list[Job], rows: dict[str, BatchRow]) -> BatchUpdate:
+    """The rows finished so far, in the order the inputs were given."""
+    ordered = [rows[job.key] for job in jobs if job.key in rows]
+    return BatchUpdate(len(ordered), len(jobs), ordered, outputs=[row.output for row in ordered if row.output])
 
 
 def zip_outputs(folder: Path, paths: list[Path]) -> Path:
-    """All outputs of a batch in one download."""
+    """All outputs of a batch in one download, under their paths in the run's folder (two inputs of the same name
+    in different subfolders keep both)."""
     zip_path = folder / "outputs.zip"
     with zipfile.ZipFile(zip_path, "w") as archive:
         for path in paths:
-            archive.write(path, path.name)
+            archive.write(path, path.relative_to(folder).as_posix())
     return zip_path

@@ -11,7 +11,8 @@ import gradio as gr
 
 from sdtune.generate import SCHEDULERS, GenerationSettings, Interrupted
 from sdtune.registry import ModelUnavailable
-from sdtune.serving import MAX_IMAGES, MAX_SIDE, BatchItem, RequestError, Service
+from sdtune.image_folder import InputImage
+from sdtune.serving import MAX_IMAGES, MAX_SIDE, RequestError, Service
 
 QUEUE = "device"  # every generating event shares one concurrency slot: one generation on the device at a time
 TABLE_HEADERS = ["file", "model", "prompt", "seed", "seconds", "error"]
@@ -107,7 +108,7 @@ class Handlers:
 
     def random_batch(self, images, folder, models, prompt, seed, strength, num_inference_steps, guidance_scale,
                      scheduler, resolution, request: gr.Request, progress=gr.Progress()):
-        items = [BatchItem(Path(p).name, Path(p)) for p in images or []]
+        items = [InputImage(Path(p).name, Path(p)) for p in images or []]
         if folder:
             items += served(self.service.folder_items, folder)
         settings = settings_from(None, scheduler, num_inference_steps, guidance_scale, strength=strength)

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -114,6 +115,63 @@ def test_batch_reads_folders_under_the_allowed_root_only(client, app, tmp_path):
             client.predict(images=[], folder=outside, models=["stock"], prompt="", seed=0, strength=0.6,
                            num_inference_steps=4, guidance_scale=7.5, scheduler="dpmsolver++", resolution=0,
                            api_name="/random_batch")
+
+
+def test_same_named_uploads_each_keep_their_own_output(client, tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    paths = [image_file(tmp_path / "one" / "image.png", colour="red"),
+             image_file(tmp_path / "two" / "image.png", colour="blue")]
+    gallery, table, archive, _ = batch(client, paths, seed=3, models=["stock"])
+    rows = table["data"]
+    assert [row[0] for row in rows] == ["image.png", "image (2).png"] and [row[2] for row in rows] == ["image"] * 2
+    assert rows[0][3] != rows[1][3] and len(gallery) == 2
+    first, second = (np.asarray(Image.open(item["image"])) for item in gallery)
+    assert not np.array_equal(first, second)  # the red input's edit and the blue one's
+    with zipfile.ZipFile(archive) as z:
+        assert len(z.namelist()) == 2
+
+
+def folder_batch(client, folder):
+    return client.predict(images=[], folder=folder, models=["stock"], prompt="", seed=0, strength=0.6,
+                          num_inference_steps=4, guidance_scale=7.5, scheduler="dpmsolver++", resolution=0,
+                          api_name="/random_batch")
+
+
+def test_a_folder_batch_goes_on_past_a_name_that_is_not_utf8_and_refuses_links_outside(client, app, tmp_path):
+    folder = app["allowed"] / "odd"
+    folder.mkdir()
+    image_file(os.fsdecode(bytes(folder) + b"/caf\xe9.png"))
+    image_file(folder / "z_red_circle.png")
+    (folder / "secret.png").symlink_to(image_file(tmp_path / "secret.png"))
+    gallery, table, _, run = folder_batch(client, "odd")
+    errors = {row[0]: row[5] for row in table["data"]}
+    assert errors.keys() == {"caf\\xe9.png", "secret.png", "z_red_circle.png"}
+    assert errors["caf\\xe9.png"] == errors["z_red_circle.png"] == "" and "outside" in errors["secret.png"]
+    assert len(gallery) == 2 and run["failed"] == 1
+
+
+def test_the_app_creates_its_allowed_root(tmp_path, tiny_pipeline, monkeypatch):
+    from sdtune import app as app_module
+
+    class Demo:  # stands in for the Gradio app: this test is about what main prepares
+        share_url = None
+
+        def queue(self, **kwargs):
+            pass
+
+        def launch(self, **kwargs):
+            pass
+
+        def block_thread(self):
+            pass
+
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  - name: stock\n    path: {tiny_pipeline}\n")
+    monkeypatch.setattr(app_module, "build_ui", lambda service: Demo())
+    app_module.main(["--models", str(models), "--lazy", "--allowed-root", str(tmp_path / "data" / "input_images"),
+                     "--output_dir", str(tmp_path / "outputs")])
+    assert (tmp_path / "data" / "input_images").is_dir()
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,8 +1,11 @@
 """python -m sdtune.batch: random-model image to image over a folder, resumable and distributable."""
 
+import errno
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ def inputs(tmp_path):
     for name, (size, colour) in GOOD.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", size, colour).save(folder / name)
-    (folder / "notes.txt").write_text("not an image")
+    (folder / "notes.txt").write_text("not an image: not listed")
     (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
     Image.new("1", (8200, 8200)).save(folder / "huge.png")  # 67 megapixels in a small file
     return folder
@@ -47,8 +50,8 @@ def test_every_image_gets_a_drawn_model_an_output_and_a_manifest_line(inputs, tm
     out = tmp_path / "out"
     summary = run(inputs, out, [f"stock={tiny_pipeline}", f"tuned={finetuned_pipeline}"])
     entries = manifest(out)
-    assert summary["done"] == 6 and summary["failed"] == 3 and summary["skipped"] == 0
-    assert {entries[k]["error"] != "" for k in ("notes.txt", "truncated.png", "huge.png")} == {True}
+    assert summary["done"] == 6 and summary["failed"] == 2 and summary["skipped"] == 0
+    assert {entries[k]["error"] != "" for k in ("truncated.png", "huge.png")} == {True} and "notes.txt" not in entries
     assert "too large" in entries["huge.png"]["error"]
     assert {entries[k]["model"] for k in GOOD} == {"stock", "tuned"}
     for key, (size, _) in GOOD.items():
@@ -80,19 +83,24 @@ def test_a_rerun_skips_what_is_done_and_redoes_what_was_lost(inputs, tmp_path, t
     assert np.array_equal(pixels(out / lost["output"]), original)
 
 
-def test_the_cli_and_the_app_batch_make_the_same_image(inputs, tmp_path, tiny_pipeline):
+def test_the_cli_and_the_app_batch_make_the_same_images(inputs, tmp_path, tiny_pipeline, finetuned_pipeline):
     from sdtune.generate import GenerationSettings
     from sdtune.registry import ModelRegistry, ModelSpec
-    from sdtune.serving import BatchItem, Service
+    from sdtune.serving import Service
 
     out = tmp_path / "out"
-    run(inputs, out, [f"stock={tiny_pipeline}"], "--batch_size", "1")
-    service = Service(ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu"), tmp_path / "app",
-                      inputs)
+    run(inputs, out, [f"stock={tiny_pipeline}", f"tuned={finetuned_pipeline}"], "--batch_size", "4")
+    registry = ModelRegistry([ModelSpec("stock", str(tiny_pipeline)), ModelSpec("tuned", str(finetuned_pipeline))],
+                             device="cpu")
+    service = Service(registry, tmp_path / "app", inputs)
     settings = GenerationSettings(num_inference_steps=4, strength=0.5)
-    *_, final = service.random_batch([BatchItem("a_red_circle.png", inputs / "a_red_circle.png")], ["stock"], "",
-                                     5, settings)
-    assert np.array_equal(pixels(final.rows[0].output), pixels(out / manifest(out)["a_red_circle.png"]["output"]))
+    *_, final = service.random_batch(service.folder_items(str(inputs)), ["stock", "tuned"], "", 5, settings)
+    cli = manifest(out)
+    made = {row.file: row for row in final.rows if row.output}
+    assert made.keys() == GOOD.keys() and {row.model for row in made.values()} == {"stock", "tuned"}
+    for key, row in made.items():
+        assert (row.model, row.seed, row.prompt) == (cli[key]["model"], cli[key]["seed"], cli[key]["prompt"])
+        assert np.array_equal(pixels(row.output), pixels(out / cli[key]["output"]))
 
 
 def run_processes(inputs, output, models, processes: int):
@@ -129,3 +137,101 @@ def test_missing_input_or_empty_model_list_stops_at_once(tmp_path, tiny_pipeline
     empty.write_text("models: []\n")
     with pytest.raises(SystemExit, match="empty"):
         main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--models", str(empty)])
+
+
+def test_a_rerun_with_other_settings_stops_before_loading_models_and_names_them(inputs, tmp_path, tiny_pipeline,
+                                                                                  monkeypatch):
+    out = tmp_path / "out"
+    run(inputs, out, [f"stock={tiny_pipeline}"])
+    before = manifest(out)
+    monkeypatch.setattr("sdtune.batch.ModelRegistry", no_models)
+    with pytest.raises(SystemExit, match=r"--seed 5 -> 6.*--strength 0\.5 -> 0\.7.*another --output"):
+        run(inputs, out, [f"stock={tiny_pipeline}"], "--seed", "6", "--strength", "0.7")
+    with pytest.raises(SystemExit, match=r"--prompt None -> 'a frog'"):
+        run(inputs, out, [f"stock={tiny_pipeline}"], "--prompt", "a frog")
+    assert manifest(out) == before
+
+
+def no_models(*args, **kwargs):
+    raise AssertionError("models must not be loaded")
+
+
+def test_an_output_folder_inside_the_input_is_never_read_as_input(inputs, tmp_path, tiny_pipeline):
+    out = inputs / "out"
+    first = run(inputs, out, [f"stock={tiny_pipeline}"])
+    again = run(inputs, out, [f"stock={tiny_pipeline}"])
+    assert first["done"] == 6 and again["done"] == 0 and again["skipped"] == 6 and again["failed"] == 2  # the broken two
+    assert not [key for key in manifest(out) if key.startswith("out/")]
+
+
+def test_a_file_name_that_is_not_utf8_is_processed_like_any_other(tmp_path, tiny_pipeline):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), "red").save(folder / "a_red_circle.png")
+    Image.new("RGB", (48, 64), "blue").save(os.fsdecode(bytes(folder) + b"/caf\xe9_blue.png"))
+    out = tmp_path / "out"
+    summary = run(folder, out, [f"stock={tiny_pipeline}"])
+    entry = manifest(out)[os.fsdecode(b"caf\xe9_blue.png")]
+    assert summary["done"] == 2 and summary["failed"] == 0 and entry["prompt"] == "caf\\xe9 blue"
+    assert entry["output"] == f"caf\\xe9_blue-stock-{entry['seed']}.png"
+    assert parse_parameters(read_parameters(out / entry["output"]))["prompt"] == "caf\\xe9 blue"
+    assert run(folder, out, [f"stock={tiny_pipeline}"])["skipped"] == 2  # its manifest line reads back
+
+
+def test_a_file_link_leading_outside_the_input_is_refused(inputs, tmp_path, tiny_pipeline):
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (64, 64), "black").save(secret)
+    (inputs / "link.png").symlink_to(secret)
+    out = tmp_path / "out"
+    summary = run(inputs, out, [f"stock={tiny_pipeline}"])
+    assert summary["done"] == 6 and "outside" in manifest(out)["link.png"]["error"]
+
+
+def test_an_output_that_cannot_be_written_stops_before_loading_models(inputs, tmp_path, tiny_pipeline, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setattr("sdtune.batch.ModelRegistry", no_models)
+    with pytest.raises(SystemExit, match="cannot be written"):
+        run(inputs, blocker / "out", [f"stock={tiny_pipeline}"])
+
+
+def test_a_full_disk_stops_the_run_with_its_reason_and_leaves_no_partial_file(inputs, tmp_path, tiny_pipeline,
+                                                                             monkeypatch):
+    def full_disk(image, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="Cannot write to --output .*No space left on device"):
+        run(inputs, out, [f"stock={tiny_pipeline}"])
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.png"))
+
+
+def test_a_missing_model_at_its_native_resolution_is_a_clear_error(inputs, tmp_path, tiny_pipeline):
+    with pytest.raises(SystemExit, match="Model 'gone' has no readable unet/vae config.*--models"):
+        run(inputs, tmp_path / "out", [f"stock={tiny_pipeline}", f"gone={tmp_path / 'nowhere'}"])
+
+
+def test_one_rule_lists_the_images_of_a_folder(tmp_path):
+    from sdtune.evaluate import read_init_images
+    from sdtune.image_folder import list_images
+    from sdtune.seeds import prompt_seed
+
+    folder, outside = tmp_path / "in", tmp_path / "outside"
+    for path in [folder / "b.JPG", folder / "sub" / "a.png", folder / ".hidden.png", folder / ".cache" / "c.png",
+                 folder / "out" / "d.png", outside / "e.png"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(path, format="PNG")
+    (folder / "notes.txt").write_text("")
+    (folder / "linked_folder").symlink_to(outside, target_is_directory=True)
+    (folder / "inside.png").symlink_to(folder / "b.JPG")
+    (folder / "escape.png").symlink_to(outside / "e.png")
+    Image.new("RGB", (8, 8)).save(os.fsdecode(bytes(folder) + b"/caf\xe9.png"), format="PNG")
+    listed = {image.key: image.error for image in list_images(folder, exclude=folder / "out")}
+    assert listed.keys() == {"b.JPG", "sub/a.png", "inside.png", "escape.png", os.fsdecode(b"caf\xe9.png")}
+    assert "outside" in listed["escape.png"] and not listed["inside.png"]
+    (folder / "escape.png").unlink()
+    (folder / "out" / "d.png").unlink()
+    names = sorted(read_init_images(folder))
+    assert names == ["b.JPG", "caf\\xe9.png", "inside.png", "sub/a.png"]
+    assert len({prompt_seed(0, name, 0) for name in names}) == 4
