@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from sdtune.images import BadImageError, open_image, to_rgb
+from sdtune.seeds import example_generator, shuffle_generator
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +126,6 @@ def warn_long_captions(rows, caption_column: str, tokenizer) -> int:
     return too_long
 
 
-def example_generator(seed: int, epoch: int, row: int) -> torch.Generator:
-    """A generator private to one example of one epoch."""
-    mixed = (seed * 1_000_003 + epoch) * 1_000_033 + row
-    return torch.Generator().manual_seed(mixed % (2**63))
-
-
 def uniform(generator: torch.Generator) -> float:
     return float(torch.rand((), generator=generator))
 
@@ -171,7 +166,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.num_rows
 
     def __iter__(self):
-        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = torch.randperm(self.num_rows, generator=shuffle_generator(self.seed, self.epoch))
         return iter([(self.epoch, int(position)) for position in order])
 
 

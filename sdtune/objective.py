@@ -8,12 +8,6 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 
-def step_generator(seed: int, process_index: int, epoch: int, batch_index: int) -> torch.Generator:
-    """The generator of one micro-batch on one process: a resumed run draws exactly the same numbers."""
-    mixed = ((seed * 1_000_003 + process_index) * 1_000_033 + epoch) * 1_000_037 + batch_index
-    return torch.Generator().manual_seed(mixed % (2**63))
-
-
 def randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """Gaussian noise drawn on the CPU (the same on every device) and moved next to `like`."""
     return torch.randn(shape, generator=generator).to(like.device, like.dtype)

@@ -18,8 +18,9 @@ from sdtune.config import save_resolved_config
 from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows, warn_long_captions
 from sdtune.export import check_hub_reachable, push_to_hub, save_pipeline, write_model_card
 from sdtune.latent_cache import build_latent_cache
-from sdtune.objective import diffusion_loss, step_generator
+from sdtune.objective import diffusion_loss
 from sdtune.optim import make_lr_scheduler, make_optimizer, update_offloaded_ema
+from sdtune.seeds import step_generator
 from sdtune.validation import log_grid_to_trackers, render_validation, validation_pipeline
 
 logger = logging.getLogger("sdtune.train")
