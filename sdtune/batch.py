@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 
 from sdtune import manifest
 from sdtune.batch_plan import Job, output_name, plan_batches, scan, shard
+from sdtune.errors import SdtuneError, exit_on_error
 from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, check_sampling, images_to_images
 from sdtune.images import BadImageError, open_image, to_rgb
+from sdtune.logs import setup_logging
 from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry, parse_model_flags
 from sdtune.runlog import PeakRss
@@ -51,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if not Path(args.input).is_dir():
-        raise SystemExit(f"--input {args.input}: no such folder.")
+        raise SdtuneError(f"--input {args.input}: no such folder.")
     if args.batch_size < 1:
-        raise SystemExit("--batch_size must be at least 1.")
+        raise SdtuneError("--batch_size must be at least 1.")
     return args
 
 
@@ -115,9 +117,9 @@ def run_batch(registry, batch: list[Job], todo: set[str], args, settings, part: 
     return len(pending), failed
 
 
+@exit_on_error()
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
     settings = settings_from(args)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdtune.errors import SdtuneError
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.seeds import example_generator, shuffle_generator
 
@@ -41,16 +42,16 @@ def load_rows(args):
         else:
             dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
     except FileNotFoundError as error:
-        raise SystemExit(f"Dataset not found: {error}") from error
+        raise SdtuneError(f"Dataset not found: {error}") from error
     except Exception as error:  # the hub raises many types: offline, gated, removed, no network
         if args.train_data_dir is not None:
-            raise SystemExit(f"Cannot read the image folder {args.train_data_dir}: {error}") from error
-        raise SystemExit(DATASET_ALTERNATIVES.format(error=f"{type(error).__name__}: {error}")) from error
+            raise SdtuneError(f"Cannot read the image folder {args.train_data_dir}: {error}") from error
+        raise SdtuneError(DATASET_ALTERNATIVES.format(error=f"{type(error).__name__}: {error}")) from error
     rows = dataset["train"]
     for column in (args.image_column, args.caption_column):
         if column not in rows.column_names:
-            raise SystemExit(f"Column '{column}' not in the dataset; it has {rows.column_names}. "
-                             f"Set --image_column / --caption_column.")
+            raise SdtuneError(f"Column '{column}' not in the dataset; it has {rows.column_names}. "
+                              f"Set --image_column / --caption_column.")
     rows = rows.cast_column(args.image_column, datasets.Image(decode=False))
     if args.max_train_samples is not None:
         rows = rows.select(range(min(args.max_train_samples, len(rows))))
@@ -108,8 +109,8 @@ def screen_rows(rows, image_column: str, caption_column: str) -> ScreenResult:
         usable.append(index)
     result = ScreenResult(usable, skipped)
     if not usable:
-        raise SystemExit(f"No usable rows in the dataset. {result.summary()} "
-                         "Check the image files and the caption column.")
+        raise SdtuneError(f"No usable rows in the dataset. {result.summary()} "
+                          "Check the image files and the caption column.")
     return result
 
 

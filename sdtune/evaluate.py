@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from sdtune.clip_scoring import ClipScorer
+from sdtune.errors import SdtuneError, exit_on_error
 from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, image_to_image, text_to_images
 from sdtune.images import BadImageError, open_image, to_rgb
+from sdtune.logs import setup_logging
 from sdtune.prompts import prompt_from_filename, read_prompts
 from sdtune.seeds import prompt_seed
 from sdtune.registry import ModelRegistry, parse_model_flags, pick_device
@@ -56,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if (args.init_images is None) != (args.edit_prompt is None):
-        raise SystemExit("--init_images and --edit_prompt go together.")
+        raise SdtuneError("--init_images and --edit_prompt go together.")
     if args.num_images_per_prompt < 1:
-        raise SystemExit("--num_images_per_prompt must be at least 1.")
+        raise SdtuneError("--num_images_per_prompt must be at least 1.")
     return args
 
 
@@ -134,9 +136,9 @@ def scores_by_prompt(rows) -> dict[str, list[float]]:
     return grouped
 
 
+@exit_on_error()
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
     specs = parse_model_flags(args.models)
     inputs = read_init_images(args.init_images) if args.init_images else read_prompts(args.prompts)
@@ -145,7 +147,7 @@ def main(argv=None) -> dict:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     registry = ModelRegistry(specs, device=device, dtype=dtype, cache_dir=args.cache_dir)
     if registry.errors:
-        raise SystemExit("Cannot score: " + "; ".join(f"{n}: {e}" for n, e in registry.errors.items()))
+        raise SdtuneError("Cannot score: " + "; ".join(f"{n}: {e}" for n, e in registry.errors.items()))
 
     results, grids, baseline = {}, {}, None
     for spec in specs:
@@ -160,7 +162,7 @@ def main(argv=None) -> dict:
             else:
                 rows, grids[spec.name] = score_prompts(pipeline, inputs, args, settings, scorer)
         except GenerationError as error:
-            raise SystemExit(f"Cannot generate with '{spec.name}': {error}") from error
+            raise SdtuneError(f"Cannot generate with '{spec.name}': {error}") from error
         results[spec.name] = dict(model_summary(rows, baseline, args.seed), path=spec.path)
         baseline = rows if baseline is None else baseline
     write_report(args, results, grids)

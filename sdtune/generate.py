@@ -13,6 +13,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
 from PIL import Image
 
+from sdtune.errors import SdtuneError
 from sdtune.seeds import cpu_generator
 
 # name -> (scheduler class, the name AUTOMATIC1111's "Sampler" field uses for it)
@@ -24,7 +25,7 @@ SCHEDULERS = {
 }
 
 
-class GenerationError(ValueError):
+class GenerationError(SdtuneError):
     """Settings that cannot produce an image, with the reason."""
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
+from sdtune.errors import SdtuneError
+
 
 def randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """Gaussian noise drawn on the CPU (the same on every device) and moved next to `like`."""
@@ -53,7 +55,7 @@ def prediction_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
         return noise
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise SystemExit(f"Unsupported prediction type '{prediction_type}': use epsilon or v_prediction.")
+    raise SdtuneError(f"Unsupported prediction type '{prediction_type}': use epsilon or v_prediction.")
 
 
 def weighted_mse(prediction, target, scheduler, timesteps, snr_gamma) -> torch.Tensor:
