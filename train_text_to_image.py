@@ -1,7 +1,9 @@
 """Fine-tune Stable Diffusion's UNet on an image-caption dataset. Flags: python train_text_to_image.py --help"""
 
 from sdtune.config import parse_args
+from sdtune.errors import exit_on_error
 from sdtune.train import main
 
 if __name__ == "__main__":
-    main(parse_args())
+    with exit_on_error():
+        main(parse_args())

@@ -41,7 +41,8 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from sdtune.components import Components  # noqa: E402
 from sdtune.config import parse_args  # noqa: E402
-from sdtune.objective import diffusion_loss, step_generator  # noqa: E402
+from sdtune.objective import diffusion_loss  # noqa: E402
+from sdtune.seeds import step_generator  # noqa: E402
 from sdtune.optim import make_optimizer, update_offloaded_ema  # noqa: E402
 from sdtune.train import configure_unet, make_ema  # noqa: E402
 

@@ -37,7 +37,8 @@ from sdtune.components import Components  # noqa: E402
 from sdtune.config import parse_args  # noqa: E402
 from sdtune.data import EpochShuffleSampler  # noqa: E402
 from sdtune.latent_cache import build_latent_cache  # noqa: E402
-from sdtune.objective import diffusion_loss, step_generator  # noqa: E402
+from sdtune.objective import diffusion_loss  # noqa: E402
+from sdtune.seeds import step_generator  # noqa: E402
 from sdtune.optim import make_lr_scheduler, make_optimizer  # noqa: E402
 from tinyworld.shapes import shape_words, write_shapes_dataset  # noqa: E402
 from tinyworld.factories import sd_layout_unet, sd_layout_vae, text_config  # noqa: E402

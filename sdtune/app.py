@@ -5,6 +5,8 @@ import logging
 import os
 from pathlib import Path
 
+from sdtune.errors import SdtuneError, exit_on_error
+from sdtune.logs import setup_logging
 from sdtune.registry import ModelRegistry, read_model_list
 from sdtune.serving import Service
 from sdtune.webui import build_ui
@@ -41,13 +43,13 @@ def parse_auth(value: str | None):
         return None
     user, separator, password = value.partition(":")
     if not separator or not user or not password:
-        raise SystemExit(f"--auth / {AUTH_VARIABLE} must be user:password.")
+        raise SdtuneError(f"--auth / {AUTH_VARIABLE} must be user:password.")
     return user, password
 
 
+@exit_on_error()
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     args = build_parser().parse_args(argv)
     auth = parse_auth(args.auth)
     if args.share and auth is None:

@@ -11,7 +11,6 @@ with other settings is refused (batch_settings.json records them), and is never 
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,9 +23,10 @@ from tqdm.auto import tqdm
 from sdtune import batch_output, manifest
 from sdtune.batch_engine import generate_batch, save_output, working_resolutions
 from sdtune.batch_plan import BATCH_SIZE, Job, output_name, plan_batches, plan_jobs, shard
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, exit_on_error
 from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, check_sampling
 from sdtune.image_folder import list_images
+from sdtune.logs import setup_logging
 from sdtune.registry import ModelRegistry, ModelUnavailable, parse_model_flags
 from sdtune.runlog import PeakRss
 
@@ -117,16 +117,6 @@ def run_batch(registry, batch: list[Job], todo: set[str], resolution: int, setti
     return done, failed
 
 
-def main(argv=None) -> dict:
-    """Run the batch; a problem the user can fix exits with its message."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        return run(parse_args(argv))
-    except SdtuneError as error:
-        sys.exit(f"error: {error}")
-
-
 def prepare(args, state: PartialState) -> tuple[ModelRegistry, dict[str, int]]:
     """Everything checked before any model is loaded: the output folder, its settings, each model's resolution.
     Returns the (lazy) registry and each model's working resolution."""
@@ -141,7 +131,11 @@ def prepare(args, state: PartialState) -> tuple[ModelRegistry, dict[str, int]]:
     return registry, resolutions
 
 
-def run(args) -> dict:
+@exit_on_error()
+def main(argv=None) -> dict:
+    """Run the batch; a problem the user can fix exits with its message."""
+    setup_logging()
+    args = parse_args(argv)
     settings = settings_from(args)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     registry, resolutions = prepare(args, state)

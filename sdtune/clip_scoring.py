@@ -10,6 +10,8 @@ import torch
 from torchmetrics.functional.multimodal import clip_score
 from transformers import CLIPModel, CLIPProcessor
 
+from sdtune.errors import SdtuneError
+
 
 def embedding_tensor(output) -> torch.Tensor:
     """The projected embeddings, whether transformers returned a tensor (v4) or a model output (v5)."""
@@ -43,9 +45,9 @@ class ClipScorer:
             model = CLIPModel.from_pretrained(name_or_path, cache_dir=cache_dir, use_safetensors=True)
             self.processor = CLIPProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
         except (OSError, ValueError) as error:
-            raise SystemExit(f"Cannot load CLIP '{name_or_path}': {error}\n"
-                             "Give a hub id you can reach or a local CLIPModel folder "
-                             "(--clip_model_name_or_path).") from error
+            raise SdtuneError(f"Cannot load CLIP '{name_or_path}': {error}\n"
+                              "Give a hub id you can reach or a local CLIPModel folder "
+                              "(--clip_model_name_or_path).") from error
         self.device = torch.device(device)
         self.model = FeatureTensors(model.eval().to(self.device))
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdtune.errors import SdtuneError
+
 
 @dataclass
 class Components:
@@ -29,9 +31,9 @@ def load_components(args, frozen_dtype) -> Components:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"Cannot load the pipeline '{source}': {error}\n"
-                         "Give a local folder in diffusers layout or a hub id you can reach "
-                         "(offline: the tiny world's tinyworld/stock).") from error
+        raise SdtuneError(f"Cannot load the pipeline '{source}': {error}\n"
+                          "Give a local folder in diffusers layout or a hub id you can reach "
+                          "(offline: the tiny world's tinyworld/stock).") from error
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     vae.requires_grad_(False)
@@ -45,8 +47,8 @@ def use_xformers(unet) -> None:
     from diffusers.utils.import_utils import is_xformers_available
 
     if not is_xformers_available():
-        raise SystemExit("--enable_xformers_memory_efficient_attention: xformers is not installed. "
-                         "Install it for your CUDA build (pip install xformers), or drop the flag: "
-                         "PyTorch's scaled-dot-product attention is used by default and is as memory-efficient "
-                         "on recent GPUs.")
+        raise SdtuneError("--enable_xformers_memory_efficient_attention: xformers is not installed. "
+                          "Install it for your CUDA build (pip install xformers), or drop the flag: "
+                          "PyTorch's scaled-dot-product attention is used by default and is as memory-efficient "
+                          "on recent GPUs.")
     unet.enable_xformers_memory_efficient_attention()

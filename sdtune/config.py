@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from sdtune.errors import SdtuneError
+
 RESOLVED_CONFIG_NAME = "training_config.yaml"
 
 
@@ -155,31 +157,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
     """Read a YAML recipe and refuse keys that are not flags (a typo must not be silently ignored)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"--config {path}: no such file. Recipes live in configs/, e.g. configs/pokemon.yaml.")
+        raise SdtuneError(f"--config {path}: no such file. Recipes live in configs/, e.g. configs/pokemon.yaml.")
     with open(path) as f:
         recipe = yaml.safe_load(f) or {}
     flags = {action.dest for action in parser._actions}
     unknown = sorted(set(recipe) - flags)
     if unknown:
-        raise SystemExit(f"--config {path}: unknown keys {unknown}. Keys are flag names without the dashes.")
+        raise SdtuneError(f"--config {path}: unknown keys {unknown}. Keys are flag names without the dashes.")
     return recipe
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse combinations that cannot work, naming the fix."""
     if not args.pretrained_model_name_or_path:
-        raise SystemExit("--pretrained_model_name_or_path is required (a hub id or a local pipeline folder).")
+        raise SdtuneError("--pretrained_model_name_or_path is required (a hub id or a local pipeline folder).")
     if args.dataset_name is None and args.train_data_dir is None:
-        raise SystemExit("Give --dataset_name (hub or local imagefolder) or --train_data_dir.")
+        raise SdtuneError("Give --dataset_name (hub or local imagefolder) or --train_data_dir.")
     if args.cache_latents and not args.center_crop:
-        raise SystemExit("--cache_latents needs --center_crop: a random crop would be frozen at caching time, "
-                         "which changes what the model is trained on.")
+        raise SdtuneError("--cache_latents needs --center_crop: a random crop would be frozen at caching time, "
+                          "which changes what the model is trained on.")
     if args.offload_ema and not args.use_ema:
-        raise SystemExit("--offload_ema only makes sense with --use_ema.")
+        raise SdtuneError("--offload_ema only makes sense with --use_ema.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        raise SystemExit("--proportion_empty_prompts must be between 0 and 1.")
+        raise SdtuneError("--proportion_empty_prompts must be between 0 and 1.")
     if args.resolution % 8:
-        raise SystemExit(f"--resolution {args.resolution} must be a multiple of 8.")
+        raise SdtuneError(f"--resolution {args.resolution} must be a multiple of 8.")
 
 
 def save_resolved_config(args: argparse.Namespace, folder: str) -> Path:

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdtune.errors import SdtuneError
 from sdtune.images import BadImageError, open_image, to_rgb
+from sdtune.seeds import example_generator, shuffle_generator
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +42,16 @@ def load_rows(args):
         else:
             dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
     except FileNotFoundError as error:
-        raise SystemExit(f"Dataset not found: {error}") from error
+        raise SdtuneError(f"Dataset not found: {error}") from error
     except Exception as error:  # the hub raises many types: offline, gated, removed, no network
         if args.train_data_dir is not None:
-            raise SystemExit(f"Cannot read the image folder {args.train_data_dir}: {error}") from error
-        raise SystemExit(DATASET_ALTERNATIVES.format(error=f"{type(error).__name__}: {error}")) from error
+            raise SdtuneError(f"Cannot read the image folder {args.train_data_dir}: {error}") from error
+        raise SdtuneError(DATASET_ALTERNATIVES.format(error=f"{type(error).__name__}: {error}")) from error
     rows = dataset["train"]
     for column in (args.image_column, args.caption_column):
         if column not in rows.column_names:
-            raise SystemExit(f"Column '{column}' not in the dataset; it has {rows.column_names}. "
-                             f"Set --image_column / --caption_column.")
+            raise SdtuneError(f"Column '{column}' not in the dataset; it has {rows.column_names}. "
+                              f"Set --image_column / --caption_column.")
     rows = rows.cast_column(args.image_column, datasets.Image(decode=False))
     if args.max_train_samples is not None:
         rows = rows.select(range(min(args.max_train_samples, len(rows))))
@@ -107,8 +109,8 @@ def screen_rows(rows, image_column: str, caption_column: str) -> ScreenResult:
         usable.append(index)
     result = ScreenResult(usable, skipped)
     if not usable:
-        raise SystemExit(f"No usable rows in the dataset. {result.summary()} "
-                         "Check the image files and the caption column.")
+        raise SdtuneError(f"No usable rows in the dataset. {result.summary()} "
+                          "Check the image files and the caption column.")
     return result
 
 
@@ -123,12 +125,6 @@ def warn_long_captions(rows, caption_column: str, tokenizer) -> int:
     if too_long:
         logger.warning("%d captions are longer than %d tokens and will be truncated.", too_long, limit)
     return too_long
-
-
-def example_generator(seed: int, epoch: int, row: int) -> torch.Generator:
-    """A generator private to one example of one epoch."""
-    mixed = (seed * 1_000_003 + epoch) * 1_000_033 + row
-    return torch.Generator().manual_seed(mixed % (2**63))
 
 
 def uniform(generator: torch.Generator) -> float:
@@ -171,7 +167,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.num_rows
 
     def __iter__(self):
-        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = torch.randperm(self.num_rows, generator=shuffle_generator(self.seed, self.epoch))
         return iter([(self.epoch, int(position)) for position in order])
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 from sdtune.clip_scoring import ClipScorer
+from sdtune.errors import SdtuneError, exit_on_error
 from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, image_to_image, text_to_images
 from sdtune.image_folder import list_images, printable
 from sdtune.images import BadImageError, open_image, to_rgb
+from sdtune.logs import setup_logging
 from sdtune.prompts import prompt_from_filename, read_prompts
 from sdtune.seeds import prompt_seed
 from sdtune.registry import ModelRegistry, parse_model_flags, pick_device
@@ -55,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if (args.init_images is None) != (args.edit_prompt is None):
-        raise SystemExit("--init_images and --edit_prompt go together.")
+        raise SdtuneError("--init_images and --edit_prompt go together.")
     if args.num_images_per_prompt < 1:
-        raise SystemExit("--num_images_per_prompt must be at least 1.")
+        raise SdtuneError("--num_images_per_prompt must be at least 1.")
     return args
 
 
@@ -81,18 +83,18 @@ def read_init_images(folder) -> dict[str, object]:
     """The folder's images by relative path, sorted; unreadable files stop the run with their name."""
     root = Path(folder)
     if not root.is_dir():
-        raise SystemExit(f"--init_images {folder}: not a folder.")
+        raise SdtuneError(f"--init_images {folder}: not a folder.")
     images = {}
     for image in list_images(root):
         name = printable(image.key)  # reports and seeds see valid text, whatever the file system's bytes
         if image.error:
-            raise SystemExit(f"--init_images: {name}: {image.error}")
+            raise SdtuneError(f"--init_images: {name}: {image.error}")
         try:
             images[name] = to_rgb(open_image(image.path))
         except BadImageError as error:
-            raise SystemExit(f"--init_images: {name}: {error}") from error
+            raise SdtuneError(f"--init_images: {name}: {error}") from error
     if not images:
-        raise SystemExit(f"--init_images {folder}: no images found.")
+        raise SdtuneError(f"--init_images {folder}: no images found.")
     return images
 
 
@@ -136,9 +138,9 @@ def scores_by_prompt(rows) -> dict[str, list[float]]:
     return grouped
 
 
+@exit_on_error()
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
     specs = parse_model_flags(args.models)
     inputs = read_init_images(args.init_images) if args.init_images else read_prompts(args.prompts)
@@ -147,7 +149,7 @@ def main(argv=None) -> dict:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     registry = ModelRegistry(specs, device=device, dtype=dtype, cache_dir=args.cache_dir)
     if registry.errors:
-        raise SystemExit("Cannot score: " + "; ".join(f"{n}: {e}" for n, e in registry.errors.items()))
+        raise SdtuneError("Cannot score: " + "; ".join(f"{n}: {e}" for n, e in registry.errors.items()))
 
     results, grids, baseline = {}, {}, None
     for spec in specs:
@@ -162,7 +164,7 @@ def main(argv=None) -> dict:
             else:
                 rows, grids[spec.name] = score_prompts(pipeline, inputs, args, settings, scorer)
         except GenerationError as error:
-            raise SystemExit(f"Cannot generate with '{spec.name}': {error}") from error
+            raise SdtuneError(f"Cannot generate with '{spec.name}': {error}") from error
         results[spec.name] = dict(model_summary(rows, baseline, args.seed), path=spec.path)
         baseline = rows if baseline is None else baseline
     write_report(args, results, grids)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
+from sdtune.errors import SdtuneError
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,7 +76,7 @@ def check_hub_reachable(args) -> None:
     from huggingface_hub import constants
 
     if args.push_to_hub and constants.HF_HUB_OFFLINE:
-        raise SystemExit("--push_to_hub is set but HF_HUB_OFFLINE=1: unset one of them.")
+        raise SdtuneError("--push_to_hub is set but HF_HUB_OFFLINE=1: unset one of them.")
 
 
 def push_to_hub(args) -> str:

@@ -13,6 +13,9 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
 from PIL import Image
 
+from sdtune.errors import SdtuneError
+from sdtune.seeds import cpu_generator
+
 # name -> (scheduler class, the name AUTOMATIC1111's "Sampler" field uses for it)
 SCHEDULERS = {
     "dpmsolver++": (DPMSolverMultistepScheduler, "DPM++ 2M"),
@@ -22,7 +25,7 @@ SCHEDULERS = {
 }
 
 
-class GenerationError(ValueError):
+class GenerationError(SdtuneError):
     """Settings that cannot produce an image, with the reason."""
 
 
@@ -47,11 +50,6 @@ class GenerationSettings:
         return replace(self, width=width, height=height)
 
 
-def seeded_generator(seed: int) -> torch.Generator:
-    """A CPU generator for one (prompt, seed): CPU noise is identical on every device, so images are too."""
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
 def make_scheduler(name: str, config):
     if name not in SCHEDULERS:
         raise GenerationError(f"Unknown scheduler '{name}'; choose from {', '.join(SCHEDULERS)}.")
@@ -59,7 +57,11 @@ def make_scheduler(name: str, config):
 
 
 def for_call(pipeline_class, pipeline, scheduler: str):
-    """A pipeline view with its own scheduler (schedulers keep per-call state); weights are shared, not copied."""
+    """A pipeline view with its own scheduler (schedulers keep per-call state); weights are shared, not copied.
+
+    Not diffusers' `from_pipe(pipeline, scheduler=...)`: in diffusers 0.42 it ends with `.to(dtype)` on the shared
+    modules, which casts an fp16 pipeline's weights to fp32 in place unless a dtype is passed, and logs "There are
+    modules in UNet2DConditionModel that should be kept in float32" for the UNet and the VAE on every call."""
     components = dict(pipeline.components, scheduler=make_scheduler(scheduler, pipeline.scheduler.config))
     # carry the model's own safety-checker setting over, or every view would warn about a missing checker
     view = pipeline_class(**components, requires_safety_checker=pipeline.config.get("requires_safety_checker", True))
@@ -113,7 +115,7 @@ def text_to_images(pipeline, prompt: str, seeds: list[int], settings: Generation
     result = view(
         prompt=prompt, negative_prompt=settings.negative_prompt, num_images_per_prompt=len(seeds),
         num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-        width=settings.width, height=settings.height, generator=[seeded_generator(s) for s in seeds],
+        width=settings.width, height=settings.height, generator=[cpu_generator(s) for s in seeds],
         callback_on_step_end=interrupt_callback(stop),
     )
     if stop is not None and stop.is_set():
@@ -149,7 +151,7 @@ def images_to_images(pipeline, images: list[Image.Image], prompts: list[str], se
         prompt=prompts, negative_prompt=[settings.negative_prompt or ""] * len(prompts),
         image=[image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS) for image in images],
         strength=settings.strength, num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale, generator=[seeded_generator(seed) for seed in seeds],
+        guidance_scale=settings.guidance_scale, generator=[cpu_generator(seed) for seed in seeds],
         callback_on_step_end=interrupt_callback(stop),
     )
     if stop is not None and stop.is_set():
@@ -161,13 +163,3 @@ def image_to_image(pipeline, image: Image.Image, prompt: str, seed: int, setting
                    resolution: int, stop: threading.Event | None = None) -> Image.Image:
     """One image to image, returned at the input's size."""
     return images_to_images(pipeline, [image], [prompt], [seed], settings, resolution, stop)[0]
-
-
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Tile equally sized images row by row."""
-    width, height = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid

@@ -7,11 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-
-def step_generator(seed: int, process_index: int, epoch: int, batch_index: int) -> torch.Generator:
-    """The generator of one micro-batch on one process: a resumed run draws exactly the same numbers."""
-    mixed = ((seed * 1_000_003 + process_index) * 1_000_033 + epoch) * 1_000_037 + batch_index
-    return torch.Generator().manual_seed(mixed % (2**63))
+from sdtune.errors import SdtuneError
 
 
 def randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -59,7 +55,7 @@ def prediction_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
         return noise
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise SystemExit(f"Unsupported prediction type '{prediction_type}': use epsilon or v_prediction.")
+    raise SdtuneError(f"Unsupported prediction type '{prediction_type}': use epsilon or v_prediction.")
 
 
 def weighted_mse(prediction, target, scheduler, timesteps, snr_gamma) -> torch.Tensor:

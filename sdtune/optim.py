@@ -3,6 +3,8 @@
 import torch
 from diffusers.optimization import get_scheduler
 
+from sdtune.errors import SdtuneError
+
 
 def make_optimizer(args, parameters, num_processes: int) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' AdamW8bit with --use_8bit_adam; the learning rate scaled with --scale_lr."""
@@ -13,7 +15,7 @@ def make_optimizer(args, parameters, num_processes: int) -> torch.optim.Optimize
         try:
             import bitsandbytes as bnb
         except ImportError as error:
-            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+            raise SdtuneError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW

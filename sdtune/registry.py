@@ -17,6 +17,8 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+from sdtune.errors import SdtuneError
+
 logger = logging.getLogger(__name__)
 
 SHAREABLE = ("vae", "text_encoder", "unet", "safety_checker")  # components with weights
@@ -30,14 +32,15 @@ class ModelSpec:
     variant: str | None = None
 
 
-class ModelUnavailable(RuntimeError):
-    """A model that is not in the list or failed to load."""
+class ModelUnavailable(SdtuneError, RuntimeError):
+    """A model that is not in the list or failed to load. Still a RuntimeError: the batches record it as a failed
+    image or batch and go on, as they do for other runtime failures."""
 
 
 def read_model_list(path) -> list[ModelSpec]:
     """The `models:` list of a YAML file such as configs/models.yaml."""
     if not Path(path).is_file():
-        raise SystemExit(f"Model list {path} not found; see configs/models.yaml for the format.")
+        raise SdtuneError(f"Model list {path} not found; see configs/models.yaml for the format.")
     entries = (yaml.safe_load(Path(path).read_text()) or {}).get("models") or []
     specs = [ModelSpec(**entry) for entry in entries]
     check_unique_names(specs, path)
@@ -52,7 +55,8 @@ def parse_model_flags(values: list[str]) -> list[ModelSpec]:
     for value in values:
         name, separator, path = value.partition("=")
         if not separator or not name or not path:
-            raise SystemExit(f"--models {value}: expected name=path_or_hub_id, e.g. stock=CompVis/stable-diffusion-v1-4")
+            raise SdtuneError(f"--models {value}: expected name=path_or_hub_id, "
+                              "e.g. stock=CompVis/stable-diffusion-v1-4")
         specs.append(ModelSpec(name, path))
     check_unique_names(specs, "--models")
     return specs
@@ -61,10 +65,10 @@ def parse_model_flags(values: list[str]) -> list[ModelSpec]:
 def check_unique_names(specs, source) -> None:
     names = [spec.name for spec in specs]
     if not names:
-        raise SystemExit(f"{source}: the model list is empty.")
+        raise SdtuneError(f"{source}: the model list is empty.")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise SystemExit(f"{source}: duplicate model names {duplicates}.")
+        raise SdtuneError(f"{source}: duplicate model names {duplicates}.")
 
 
 def pick_device(requested: str = "auto") -> torch.device:

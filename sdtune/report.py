@@ -7,7 +7,7 @@ import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from sdtune.generate import image_grid
+from diffusers.utils import make_image_grid
 
 LIBRARIES = ("torch", "diffusers", "transformers", "torchmetrics", "accelerate", "sdtune")
 
@@ -30,7 +30,8 @@ def write_report(args, results: dict, grids: dict) -> Path:
     staging.mkdir(parents=True)
     for name, images_by_prompt in grids.items():
         rows = list(images_by_prompt.values())
-        image_grid([image for row in rows for image in row], columns=len(rows[0])).save(staging / f"grid-{name}.png")
+        grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
+        grid.save(staging / f"grid-{name}.png")
     write_scores_csv(staging / "scores.csv", results)
     report = {"settings": vars(args), "versions": library_versions(), "models": results}
     (staging / "report.json").write_text(json.dumps(report, indent=2))

@@ -1,17 +1,57 @@
-"""Seeds derived from names, not positions: the same input gets the same seed and model whatever the order of the
-inputs, the number of processes or a restart."""
+"""Every seed of the product, in one place: derived from names and positions, never from a global random stream.
+
+The same input gets the same seed and model whatever the order of the inputs, the number of processes or a restart;
+every random draw comes from a CPU generator, whose numbers are the same on every device.
+"""
 
 import hashlib
+import secrets
+
+import torch
+
+SEED_LIMIT = 2**32  # seeds are 0 <= seed < 2**32: what the app shows, the PNGs record and the generators take
 
 
 def derive_seed(*parts) -> int:
     """A 32-bit seed from any parts (a base seed, a prompt or file name, an index...)."""
-    digest = hashlib.sha256("\0".join(map(str, parts)).encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") % 2**32
+    # surrogateescape: a file name that is not valid UTF-8 (Linux allows any bytes) still gives its own seed
+    text = "\0".join(map(str, parts)).encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") % SEED_LIMIT
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    """The generator of one seed: CPU noise is identical on every device, so images and trainings are too."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The app's seed: -1 (or none) means a fresh random one; the seed used is always returned to the user."""
+    return secrets.randbelow(SEED_LIMIT) if seed is None or int(seed) < 0 else int(seed)
+
+
+def step_generator(seed: int, process_index: int, epoch: int, batch_index: int) -> torch.Generator:
+    """The training step's draws for one micro-batch on one process: a resumed run draws exactly the same numbers."""
+    return cpu_generator(derive_seed(seed, "step", process_index, epoch, batch_index))
+
+
+def example_generator(seed: int, epoch: int, row: int) -> torch.Generator:
+    """The data augmentation's draws for one example in one epoch, whichever worker loads it."""
+    return cpu_generator(derive_seed(seed, "example", epoch, row))
+
+
+def shuffle_generator(seed: int, epoch: int) -> torch.Generator:
+    """The order of the rows in one epoch."""
+    return cpu_generator(derive_seed(seed, "shuffle", epoch))
+
+
+def validation_seed(seed: int, prompt_index: int) -> int:
+    """Validation image `prompt_index` during training: `--seed` + its index (the README says so), not the
+    text-derived seed metrics.py gives the same prompt."""
+    return seed + prompt_index
 
 
 def prompt_seed(seed: int, prompt: str, index: int) -> int:
-    """The seed of image `index` of `prompt`: tied to the prompt's text, not its line in a file."""
+    """metrics.py's image `index` of `prompt`: tied to the prompt's text, not its line in a file."""
     return derive_seed(seed, prompt, index)
 
 
@@ -23,5 +63,5 @@ def draw_model(seed: int, key: str, models: list[str]) -> str:
 
 
 def image_seed(seed: int, key: str) -> int:
-    """The generation seed of an input in a batch."""
+    """The generation seed of an input in a batch, the app's batch tab and the batch CLI alike."""
     return derive_seed(seed, key, "seed")

@@ -1,7 +1,6 @@
 """What the app does, without its UI: check a request, generate, save PNGs that carry their parameters, and record
 the run. Every error a user can cause is a `RequestError` with a message meant for them."""
 
-import secrets
 import threading
 import time
 import zipfile
@@ -17,6 +16,7 @@ from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry, ModelUnavailable
 from sdtune.runlog import RunRecorder
+from sdtune.seeds import resolve_seed
 
 MAX_SIDE = 1024  # width/height cap: beyond it SD v1 repeats itself and memory grows with the square
 MAX_IMAGES = 8  # images per text-to-image request
@@ -53,11 +53,6 @@ class BatchUpdate:
     zip_path: Path | None = None
     run: dict | None = None
     outputs: list[Path] = field(default_factory=list)
-
-
-def resolve_seed(seed: int) -> int:
-    """-1 means a fresh random seed; the seed used is always returned to the user."""
-    return secrets.randbelow(2**32) if seed is None or int(seed) < 0 else int(seed)
 
 
 class Service:

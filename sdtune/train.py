@@ -19,8 +19,10 @@ from sdtune.config import save_resolved_config
 from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows, warn_long_captions
 from sdtune.export import check_hub_reachable, push_to_hub, save_pipeline, write_model_card
 from sdtune.latent_cache import build_latent_cache
-from sdtune.objective import diffusion_loss, step_generator
+from sdtune.logs import setup_logging
+from sdtune.objective import diffusion_loss
 from sdtune.optim import make_lr_scheduler, make_optimizer, update_offloaded_ema
+from sdtune.seeds import step_generator
 from sdtune.validation import log_grid_to_trackers, render_validation, validation_pipeline
 
 logger = logging.getLogger("sdtune.train")
@@ -30,7 +32,10 @@ LOG_EVERY_STEPS = 50  # a line in train.log this often; the tracker gets every s
 
 def main(args) -> Path:
     accelerator = make_accelerator(args)
-    setup_logging(args, accelerator)
+    # every process logs its warnings; only the main one its progress, and to train.log
+    main_process = accelerator.is_main_process
+    setup_logging(logging.INFO if main_process else logging.WARNING,
+                  Path(args.output_dir) / "train.log" if main_process else None)
     check_hub_reachable(args)
     set_seed(args.seed)
 
@@ -147,23 +152,6 @@ def make_accelerator(args) -> Accelerator:
                        mixed_precision=args.mixed_precision,
                        log_with=None if args.report_to == "none" else args.report_to,
                        project_config=project)
-
-
-def setup_logging(args, accelerator) -> None:
-    """Log to the console and, on the main process, to output_dir/train.log."""
-    level = logging.INFO if accelerator.is_main_process else logging.WARNING
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger("sdtune")
-    root.setLevel(level)
-    root.handlers.clear()
-    console = logging.StreamHandler()
-    console.setFormatter(fmt)
-    root.addHandler(console)
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        log_file = logging.FileHandler(Path(args.output_dir) / "train.log")
-        log_file.setFormatter(fmt)
-        root.addHandler(log_file)
 
 
 def configure_unet(unet, args) -> None:

@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import make_image_grid
 
-from sdtune.generate import GenerationSettings, image_grid, text_to_image
+from sdtune.generate import GenerationSettings, text_to_image
+from sdtune.seeds import validation_seed
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +31,6 @@ def validation_pipeline(components, unet, device) -> StableDiffusionPipeline:
     return pipeline.to(device)
 
 
-def validation_seed(seed: int, prompt_index: int) -> int:
-    return seed + prompt_index
-
-
 def render_validation(pipeline, args, global_step: int) -> Path:
     """Render every validation prompt and save the grid as validation/step-000500.png."""
     settings = GenerationSettings(num_inference_steps=args.validation_inference_steps,
@@ -43,9 +41,17 @@ def render_validation(pipeline, args, global_step: int) -> Path:
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{global_step:06d}.png"
-    image_grid(images, columns=min(4, len(images))).save(path)
+    validation_grid(images).save(path)
     logger.info("Validation grid: %s", path)
     return path
+
+
+def validation_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
+    """Rows of up to `columns` images; white cells fill the last row (diffusers' grid wants a full rectangle)."""
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    blanks = [Image.new("RGB", images[0].size, "white")] * (rows * columns - len(images))
+    return make_image_grid(images + blanks, rows=rows, cols=columns)
 
 
 def log_grid_to_trackers(accelerator, grid_path: Path, global_step: int) -> None:

@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from sdtune.config import RESOLVED_CONFIG_NAME, parse_args, save_resolved_config
+from sdtune.errors import SdtuneError
 
 REQUIRED = ["--pretrained_model_name_or_path", "model", "--train_data_dir", "data"]
 
@@ -19,12 +20,12 @@ def test_flags_override_the_recipe_which_overrides_defaults(tmp_path):
 def test_unknown_recipe_key_is_an_error_not_ignored(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("learning_rat: 0.5\n")
-    with pytest.raises(SystemExit, match="learning_rat"):
+    with pytest.raises(SdtuneError, match="learning_rat"):
         parse_args(REQUIRED + ["--config", str(recipe)])
 
 
 def test_missing_recipe_file_names_the_folder():
-    with pytest.raises(SystemExit, match="configs/"):
+    with pytest.raises(SdtuneError, match="configs/"):
         parse_args(REQUIRED + ["--config", "nope.yaml"])
 
 
@@ -35,14 +36,14 @@ def test_missing_recipe_file_names_the_folder():
     (["--proportion_empty_prompts", "2"], "between 0 and 1"),
 ])
 def test_impossible_combinations_are_refused(extra, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SdtuneError, match=message):
         parse_args(REQUIRED + extra)
 
 
 def test_model_and_data_are_required():
-    with pytest.raises(SystemExit, match="pretrained_model_name_or_path"):
+    with pytest.raises(SdtuneError, match="pretrained_model_name_or_path"):
         parse_args(["--train_data_dir", "x"])
-    with pytest.raises(SystemExit, match="dataset_name"):
+    with pytest.raises(SdtuneError, match="dataset_name"):
         parse_args(["--pretrained_model_name_or_path", "x"])
 
 

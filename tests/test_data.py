@@ -6,6 +6,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from conftest import ODD_SKIPS
+from sdtune.errors import SdtuneError
 from sdtune.data import (CaptionedImages, EpochShuffleSampler, load_rows, screen_rows, usable_captions,
                          warn_long_captions)
 
@@ -41,17 +42,17 @@ def test_every_usable_odd_image_becomes_a_normalised_rgb_tensor(odd_dataset, tin
 def test_a_dataset_with_nothing_usable_stops_with_the_reason(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
-    with pytest.raises(SystemExit, match="No usable rows.*zero-byte"):
+    with pytest.raises(SdtuneError, match="No usable rows.*zero-byte"):
         screen_rows(load_rows(data_args(tmp_path)), "image", "text")
 
 
 def test_a_missing_column_is_named(odd_dataset):
-    with pytest.raises(SystemExit, match="Column 'caption' not in the dataset"):
+    with pytest.raises(SdtuneError, match="Column 'caption' not in the dataset"):
         load_rows(data_args(odd_dataset, caption_column="caption"))
 
 
 def test_an_unreachable_hub_dataset_names_the_alternatives():
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(SdtuneError) as error:
         load_rows(data_args(None, train_data_dir=None, dataset_name="lambdalabs/pokemon-blip-captions"))
     message = str(error.value)
     assert "taken down" in message and "--train_data_dir" in message and "mirror" in message

@@ -2,6 +2,9 @@
 
 import json
 import random
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,9 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from sdtune.clip_scoring import ClipScorer
+from helpers import REPO, subprocess_env
 from sdtune.evaluate import main
+from sdtune.prompts import read_prompts
 from sdtune.stats import paired_bootstrap
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background",
@@ -104,6 +109,28 @@ def test_a_missing_clip_or_prompts_file_fails_cleanly(tmp_path, tiny_pipeline):
         run_metrics(tmp_path, [f"m={tiny_pipeline}"], tmp_path / "no-clip")
     with pytest.raises(SystemExit, match="not found"):
         main(["--models", f"m={tiny_pipeline}", "--prompts", str(tmp_path / "none.txt")])
+
+
+def test_a_latin1_prompts_file_stops_with_its_name_and_encoding(tmp_path, tiny_pipeline):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a red circle\na caf\u00e9 on a white background\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=re.escape(f"{prompts} is not UTF-8 text (line 2, byte 0xe9)")):
+        main(["--models", f"m={tiny_pipeline}", "--prompts", str(prompts)])
+
+
+def test_a_repeated_prompt_is_read_once_with_a_warning(tmp_path, caplog):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\ufeffa red circle\na blue square\n# a comment\na red circle\n", encoding="utf-8")
+    assert read_prompts(prompts) == ["a red circle", "a blue square"]
+    assert "repeats 'a red circle'" in caplog.text
+
+
+def test_commands_start_without_the_expected_torchvision_warnings():
+    # transformers warns at diffusers' import that torchvision (not a dependency) is missing; sdtune drops exactly that
+    result = subprocess.run([sys.executable, "metrics.py", "--help"], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, check=True)
+    assert "usage:" in result.stdout
+    assert "requires torchvision" not in result.stderr
 
 
 def test_a_crash_midway_leaves_no_report(tmp_path, tiny_pipeline, tiny_clip, monkeypatch):

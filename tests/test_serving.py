@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sdtune.errors import SdtuneError
 from sdtune.generate import GenerationSettings, Interrupted, text_to_images, working_size
 from sdtune.pnginfo import format_parameters, parse_parameters, read_parameters, save_png
 from sdtune.registry import ModelRegistry, ModelSpec, parse_model_flags, read_model_list
@@ -42,9 +43,9 @@ def test_model_lists(tmp_path):
     listing.write_text("models:\n  - name: a\n    path: x/y\n    variant: fp16\n  - name: b\n    path: ./b\n")
     assert read_model_list(listing) == [ModelSpec("a", "x/y", variant="fp16"), ModelSpec("b", "./b")]
     assert parse_model_flags(["s=CompVis/stable-diffusion-v1-4"]) == [ModelSpec("s", "CompVis/stable-diffusion-v1-4")]
-    with pytest.raises(SystemExit, match="duplicate"):
+    with pytest.raises(SdtuneError, match="duplicate"):
         parse_model_flags(["a=x", "a=y"])
-    with pytest.raises(SystemExit, match="name=path"):
+    with pytest.raises(SdtuneError, match="name=path"):
         parse_model_flags(["just-a-path"])
 
 

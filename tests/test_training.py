@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import sdtune.train
 from helpers import run_in_process, tiny_flags
+from sdtune.errors import SdtuneError
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -182,7 +183,7 @@ def test_missing_xformers_is_a_clear_error(train, tmp_path):
         pytest.skip("xformers is installed here")
     except ImportError:
         pass
-    with pytest.raises(SystemExit, match="xformers is not installed"):
+    with pytest.raises(SdtuneError, match="xformers is not installed"):
         train(tmp_path / "run", "--enable_xformers_memory_efficient_attention")
 
 
@@ -220,7 +221,7 @@ def test_checkpoint_limit_keeps_the_newest_complete_checkpoints(train, tmp_path)
 
 
 def test_push_to_hub_offline_fails_before_any_training(train, tmp_path):
-    with pytest.raises(SystemExit, match="HF_HUB_OFFLINE"):
+    with pytest.raises(SdtuneError, match="HF_HUB_OFFLINE"):
         train(tmp_path / "run", "--push_to_hub", "--checkpointing_steps", "1")
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from sdtune.config import parse_args as parse_training_args
+from sdtune.errors import SdtuneError, exit_on_error
+from sdtune.logs import setup_logging
 from sdtune.train import main as train
 from tinyworld import CLIP, STOCK
 from tinyworld.clip_model import MAX_TOKENS, ranking_accuracy, save_clip, train_clip
@@ -54,8 +56,8 @@ def unet_flags(pipeline: Path, data: Path, output_dir: Path, seed: int) -> list[
 def require(path: Path, phase: str) -> Path:
     """What an earlier phase wrote; a clear stop when `--only` skipped it."""
     if not path.exists():
-        raise SystemExit(f"{path} is missing: run the {phase} phase first (python -m tinyworld.build "
-                         f"--only {phase}, with the same --data and --work).")
+        raise SdtuneError(f"{path} is missing: run the {phase} phase first (python -m tinyworld.build "
+                          f"--only {phase}, with the same --data and --work).")
     return path
 
 
@@ -91,15 +93,7 @@ def unet_phase(args) -> None:
     logger.info("Stock pipeline saved to %s", args.stock)
 
 
-def setup_logging() -> None:
-    """Log lines on the console, through the "sdtune" logger as the trainer does (which replaces this handler)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("sdtune")
-    root.setLevel(logging.INFO)
-    root.handlers[:] = [handler]
-
-
+@exit_on_error()
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=PHASES, help="Run this phase only (default: all, in order).")
