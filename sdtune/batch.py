@@ -20,11 +20,13 @@ from tqdm.auto import tqdm
 
 from sdtune import manifest
 from sdtune.batch_plan import Job, output_name, plan_batches, scan, shard
-from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, check_sampling, images_to_images
+from sdtune.errors import SdtuneError
+from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, images_to_images
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry, parse_model_flags
 from sdtune.runlog import PeakRss
+from sdtune.seeds import check_seed
 
 logger = logging.getLogger("sdtune.batch")
 
@@ -55,17 +57,6 @@ def parse_args(argv=None):
     if args.batch_size < 1:
         raise SystemExit("--batch_size must be at least 1.")
     return args
-
-
-def settings_from(args) -> GenerationSettings:
-    settings = GenerationSettings(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                  negative_prompt=args.negative_prompt, scheduler=args.scheduler,
-                                  strength=args.strength)
-    try:
-        check_sampling(settings, image_to_image=True)
-    except GenerationError as error:
-        raise SystemExit(str(error)) from error
-    return settings
 
 
 def entry(job: Job, output: str | None, seconds: float, error: str = "") -> dict:
@@ -119,7 +110,12 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = parse_args(argv)
-    settings = settings_from(args)
+    try:
+        settings = GenerationSettings.from_args(args)
+        settings.validate(image_to_image=True)
+        check_seed(args.seed)
+    except SdtuneError as error:
+        raise SystemExit(str(error)) from error
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     registry = ModelRegistry(parse_model_flags(args.models), device=state.device, cache_dir=args.cache_dir, lazy=True)
     resolutions = {name: args.resolution or registry.native_resolution(name) for name in registry.names}
