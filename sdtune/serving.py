@@ -144,7 +144,7 @@ class Service:
         self.check_cost(settings, num_images)
         seed = resolve_seed(seed)
         pipeline = self.pipeline(model)
-        seeds = [(seed + i) % SEED_LIMIT for i in range(num_images)]  # the last seed wraps round to 0
+        seeds = [(seed + i) % SEED_LIMIT for i in range(num_images)]  # past 2**32 - 1 they wrap round to 0
         with RunRecorder("text2img", self.run_log, self.registry.device) as recorder:
             start = time.perf_counter()
             images = text_to_images(pipeline, prompt, seeds, settings, stop)

@@ -13,6 +13,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from sdtune.app import check_output_dir
 from sdtune.generate import Interrupted
 from sdtune.pnginfo import parse_parameters
 from sdtune.serving import BatchUpdate, Outcome
@@ -258,3 +259,9 @@ def test_img2img_refuses_a_seed_beyond_64_bits(client, tmp_path):
         client.predict(image=handle_file(image_file(tmp_path / "in.png")), prompt="x", negative_prompt="",
                        model="stock", scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5,
                        strength=0.5, seed=2**64, resolution=0, api_name="/img2img")
+
+
+def test_an_output_folder_gradio_cannot_hand_out_from_is_refused_at_start(tmp_path):
+    check_output_dir(tmp_path / "outputs")  # under the temp folder: Gradio copies returned files from there
+    with pytest.raises(SystemExit, match="inside the working directory"):
+        check_output_dir("/var/lib/sdtune-outputs")
