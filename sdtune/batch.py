@@ -24,11 +24,12 @@ from sdtune import batch_output, manifest
 from sdtune.batch_engine import generate_batch, save_output, working_resolutions
 from sdtune.batch_plan import BATCH_SIZE, Job, output_name, plan_batches, plan_jobs, shard
 from sdtune.errors import SdtuneError, exit_on_error
-from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, check_sampling
+from sdtune.generate import SCHEDULERS, GenerationSettings
 from sdtune.image_folder import list_images
 from sdtune.logs import setup_logging
 from sdtune.registry import ModelRegistry, ModelUnavailable, parse_model_flags
 from sdtune.runlog import PeakRss
+from sdtune.seeds import check_seed
 
 logger = logging.getLogger("sdtune.batch")
 
@@ -61,17 +62,6 @@ def parse_args(argv=None):
     if args.batch_size < 1:
         raise SdtuneError("--batch_size must be at least 1.")
     return args
-
-
-def settings_from(args) -> GenerationSettings:
-    settings = GenerationSettings(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                  negative_prompt=args.negative_prompt, scheduler=args.scheduler,
-                                  strength=args.strength)
-    try:
-        check_sampling(settings, image_to_image=True)
-    except GenerationError as error:
-        raise SystemExit(str(error)) from error
-    return settings
 
 
 def output_settings(args, specs) -> dict:
@@ -136,7 +126,9 @@ def main(argv=None) -> dict:
     """Run the batch; a problem the user can fix exits with its message."""
     setup_logging()
     args = parse_args(argv)
-    settings = settings_from(args)
+    settings = GenerationSettings.from_args(args)
+    settings.validate(image_to_image=True)
+    check_seed(args.seed)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     registry, resolutions = prepare(args, state)
     jobs = plan_jobs(list_images(args.input, exclude=args.output), registry.names, args.seed, args.prompt,

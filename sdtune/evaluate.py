@@ -63,11 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def settings_for(args, resolution: int) -> GenerationSettings:
-    return GenerationSettings(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                              width=resolution, height=resolution, scheduler=args.scheduler, strength=args.strength)
-
-
 def score_prompts(pipeline, prompts, args, settings, scorer):
     """Render and score every (prompt, seed); returns per-image rows and the images by prompt."""
     rows, images = [], {}
@@ -154,7 +149,7 @@ def main(argv=None) -> dict:
     results, grids, baseline = {}, {}, None
     for spec in specs:
         resolution = args.resolution or registry.native_resolution(spec.name)
-        settings = settings_for(args, resolution)
+        settings = GenerationSettings.from_args(args, width=resolution, height=resolution)
         pipeline = registry.get(spec.name)
         logger.info("Scoring '%s' on %d %s x %d seeds", spec.name, len(inputs),
                     "inputs" if args.init_images else "prompts", args.num_images_per_prompt)

@@ -5,8 +5,9 @@ settings give the same image everywhere (batched calls agree with single ones up
 level of 255 on a few pixels).
 """
 
+import math
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler,
@@ -25,8 +26,11 @@ SCHEDULERS = {
 }
 
 
-class GenerationError(SdtuneError):
-    """Settings that cannot produce an image, with the reason."""
+MAX_SIDE = 1024  # width/height cap: beyond it SD v1 repeats itself and memory grows with the square
+
+
+class GenerationError(SdtuneError, ValueError):
+    """Settings that cannot produce an image; the message names the setting."""
 
 
 class Interrupted(RuntimeError):
@@ -35,19 +39,77 @@ class Interrupted(RuntimeError):
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """How to sample; every instance is checked when built, so a bad setting fails before any model time."""
     num_inference_steps: int = 25
     guidance_scale: float = 7.5  # classifier-free guidance; 1 turns it off
-    width: int = 512
+    width: int = 512  # a multiple of 8 (the VAE's downsampling), at most MAX_SIDE
     height: int = 512
     negative_prompt: str | None = None
     scheduler: str = "dpmsolver++"
     strength: float = 0.75  # image to image only: how far from the input image to go (1 = ignore it)
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def from_args(cls, args=None, **values) -> "GenerationSettings":
+        """Settings from command-line args (an argparse Namespace) and/or a form's values, converted to their
+        types and checked. Names that are not settings (--input, --seed...) are ignored; missing ones default."""
+        given = {**(vars(args) if args is not None else {}), **values}
+        converted = {}
+        for setting in fields(cls):
+            value = given.get(setting.name)
+            if value is not None:
+                converted[setting.name] = _convert(setting.name, value, CONVERTERS[setting.name])
+        return cls(**converted)
+
+    def validate(self, image_to_image: bool = False) -> None:
+        """Refuse settings that would fail deep inside diffusers or silently do nothing."""
+        if self.num_inference_steps < 1:
+            raise GenerationError(f"num_inference_steps must be at least 1, not {self.num_inference_steps}.")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise GenerationError(f"guidance_scale must be a finite number, 0 or more, not {self.guidance_scale}.")
+        if not 0 < self.strength <= 1:  # also refuses NaN
+            raise GenerationError(f"strength must be in (0, 1], not {self.strength}.")
+        if self.scheduler not in SCHEDULERS:
+            raise GenerationError(f"Unknown scheduler '{self.scheduler}'; choose from {', '.join(SCHEDULERS)}.")
+        for name, side in (("width", self.width), ("height", self.height)):
+            if side % 8 or not 8 <= side <= MAX_SIDE:
+                raise GenerationError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, not {side}.")
+        if image_to_image and int(self.num_inference_steps * self.strength) < 1:
+            raise GenerationError(
+                f"strength {self.strength} x {self.num_inference_steps} steps runs no denoising step and "
+                f"would return the input unchanged: raise strength to at least {1 / self.num_inference_steps:.3g}"
+                " or add steps.")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def sized(self, width: int, height: int) -> "GenerationSettings":
         return replace(self, width=width, height=height)
+
+
+def _whole_number(value) -> int:
+    """int(value) for 25 or 25.0; a fraction (25.5) or text is refused rather than truncated."""
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(f"{value} is not a whole number")
+    return int(number)
+
+
+def _text_or_none(value) -> str | None:
+    return str(value) or None
+
+
+CONVERTERS = {"num_inference_steps": _whole_number, "guidance_scale": float, "width": _whole_number,
+              "height": _whole_number, "negative_prompt": _text_or_none, "scheduler": str, "strength": float}
+
+
+def _convert(name: str, value, converter):
+    try:
+        return converter(value)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise GenerationError(f"{name}: {value!r} is not a valid value ({error}).") from error
 
 
 def make_scheduler(name: str, config):
@@ -78,39 +140,10 @@ def interrupt_callback(stop: threading.Event | None):
     return on_step_end
 
 
-def check_sampling(settings: GenerationSettings, image_to_image: bool = False) -> None:
-    """Refuse sampling settings that would fail deep inside diffusers or silently do nothing."""
-    if settings.num_inference_steps < 1:
-        raise GenerationError("num_inference_steps must be at least 1.")
-    if settings.guidance_scale < 0:
-        raise GenerationError("guidance_scale must be 0 or more.")
-    if settings.scheduler not in SCHEDULERS:
-        raise GenerationError(f"Unknown scheduler '{settings.scheduler}'; choose from {', '.join(SCHEDULERS)}.")
-    if image_to_image:
-        if not 0 < settings.strength <= 1:
-            raise GenerationError(f"strength must be in (0, 1], not {settings.strength}.")
-        if int(settings.num_inference_steps * settings.strength) < 1:
-            raise GenerationError(
-                f"strength {settings.strength} x {settings.num_inference_steps} steps runs no denoising step and "
-                f"would return the input unchanged: raise strength to at least {1 / settings.num_inference_steps:.3g}"
-                " or add steps.")
-
-
-def check_size(width: int, height: int) -> None:
-    if width % 8 or height % 8 or width < 8 or height < 8:
-        raise GenerationError(f"width and height must be positive multiples of 8, not {width}x{height}.")
-
-
-def check_settings(settings: GenerationSettings, image_to_image: bool = False) -> None:
-    check_sampling(settings, image_to_image)
-    check_size(settings.width, settings.height)
-
-
 @torch.no_grad()
 def text_to_images(pipeline, prompt: str, seeds: list[int], settings: GenerationSettings,
                    stop: threading.Event | None = None) -> list[Image.Image]:
     """One image per seed for one prompt, in one batch; each image from its own generator."""
-    check_settings(settings)
     view = for_call(StableDiffusionPipeline, pipeline, settings.scheduler)
     result = view(
         prompt=prompt, negative_prompt=settings.negative_prompt, num_images_per_prompt=len(seeds),
@@ -145,7 +178,7 @@ def images_to_images(pipeline, images: list[Image.Image], prompts: list[str], se
         raise GenerationError(f"a batch needs one working size, got {sorted(sizes)}")
     width, height = sizes.pop()
     settings = settings.sized(width, height)
-    check_settings(settings, image_to_image=True)
+    settings.validate(image_to_image=True)
     view = for_call(StableDiffusionImg2ImgPipeline, pipeline, settings.scheduler)
     result = view(
         prompt=prompts, negative_prompt=[settings.negative_prompt or ""] * len(prompts),

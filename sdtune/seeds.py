@@ -9,7 +9,20 @@ import secrets
 
 import torch
 
-SEED_LIMIT = 2**32  # seeds are 0 <= seed < 2**32: what the app shows, the PNGs record and the generators take
+from sdtune.errors import SdtuneError
+
+SEED_LIMIT = 2**32  # seeds are 0 <= seed < 2**32: what a user may give, derive_seed makes and the PNGs record
+
+
+def check_seed(seed) -> int:
+    """`seed` as an int, refused (not wrapped or overflowed) outside 0 <= seed < 2**32."""
+    try:
+        whole = int(seed)
+    except (TypeError, ValueError, OverflowError):
+        whole = None
+    if whole is None or whole != seed or not 0 <= whole < SEED_LIMIT:
+        raise SdtuneError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, not {seed!r}.")
+    return whole
 
 
 def derive_seed(*parts) -> int:
@@ -24,9 +37,15 @@ def cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def resolve_seed(seed: int | None) -> int:
-    """The app's seed: -1 (or none) means a fresh random one; the seed used is always returned to the user."""
-    return secrets.randbelow(SEED_LIMIT) if seed is None or int(seed) < 0 else int(seed)
+def resolve_seed(seed) -> int:
+    """The app's seed: -1 (or none) means a fresh random one, any other must pass check_seed; the seed used is
+    always returned to the user."""
+    if seed is None or seed == -1:
+        return secrets.randbelow(SEED_LIMIT)
+    try:
+        return check_seed(seed)
+    except SdtuneError as error:
+        raise SdtuneError(f"{error} (-1: a random one)") from error
 
 
 def step_generator(seed: int, process_index: int, epoch: int, batch_index: int) -> torch.Generator:

@@ -7,23 +7,26 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from sdtune.batch_engine import Outcome as BatchOutcome, generate_batch, save_output, working_resolutions
+from sdtune.batch_engine import Outcome as BatchOutcome, generate_batch, save_output
 from sdtune.batch_plan import BATCH_SIZE, Job, plan_batches, plan_jobs
-from sdtune.generate import (GenerationError, GenerationSettings, check_sampling, check_settings,
-                             image_to_image, text_to_images, working_size)
+from sdtune.errors import SdtuneError
+from sdtune.generate import MAX_SIDE, GenerationSettings, image_to_image, text_to_images, working_size
 from sdtune.image_folder import InputImage, list_images, printable
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry, ModelUnavailable
 from sdtune.runlog import RunRecorder
-from sdtune.seeds import resolve_seed
+from sdtune.seeds import SEED_LIMIT, resolve_seed
 
-MAX_SIDE = 1024  # width/height cap: beyond it SD v1 repeats itself and memory grows with the square
 MAX_IMAGES = 8  # images per text-to-image request
 MAX_UPLOAD_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (decompression bombs)
+# The most work one request may ask for, in megapixel-steps (width x height x denoising steps x images / 10^6; a
+# 512x512 image at 30 steps is 7.9). The device runs one request at a time and Stop acts only between steps, so
+# one request must not hold it for long: a CPU takes seconds per megapixel-step, a GPU a small fraction of one.
+DEFAULT_MAX_REQUEST_COST = {"cpu": 8.0, "mps": 64.0, "cuda": 512.0}
 
 
-class RequestError(ValueError):
+class RequestError(SdtuneError, ValueError):
     """A request that cannot be served as asked; the message says why."""
 
 
@@ -55,11 +58,21 @@ class BatchUpdate:
     outputs: list[Path] = field(default_factory=list)
 
 
+def request_cost(settings: GenerationSettings, images: int, image_to_image: bool = False) -> float:
+    """Megapixel-steps a request runs: width x height x denoising steps x images / 10^6; image to image runs
+    steps x strength of its steps."""
+    steps = settings.num_inference_steps * (settings.strength if image_to_image else 1)
+    return settings.width * settings.height * steps * images / 1e6
+
+
 class Service:
-    def __init__(self, registry: ModelRegistry, output_dir, allowed_root, max_upload_pixels=MAX_UPLOAD_PIXELS):
+    def __init__(self, registry: ModelRegistry, output_dir, allowed_root, max_upload_pixels=MAX_UPLOAD_PIXELS,
+                 max_request_cost: float | None = None):
         self.registry, self.output_dir = registry, Path(output_dir)
+        self.allowed_root_shown = str(allowed_root)  # as the operator gave it: error messages show no server paths
         self.allowed_root = Path(allowed_root).resolve()
         self.max_upload_pixels = max_upload_pixels
+        self.max_request_cost = max_request_cost or DEFAULT_MAX_REQUEST_COST.get(registry.device.type, 8.0)
         self.run_log = self.output_dir / "runs.jsonl"
 
     def pipeline(self, model: str):
@@ -68,65 +81,81 @@ class Service:
         except ModelUnavailable as error:
             raise RequestError(str(error)) from error
 
-    def check(self, settings: GenerationSettings, image_to_image: bool = False, size: bool = True) -> None:
-        """Refuse what cannot work, before any model time is spent."""
-        if max(settings.width, settings.height) > MAX_SIDE:
-            raise RequestError(f"width and height (or the working resolution) are capped at {MAX_SIDE}.")
-        try:
-            (check_settings if size else check_sampling)(settings, image_to_image)
-        except GenerationError as error:
-            raise RequestError(str(error)) from error
+    def check_cost(self, settings: GenerationSettings, images: int = 1, image_to_image: bool = False) -> None:
+        """Refuse a request that would hold the device longer than the operator allows."""
+        cost = request_cost(settings, images, image_to_image)
+        if cost > self.max_request_cost:
+            steps = "steps x strength" if image_to_image else "steps"
+            raise RequestError(
+                f"This request costs {cost:.3g} megapixel-steps (width x height x {steps} x images / 10^6); this "
+                f"server allows {self.max_request_cost:g} per request on its {self.registry.device.type}. Lower "
+                "the size, steps or images, or ask the operator to raise --max_request_cost.")
+
+    def working_resolution(self, resolution: int, model: str) -> int:
+        """The longer side image to image works at: `resolution`, or the model's own when it is 0."""
+        if not resolution:
+            try:
+                return self.registry.native_resolution(model)
+            except ModelUnavailable as error:
+                raise RequestError(str(error)) from error
+        if not 8 <= resolution <= MAX_SIDE:
+            raise RequestError(f"resolution must be 0 (the model's own) or from 8 to {MAX_SIDE}, not {resolution}.")
+        return resolution
 
     def load_upload(self, path) -> object:
+        name = Path(path).name  # the user's own file name; Gradio's upload folder is the server's business
         try:
             return to_rgb(open_image(path, max_pixels=self.max_upload_pixels))
         except (BadImageError, OSError) as error:
-            raise RequestError(f"{Path(path).name}: {error}") from error
+            raise RequestError(f"{name}: {str(error).replace(str(path), name)}") from error
 
     def text2img(self, prompt: str, model: str, seed: int, num_images: int, settings: GenerationSettings,
                  stop: threading.Event | None = None) -> Outcome:
         """`num_images` images from seeds seed, seed+1, ... in one batch."""
         if not 1 <= num_images <= MAX_IMAGES:
             raise RequestError(f"num_images must be between 1 and {MAX_IMAGES}.")
-        self.check(settings)
-        pipeline, seed = self.pipeline(model), resolve_seed(seed)
-        seeds = [(seed + i) % 2**32 for i in range(num_images)]
-        recorder = RunRecorder("text2img", self.run_log, self.registry.device)
-        start = time.perf_counter()
-        images = text_to_images(pipeline, prompt, seeds, settings, stop)
-        for _ in images:
-            recorder.image_done((time.perf_counter() - start) / len(images))
-        folder = self.output_dir / recorder.run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = [save_png(image, folder / f"{index:02d}-{model}-{s}.png", format_parameters(prompt, settings, s, model))
-                 for index, (s, image) in enumerate(zip(seeds, images))]
-        return Outcome(paths, seeds, recorder.finish(model=model))
+        self.check_cost(settings, num_images)
+        seed = resolve_seed(seed)
+        pipeline = self.pipeline(model)
+        seeds = [(seed + i) % SEED_LIMIT for i in range(num_images)]  # past 2**32 - 1 they wrap round to 0
+        with RunRecorder("text2img", self.run_log, self.registry.device) as recorder:
+            start = time.perf_counter()
+            images = text_to_images(pipeline, prompt, seeds, settings, stop)
+            for _ in images:
+                recorder.image_done((time.perf_counter() - start) / len(images))
+            folder = self.output_dir / recorder.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            paths = [save_png(image, folder / f"{index:02d}-{model}-{s}.png",
+                              format_parameters(prompt, settings, s, model))
+                     for index, (s, image) in enumerate(zip(seeds, images))]
+            return Outcome(paths, seeds, recorder.finish(model=model))
 
     def img2img(self, image_path, prompt: str, model: str, seed: int, settings: GenerationSettings,
                 resolution: int = 0, stop: threading.Event | None = None) -> Outcome:
         """One edit of an uploaded image, returned at the upload's size."""
-        image = self.load_upload(image_path)
-        pipeline, seed = self.pipeline(model), resolve_seed(seed)
-        resolution = resolution or self.registry.native_resolution(model)
-        self.check(settings.sized(resolution, resolution), image_to_image=True, size=False)
-        recorder = RunRecorder("img2img", self.run_log, self.registry.device)
-        start = time.perf_counter()
-        edited = image_to_image(pipeline, image, prompt, seed, settings, resolution, stop)
-        recorder.image_done(time.perf_counter() - start)
-        folder = self.output_dir / recorder.run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        used = settings.sized(*working_size(image.size, resolution))  # the size the model worked at
-        path = save_png(edited, folder / f"{model}-{seed}.png",
-                        format_parameters(prompt, used, seed, model, image_to_image=True))
-        return Outcome([path], [seed], recorder.finish(model=model))
+        image, seed = self.load_upload(image_path), resolve_seed(seed)
+        pipeline = self.pipeline(model)
+        resolution = self.working_resolution(resolution, model)
+        used = settings.sized(*working_size(image.size, resolution))  # the size the model works at
+        used.validate(image_to_image=True)
+        self.check_cost(used, image_to_image=True)
+        with RunRecorder("img2img", self.run_log, self.registry.device) as recorder:
+            start = time.perf_counter()
+            edited = image_to_image(pipeline, image, prompt, seed, settings, resolution, stop)
+            recorder.image_done(time.perf_counter() - start)
+            folder = self.output_dir / recorder.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            path = save_png(edited, folder / f"{model}-{seed}.png",
+                            format_parameters(prompt, used, seed, model, image_to_image=True))
+            return Outcome([path], [seed], recorder.finish(model=model))
 
     def folder_items(self, folder: str) -> list[InputImage]:
         """The images under a folder inside --allowed-root; a folder, or a file link, leading outside it is refused."""
         root = (self.allowed_root / folder).resolve() if not Path(folder).is_absolute() else Path(folder).resolve()
         if not root.is_relative_to(self.allowed_root):
-            raise RequestError(f"Folder {folder} is outside the allowed root.")
+            raise RequestError(f"Folder {folder} is outside the allowed root {self.allowed_root_shown}.")
         if not root.is_dir():
-            raise RequestError(f"Folder {folder} does not exist under the allowed root.")
+            raise RequestError(f"Folder {folder} does not exist under {self.allowed_root_shown}.")
         return list_images(root, root=self.allowed_root)
 
     def random_batch(self, items: list[InputImage], models: list[str], prompt: str, seed: int,
@@ -141,34 +170,35 @@ class Service:
         resolutions = self.batch_resolutions(models, settings, resolution)
         seed = resolve_seed(seed)
         jobs = plan_jobs(distinct_keys(items), models, seed, prompt, resolutions, self.max_upload_pixels)
-        recorder = RunRecorder("random_batch", self.run_log, self.registry.device)
-        folder = self.output_dir / recorder.run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = {job.key: batch_row(job) for job in jobs if job.error}
-        for _ in rows:
-            recorder.image_done(0.0, failed=True)
-        for batch in plan_batches(jobs, BATCH_SIZE):
-            if stop is not None and stop.is_set():
-                break
-            for outcome in generate_batch(self.registry, batch, settings, resolutions[batch[0].model], stop):
-                rows[outcome.job.key] = saved_row(outcome, folder, settings)
-                recorder.image_done(outcome.seconds, failed=bool(rows[outcome.job.key].error))
-            yield batch_update(jobs, rows)
-        update = batch_update(jobs, rows)
-        update.zip_path = zip_outputs(folder, update.outputs)
-        update.run = recorder.finish(batch_seed=seed, models=models, stopped=stop is not None and stop.is_set())
-        yield update
+        with RunRecorder("random_batch", self.run_log, self.registry.device) as recorder:
+            folder = self.output_dir / recorder.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = {job.key: batch_row(job) for job in jobs if job.error}
+            for _ in rows:
+                recorder.image_done(0.0, failed=True)
+            for batch in plan_batches(jobs, BATCH_SIZE):
+                if stop is not None and stop.is_set():
+                    break
+                for outcome in generate_batch(self.registry, batch, settings, resolutions[batch[0].model], stop):
+                    rows[outcome.job.key] = saved_row(outcome, folder, settings)
+                    recorder.image_done(outcome.seconds, failed=bool(rows[outcome.job.key].error))
+                yield batch_update(jobs, rows)
+            update = batch_update(jobs, rows)
+            update.zip_path = zip_outputs(folder, update.outputs)
+            update.run = recorder.finish(batch_seed=seed, models=models, stopped=stop is not None and stop.is_set())
+            yield update
 
     def batch_resolutions(self, models: list[str], settings: GenerationSettings, resolution: int) -> dict[str, int]:
-        """Refuse a batch that cannot run before any model time is spent; each model's working resolution."""
+        """Refuse a batch that cannot run before any model time is spent; each model's working resolution. The cost
+        is bounded per image, at the largest working size the batch uses: Stop ends a batch between calls."""
         unknown = [m for m in models if m not in self.registry.names]
         if unknown:
             raise RequestError(f"Unknown models {unknown}; available: {', '.join(self.registry.names)}.")
-        self.check(settings.sized(resolution, resolution), image_to_image=True, size=False)
-        try:
-            return working_resolutions(self.registry, models, resolution)
-        except ModelUnavailable as error:
-            raise RequestError(f"{error} Leave that model out of the batch.") from error
+        settings.validate(image_to_image=True)
+        resolutions = {model: self.working_resolution(resolution, model) for model in models}
+        side = max(resolutions.values())
+        self.check_cost(settings.sized(side, side), image_to_image=True)
+        return resolutions
 
 
 def distinct_keys(items: list[InputImage]) -> list[InputImage]:

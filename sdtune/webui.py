@@ -5,36 +5,64 @@ named endpoints /text2img, /img2img and /random_batch. Generation runs one reque
 """
 
 import threading
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
 
-from sdtune.generate import SCHEDULERS, GenerationSettings, Interrupted
+from sdtune.errors import SdtuneError
+from sdtune.generate import MAX_SIDE, SCHEDULERS, GenerationSettings, Interrupted
 from sdtune.registry import ModelUnavailable
 from sdtune.image_folder import InputImage
-from sdtune.serving import MAX_IMAGES, MAX_SIDE, RequestError, Service
+from sdtune.seeds import SEED_LIMIT
+from sdtune.serving import MAX_IMAGES, Service
 
 QUEUE = "device"  # every generating event shares one concurrency slot: one generation on the device at a time
 TABLE_HEADERS = ["file", "model", "prompt", "seed", "seconds", "error"]
+SEED_RANGE = f"0 to {SEED_LIMIT - 1}; -1 = random"
 
 
 class StopSignals:
-    """One stop flag per browser session, so Stop only stops its own user's generation."""
+    """One stop flag per browser session, so Stop only stops its own user's generation.
 
-    def __init__(self):
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
+    A click arms a fresh flag before its request is queued, so a Stop pressed while the request waits is kept for
+    it; the flag is dropped when the request ends. Flags of requests that never ran (cancelled in the queue) are
+    dropped oldest first beyond `limit`, so the table stays bounded however many sessions come and go."""
 
-    def fresh(self, request: gr.Request | None) -> threading.Event:
+    def __init__(self, limit: int = 1024):
+        self._events: OrderedDict[str, threading.Event] = OrderedDict()
+        self._lock, self.limit = threading.Lock(), limit
+
+    def arm(self, request: gr.Request | None) -> None:
+        session = _session(request)
         with self._lock:
-            event = self._events[_session(request)] = threading.Event()
-        return event
+            self._events[session] = threading.Event()
+            self._events.move_to_end(session)
+            while len(self._events) > self.limit:
+                self._events.popitem(last=False)
 
     def stop(self, request: gr.Request | None) -> None:
         with self._lock:
             event = self._events.get(_session(request))
         if event is not None:
             event.set()
+
+    @contextmanager
+    def running(self, request: gr.Request | None):
+        """The session's flag for the length of one request (armed at its click, or fresh for an API call)."""
+        session = _session(request)
+        with self._lock:
+            event = self._events.setdefault(session, threading.Event())
+        try:
+            yield event
+        finally:
+            with self._lock:
+                if self._events.get(session) is event:
+                    del self._events[session]
+
+    def __len__(self) -> int:
+        return len(self._events)
 
 
 def _session(request) -> str:
@@ -45,18 +73,13 @@ def served(function, *args):
     """Run a service call, turning the user's errors into a gr.Error (the server stays up)."""
     try:
         return function(*args)
-    except (RequestError, Interrupted) as error:
+    except (SdtuneError, Interrupted) as error:
         raise gr.Error(str(error)) from error
 
 
-def settings_from(negative_prompt, scheduler, num_inference_steps, guidance_scale, width=512, height=512,
-                  strength=0.75) -> GenerationSettings:
-    try:
-        return GenerationSettings(num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
-                                  width=int(width), height=int(height), negative_prompt=negative_prompt or None,
-                                  scheduler=scheduler, strength=float(strength))
-    except (TypeError, ValueError) as error:
-        raise gr.Error(f"Invalid setting: {error}") from error
+def settings_from(**values) -> GenerationSettings:
+    """A request's settings from its form values, checked once here (GenerationSettings checks itself)."""
+    return served(lambda: GenerationSettings.from_args(**values))
 
 
 def model_status(service: Service) -> str:
@@ -92,18 +115,20 @@ class Handlers:
 
     def text2img(self, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale, width,
                  height, seed, num_images, request: gr.Request):
-        settings = settings_from(negative_prompt, scheduler, num_inference_steps, guidance_scale, width, height)
-        outcome = served(self.service.text2img, prompt, model, seed, int(num_images), settings,
-                         self.stops.fresh(request))
+        settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
+                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        with self.stops.running(request) as stop:
+            outcome = served(self.service.text2img, prompt, model, seed, int(num_images), settings, stop)
         return [str(p) for p in outcome.paths], outcome.seeds[0], outcome.run
 
     def img2img(self, image, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale,
                 strength, seed, resolution, request: gr.Request):
         if not image:
             raise gr.Error("Upload an image first.")
-        settings = settings_from(negative_prompt, scheduler, num_inference_steps, guidance_scale, strength=strength)
-        outcome = served(self.service.img2img, image, prompt, model, seed, settings, int(resolution or 0),
-                         self.stops.fresh(request))
+        settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, strength=strength,
+                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        with self.stops.running(request) as stop:
+            outcome = served(self.service.img2img, image, prompt, model, seed, settings, int(resolution or 0), stop)
         return str(outcome.paths[0]), outcome.seeds[0], outcome.run
 
     def random_batch(self, images, folder, models, prompt, seed, strength, num_inference_steps, guidance_scale,
@@ -111,15 +136,23 @@ class Handlers:
         items = [InputImage(Path(p).name, Path(p)) for p in images or []]
         if folder:
             items += served(self.service.folder_items, folder)
-        settings = settings_from(None, scheduler, num_inference_steps, guidance_scale, strength=strength)
-        updates = self.service.random_batch(items, models or [], prompt, seed, settings, int(resolution or 0),
-                                            self.stops.fresh(request))
-        try:  # the batch checks its request when it starts, i.e. at the first iteration
-            for update in updates:
-                progress((update.done, update.total), desc="images", unit="images")
-                yield batch_outputs(update)
-        except RequestError as error:
-            raise gr.Error(str(error)) from error
+        settings = settings_from(scheduler=scheduler, strength=strength, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale)
+        with self.stops.running(request) as stop:
+            updates = self.service.random_batch(items, models or [], prompt, seed, settings, int(resolution or 0),
+                                                stop)
+            try:  # the batch checks its request when it starts, i.e. at the first iteration
+                for update in updates:
+                    progress((update.done, update.total), desc="images", unit="images")
+                    yield batch_outputs(update)
+            except SdtuneError as error:
+                raise gr.Error(str(error)) from error
+
+
+def queued(button, handlers: Handlers, handler, inputs, outputs, api_name: str):
+    """`handler` as `button`'s event in the device queue, its Stop flag armed at the click, before it queues."""
+    armed = button.click(handlers.stops.arm, None, None, api_visibility="private", queue=False)
+    return armed.then(handler, inputs, outputs, api_name=api_name, concurrency_id=QUEUE, concurrency_limit=1)
 
 
 def default_size(service: Service) -> int:
@@ -137,15 +170,14 @@ def text_tab(handlers: Handlers, names, size: int):
     with gr.Row():
         width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
         height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
-        seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
+        seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
         count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
     with gr.Row():
         run, stop = gr.Button("Generate", variant="primary"), gr.Button("Stop")
     gallery = gr.Gallery(label="Images", format="png", columns=4)
     seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
-    event = run.click(handlers.text2img, [prompt, negative, model, scheduler, steps, guidance, width, height, seed,
-                                          count], [gallery, seed_used, record],
-                      api_name="text2img", concurrency_id=QUEUE, concurrency_limit=1)
+    event = queued(run, handlers, handlers.text2img, [prompt, negative, model, scheduler, steps, guidance, width,
+                                                      height, seed, count], [gallery, seed_used, record], "text2img")
     return event, stop
 
 
@@ -157,14 +189,13 @@ def image_tab(handlers: Handlers, names):
     model, scheduler, steps, guidance = sampling_controls(names)
     with gr.Row():
         strength, resolution = strength_and_resolution()
-        seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
+        seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
     with gr.Row():
         run, stop = gr.Button("Generate", variant="primary"), gr.Button("Stop")
     result = gr.Image(label="Result", format="png", type="filepath")
     seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
-    event = run.click(handlers.img2img, [source, prompt, negative, model, scheduler, steps, guidance, strength, seed,
-                                         resolution], [result, seed_used, record],
-                      api_name="img2img", concurrency_id=QUEUE, concurrency_limit=1)
+    event = queued(run, handlers, handlers.img2img, [source, prompt, negative, model, scheduler, steps, guidance,
+                                                     strength, seed, resolution], [result, seed_used, record], "img2img")
     return event, stop
 
 
@@ -177,7 +208,7 @@ def batch_tab(handlers: Handlers, names, allowed_root):
     chosen = gr.CheckboxGroup(names, value=names, label="Models to draw from")
     prompt = gr.Textbox(label="Prompt (empty: from each file name)")
     with gr.Row():
-        seed = gr.Number(0, precision=0, label="Batch seed (-1 = random)")
+        seed = gr.Number(0, precision=0, label=f"Batch seed ({SEED_RANGE})")
         strength, resolution = strength_and_resolution()
     _, scheduler, steps, guidance = sampling_controls()
     with gr.Row():
@@ -185,9 +216,9 @@ def batch_tab(handlers: Handlers, names, allowed_root):
     gallery = gr.Gallery(label="Outputs", format="png", columns=4)
     table = gr.Dataframe(headers=TABLE_HEADERS, label="Results", interactive=False)
     archive, record = gr.File(label="All outputs (zip)"), gr.JSON(label="Run")
-    event = run.click(handlers.random_batch, [uploads, folder, chosen, prompt, seed, strength, steps, guidance,
-                                              scheduler, resolution], [gallery, table, archive, record],
-                      api_name="random_batch", concurrency_id=QUEUE, concurrency_limit=1)
+    event = queued(run, handlers, handlers.random_batch, [uploads, folder, chosen, prompt, seed, strength, steps,
+                                                          guidance, scheduler, resolution],
+                   [gallery, table, archive, record], "random_batch")
     return event, stop
 
 
@@ -202,10 +233,11 @@ def build_ui(service: Service) -> gr.Blocks:
         with gr.Tab("Image to image"):
             image_event, image_stop = image_tab(handlers, names)
         with gr.Tab("Random-model batch"):
-            _, batch_stop = batch_tab(handlers, names, service.allowed_root)
+            _, batch_stop = batch_tab(handlers, names, service.allowed_root_shown)
         for button in (text_stop, image_stop, batch_stop):
             # a running generation stops at its next denoising step (a batch after its current image, keeping
-            # its results); a queued request is cancelled
+            # its results: so the batch is stopped by its flag, not cancelled); a queued text or image request
+            # is cancelled, a queued batch finds its flag set when it starts and ends at once
             button.click(handlers.stops.stop, None, None, cancels=[text_event, image_event],
                          api_visibility="private", queue=False)
     return demo

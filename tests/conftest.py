@@ -120,6 +120,7 @@ def finetuned_pipeline(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
 def app(tmp_path_factory, tiny_pipeline, finetuned_pipeline):
     """The app, launched in this process, serving the tiny stock model, its fine-tune and a model that cannot
     load."""
+    from sdtune.app import LAUNCH_OPTIONS
     from sdtune.registry import ModelRegistry, ModelSpec
     from sdtune.serving import Service
     from sdtune.webui import build_ui
@@ -132,6 +133,6 @@ def app(tmp_path_factory, tiny_pipeline, finetuned_pipeline):
     service = Service(ModelRegistry(specs, device="cpu"), root / "outputs", allowed)
     demo = build_ui(service)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, show_error=True)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, **LAUNCH_OPTIONS)
     yield {"url": demo.local_url, "service": service, "allowed": allowed, "root": root}
     demo.close()

@@ -1,16 +1,24 @@
 """The Gradio app through its API, as gradio_client users see it, with tiny models on the CPU."""
 
 import concurrent.futures
+import io
 import json
 import os
 import zipfile
+from types import SimpleNamespace
 
+import gradio as gr
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from sdtune.app import check_output_dir
+from sdtune.generate import Interrupted
 from sdtune.pnginfo import parse_parameters
+from sdtune.serving import BatchUpdate, Outcome
+from sdtune.webui import Handlers, StopSignals
 
 T2I = dict(negative_prompt="", scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5, width=64,
            height=64, num_images=1)
@@ -178,8 +186,8 @@ def test_the_app_creates_its_allowed_root(tmp_path, tiny_pipeline, monkeypatch):
     # Gradio's sliders check their bounds first; the service checks the same for other callers (batch CLI)
     ({"num_inference_steps": 0}, "at least 1|less than minimum value 1"),
     ({"guidance_scale": -1}, "0 or more|less than minimum value 0"),
-    ({"width": 2048}, "capped|greater than maximum value 1024"),
-    ({"width": 100}, "multiples of 8"),
+    ({"width": 2048}, "from 8 to 1024|greater than maximum value 1024"),
+    ({"width": 100}, "width must be a multiple of 8"),
     ({"model": "nope"}, "Unknown model|not in the list of choices"),
     ({"model": "broken"}, "could not be loaded"),
     ({"scheduler": "lms"}, "Unknown scheduler|not in the list of choices"),
@@ -231,3 +239,87 @@ def test_runs_are_logged(app, client):
     client.predict(prompt="logged", model="stock", seed=3, **T2I, api_name="/text2img")
     records = [json.loads(line) for line in (app["service"].run_log).read_text().splitlines()]
     assert records[-1]["kind"] == "text2img" and records[-1]["run_id"] and records[-1]["total_seconds"] > 0
+
+
+def test_only_files_handed_to_a_client_are_served(app, client):
+    # another user's run: its PNG, its folder's other files and the run log all live in the output folder
+    (gallery, _, run) = client.predict(prompt="someone else's", model="stock", seed=4, **T2I, api_name="/text2img")
+    other_run = app["service"].output_dir / run["run_id"]
+    mine = Client(app["url"], verbose=False, download_files=False)
+    given, _, _ = mine.predict(prompt="mine", model="stock", seed=5, **T2I, api_name="/text2img")
+    returned = httpx.get(given[0]["image"]["url"])
+    assert returned.status_code == 200 and Image.open(io.BytesIO(returned.content)).size == (64, 64)
+    for private in [app["service"].run_log, next(other_run.glob("*.png")), other_run]:
+        assert httpx.get(f"{app['url']}gradio_api/file={private}").status_code == 403, private
+    # what is served sits under a name derived from a server secret and the file's bytes, not its run or seed
+    assert run["run_id"] not in given[0]["image"]["url"] and str(app["service"].output_dir) not in given[0]["image"]["url"]
+
+
+class FakeService:
+    """Stands in for the service to show which stop flag a handler passes on."""
+
+    def text2img(self, prompt, model, seed, num_images, settings, stop):
+        if stop.is_set():
+            raise Interrupted("Generation stopped.")
+        return Outcome([], [seed], {})
+
+    def random_batch(self, items, models, prompt, seed, settings, resolution, stop):
+        yield BatchUpdate(0, len(items), [], run={"stopped": stop.is_set()})
+
+
+def test_stop_pressed_while_a_request_waits_is_kept_for_it_and_flags_are_dropped():
+    handlers = Handlers(FakeService())
+    waiting, other = SimpleNamespace(session_hash="waiting"), SimpleNamespace(session_hash="other")
+    for session in (waiting, other):
+        handlers.stops.arm(session)  # the click, before the request queues
+    handlers.stops.stop(waiting)  # Stop while it waits in the queue
+    with pytest.raises(gr.Error, match="stopped"):
+        handlers.text2img("x", "", "stock", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, waiting)
+    assert handlers.text2img("x", "", "stock", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, other)[1] == 1
+    handlers.stops.arm(waiting)
+    handlers.stops.stop(waiting)
+    updates = list(handlers.random_batch([], "", ["stock"], "", 0, 0.6, 4, 7.5, "dpmsolver++", 0, waiting,
+                                         progress=lambda *args, **kwargs: None))
+    assert updates[-1][3] == {"stopped": True}  # a queued batch is stopped too
+    assert len(handlers.stops) == 0  # every request's flag went with it
+
+
+def test_stop_flags_of_requests_that_never_ran_are_bounded():
+    stops = StopSignals(limit=10)
+    for index in range(100):
+        stops.arm(SimpleNamespace(session_hash=f"session-{index}"))  # each cancelled in the queue
+    assert len(stops) == 10
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"seed": 2**32}, "seed must be a whole number from 0 to 4294967295"),
+    ({"seed": -2}, "seed must be a whole number from 0 to 4294967295"),
+    ({"width": 1024, "height": 1024, "num_inference_steps": 100, "num_images": 8}, "allows 8 per request"),
+])
+def test_seeds_out_of_range_and_costly_requests_are_refused(client, override, message):
+    request = dict(prompt="a red circle", model="stock", seed=1, **T2I)
+    request.update(override)
+    with pytest.raises(Exception, match=message):
+        client.predict(**request, api_name="/text2img")
+
+
+def test_nan_guidance_is_refused(app):
+    # gradio_client refuses to send NaN, but the HTTP API parses it (Python's json does) and the slider passes it
+    body = '{"data": ["a red circle", "", "stock", "dpmsolver++", 4, NaN, 64, 64, 1, 1]}'
+    event = httpx.post(f"{app['url']}gradio_api/call/text2img", content=body,
+                       headers={"Content-Type": "application/json"}).json()["event_id"]
+    answer = httpx.get(f"{app['url']}gradio_api/call/text2img/{event}", timeout=120).text
+    assert "event: error" in answer and "guidance_scale must be a finite number" in answer
+
+
+def test_img2img_refuses_a_seed_beyond_64_bits(client, tmp_path):
+    with pytest.raises(Exception, match="seed must be a whole number"):
+        client.predict(image=handle_file(image_file(tmp_path / "in.png")), prompt="x", negative_prompt="",
+                       model="stock", scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5,
+                       strength=0.5, seed=2**64, resolution=0, api_name="/img2img")
+
+
+def test_an_output_folder_gradio_cannot_hand_out_from_is_refused_at_start(tmp_path):
+    check_output_dir(tmp_path / "outputs")  # under the temp folder: Gradio copies returned files from there
+    with pytest.raises(SystemExit, match="inside the working directory"):
+        check_output_dir("/var/lib/sdtune-outputs")

@@ -1,7 +1,9 @@
 """The serving layer without the UI: shared weights, safetensors only, PNG parameters, Stop, seeds of a batch."""
 
+import argparse
 import shutil
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,11 +11,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdtune.errors import SdtuneError
-from sdtune.generate import GenerationSettings, Interrupted, text_to_images, working_size
+from sdtune.generate import GenerationError, GenerationSettings, Interrupted, text_to_images, working_size
 from sdtune.pnginfo import format_parameters, parse_parameters, read_parameters, save_png
-from sdtune.registry import ModelRegistry, ModelSpec, parse_model_flags, read_model_list
-from sdtune.seeds import draw_model, image_seed
 from sdtune.prompts import prompt_from_filename
+from sdtune.registry import ModelRegistry, ModelSpec, parse_model_flags, read_model_list
+from sdtune.runlog import SAMPLER_THREAD
+from sdtune.image_folder import InputImage
+from sdtune.seeds import check_seed, draw_model, image_seed, resolve_seed
+from sdtune.serving import DEFAULT_MAX_REQUEST_COST, RequestError, Service
 
 
 def test_two_models_differing_in_their_unet_share_everything_else(tiny_pipeline, finetuned_pipeline):
@@ -115,3 +120,109 @@ def test_working_size_keeps_the_aspect_in_multiples_of_8():
     assert working_size((1000, 600), 512) == (512, 304)
     assert working_size((300, 300), 512) == (512, 512)
     assert working_size((4000, 10), 512) == (512, 8)
+
+
+@pytest.mark.parametrize("values, setting", [
+    ({"num_inference_steps": 0}, "num_inference_steps"), ({"num_inference_steps": 2.5}, "num_inference_steps"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"), ({"guidance_scale": float("inf")}, "guidance_scale"),
+    ({"guidance_scale": -1}, "guidance_scale"), ({"guidance_scale": "lots"}, "guidance_scale"),
+    ({"strength": 0}, "strength"), ({"strength": 1.5}, "strength"), ({"strength": float("nan")}, "strength"),
+    ({"width": 100}, "width"), ({"height": 2048}, "height"), ({"scheduler": "lms"}, "scheduler"),
+])
+def test_settings_refuse_what_cannot_work_and_name_the_setting(values, setting):
+    with pytest.raises(GenerationError, match=setting) as refused:
+        GenerationSettings.from_args(**values)
+    assert isinstance(refused.value, SdtuneError)
+
+
+def test_settings_from_command_line_args_ignore_other_flags():
+    args = argparse.Namespace(input="in", seed=3, num_inference_steps=4.0, guidance_scale=2, scheduler="ddim",
+                              strength=0.5, negative_prompt="", width=None)
+    settings = GenerationSettings.from_args(args, height=64)
+    assert settings == GenerationSettings(num_inference_steps=4, guidance_scale=2.0, width=512, height=64,
+                                          negative_prompt=None, scheduler="ddim", strength=0.5)
+    settings.validate(image_to_image=True)
+    with pytest.raises(GenerationError, match="no denoising step"):
+        replace(settings, strength=0.2).validate(image_to_image=True)  # 4 x 0.2 rounds down to 0 steps
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**64, -2, 1.5, float("nan")])
+def test_seeds_outside_the_documented_range_are_refused(seed):
+    with pytest.raises(SdtuneError, match="seed must be a whole number"):
+        check_seed(seed)
+    with pytest.raises(SdtuneError, match=r"seed must be a whole number from 0 to 4294967295.*-1"):
+        resolve_seed(seed)
+
+
+def test_minus_one_draws_a_seed_in_range():
+    assert check_seed(2**32 - 1) == 2**32 - 1 and check_seed(0) == 0
+    assert all(0 <= resolve_seed(-1) < 2**32 for _ in range(20))
+
+
+@pytest.fixture
+def service(tiny_pipeline, tmp_path):
+    allowed = tmp_path / "input_images"
+    allowed.mkdir()
+    return Service(ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu"), tmp_path / "out", allowed)
+
+
+SMALL = GenerationSettings(num_inference_steps=4, width=64, height=64)
+
+
+def test_seeds_are_refused_by_every_request_before_any_generation(service, tmp_path):
+    upload = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(upload)
+    with pytest.raises(RequestError, match="seed must be"):
+        service.text2img("x", "stock", 2**32 + 5, 1, SMALL)  # was silently the image of seed 5
+    with pytest.raises(RequestError, match="seed must be"):
+        service.img2img(upload, "x", "stock", 2**64, SMALL)  # was torch's "Overflow when unpacking long long"
+    with pytest.raises(RequestError, match="seed must be"):
+        next(service.random_batch([InputImage("in.png", upload)], ["stock"], "", 2**32, SMALL))
+    assert not service.run_log.exists()
+
+
+def test_a_request_costing_more_than_the_limit_is_refused_with_both_figures(service, tmp_path):
+    assert service.max_request_cost == DEFAULT_MAX_REQUEST_COST["cpu"] < DEFAULT_MAX_REQUEST_COST["cuda"]
+    big = GenerationSettings(num_inference_steps=100, width=1024, height=1024)
+    with pytest.raises(RequestError, match=r"costs 839 megapixel-steps .* allows 8 per request on its cpu"):
+        service.text2img("x", "stock", 1, 8, big)  # the documented caps: 1024^2 x 100 steps x 8 images
+    upload = tmp_path / "in.png"
+    Image.new("RGB", (100, 50), "red").save(upload)
+    service.max_request_cost = 0.008  # the operator's --max_request_cost
+    # image to image at a working size of 64x32 runs 4 x 0.5 = 2 steps: 0.0041 megapixel-steps, under the limit
+    assert service.img2img(upload, "x", "stock", 1, replace(SMALL, strength=0.5), resolution=64).seeds == [1]
+    with pytest.raises(RequestError, match=r"costs 0.0164 megapixel-steps .* allows 0.008"):
+        service.text2img("x", "stock", 1, 1, SMALL)  # 64 x 64 x 4 steps
+    with pytest.raises(RequestError, match="costs 0.0123"):  # each image of a batch at 64x64 x 4 x 0.75 steps
+        next(service.random_batch([InputImage("in.png", upload)], ["stock"], "", 0, SMALL, resolution=64))
+
+
+def sampler_threads() -> int:
+    return sum(thread.name == SAMPLER_THREAD and thread.is_alive() for thread in threading.enumerate())
+
+
+def test_stopped_and_failed_requests_leave_no_sampler_thread(service, tmp_path):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted):
+        service.text2img("x", "stock", 1, 1, SMALL, stop)
+    service.output_dir = tmp_path / "a-file"
+    service.output_dir.write_text("not a folder")
+    with pytest.raises(OSError):
+        service.text2img("x", "stock", 1, 1, SMALL)  # fails after generating, saving its PNG
+    assert sampler_threads() == 0
+
+
+def test_error_messages_show_the_users_names_not_server_paths(tiny_pipeline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "input_images").mkdir()
+    service = Service(ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu"), "out", "input_images")
+    with pytest.raises(RequestError) as outside:
+        service.folder_items("../")
+    assert "input_images" in str(outside.value) and str(tmp_path) not in str(outside.value)
+    upload = tmp_path / "gradio" / "0123abcd" / "notes.png"  # where Gradio keeps an upload
+    upload.parent.mkdir(parents=True)
+    upload.write_text("not an image")
+    with pytest.raises(RequestError) as undecodable:
+        service.load_upload(upload)
+    assert "notes.png" in str(undecodable.value) and "0123abcd" not in str(undecodable.value)
