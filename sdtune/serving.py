@@ -1,5 +1,6 @@
 """What the app does, without its UI: check a request, generate, save PNGs that carry their parameters, and record
-the run. Every error a user can cause is a `RequestError` with a message meant for them."""
+the run. Every error a user can cause is an `SdtuneError` with a message meant for them: a `RequestError` when the
+service refuses a request, a `GenerationError` for settings, and the seeds' own for a seed out of range."""
 
 import threading
 import time

@@ -15,6 +15,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from sdtune.app import check_output_dir
+from sdtune.errors import SdtuneError
 from sdtune.generate import Interrupted
 from sdtune.pnginfo import parse_parameters
 from sdtune.serving import BatchUpdate, Outcome
@@ -321,5 +322,5 @@ def test_img2img_refuses_a_seed_beyond_64_bits(client, tmp_path):
 
 def test_an_output_folder_gradio_cannot_hand_out_from_is_refused_at_start(tmp_path):
     check_output_dir(tmp_path / "outputs")  # under the temp folder: Gradio copies returned files from there
-    with pytest.raises(SystemExit, match="inside the working directory"):
+    with pytest.raises(SdtuneError, match="inside the working directory"):
         check_output_dir("/var/lib/sdtune-outputs")

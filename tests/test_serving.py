@@ -172,11 +172,11 @@ SMALL = GenerationSettings(num_inference_steps=4, width=64, height=64)
 def test_seeds_are_refused_by_every_request_before_any_generation(service, tmp_path):
     upload = tmp_path / "in.png"
     Image.new("RGB", (64, 64), "red").save(upload)
-    with pytest.raises(RequestError, match="seed must be"):
+    with pytest.raises(SdtuneError, match="seed must be"):
         service.text2img("x", "stock", 2**32 + 5, 1, SMALL)  # was silently the image of seed 5
-    with pytest.raises(RequestError, match="seed must be"):
+    with pytest.raises(SdtuneError, match="seed must be"):
         service.img2img(upload, "x", "stock", 2**64, SMALL)  # was torch's "Overflow when unpacking long long"
-    with pytest.raises(RequestError, match="seed must be"):
+    with pytest.raises(SdtuneError, match="seed must be"):
         next(service.random_batch([InputImage("in.png", upload)], ["stock"], "", 2**32, SMALL))
     assert not service.run_log.exists()
 
