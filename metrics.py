@@ -1,6 +1,11 @@
 """CLIP score of the stock and fine-tuned models on fixed prompts and seeds. Flags: python metrics.py --help"""
 
-from sdtune.evaluate import main
+from sdtune.cli import parse_metrics_args
+from sdtune.errors import exit_on_error
 
 if __name__ == "__main__":
-    main()
+    with exit_on_error():
+        args = parse_metrics_args()
+        from sdtune.evaluate import run  # torch, diffusers and transformers load only once the flags are good
+
+        run(args)

@@ -2,8 +2,10 @@
 
 from sdtune.config import parse_args
 from sdtune.errors import exit_on_error
-from sdtune.train import main
 
 if __name__ == "__main__":
     with exit_on_error():
-        main(parse_args())
+        args = parse_args()
+        from sdtune.train import main  # torch, diffusers and accelerate load only once the flags are good
+
+        main(args)

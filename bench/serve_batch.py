@@ -52,7 +52,8 @@ from transformers import CLIPTextModel  # noqa: E402
 
 from sdtune import batch as batch_cli  # noqa: E402
 from sdtune import registry as registry_module  # noqa: E402
-from sdtune.generate import SCHEDULERS, GenerationSettings, image_to_image, working_size  # noqa: E402
+from sdtune.generate import GenerationSettings, image_to_image, scheduler_class, working_size  # noqa: E402
+from sdtune.schedulers import SCHEDULERS  # noqa: E402
 from sdtune.prompts import prompt_from_filename  # noqa: E402
 from sdtune.registry import ModelRegistry, ModelSpec  # noqa: E402
 from sdtune.seeds import draw_model, image_seed  # noqa: E402
@@ -198,7 +199,7 @@ def naive_image(model: Path, source: Path, prompt: str, seed: int, bench, output
     """One image the old way: a fresh pipeline from disk, then image to image, as sdtune would set it up."""
     # the scheduler goes in through the constructor, as in sdtune, where the pipeline corrects legacy settings
     # (DDIM's clip_sample); assigning pipeline.scheduler afterwards skips that and gives other images
-    scheduler = SCHEDULERS[bench.scheduler][0].from_pretrained(model, subfolder="scheduler")
+    scheduler = scheduler_class(bench.scheduler).from_pretrained(model, subfolder="scheduler")
     pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(model, scheduler=scheduler, use_safetensors=True)
     pipeline.set_progress_bar_config(disable=True)
     image = Image.open(source).convert("RGB")

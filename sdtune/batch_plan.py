@@ -16,7 +16,6 @@ from sdtune.images import MAX_IMAGE_PIXELS
 from sdtune.prompts import prompt_from_filename
 from sdtune.seeds import draw_model, image_seed
 
-BATCH_SIZE = 4  # images per pipeline call, the batch CLI's default and the app's
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,16 @@ model), so differences between models are not differences in noise. Differences 
 bootstrap interval over prompts.
 """
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 import torch
 
+from sdtune.cli import parse_metrics_args
 from sdtune.clip_scoring import ClipScorer
 from sdtune.errors import SdtuneError, exit_on_error
-from sdtune.generate import SCHEDULERS, GenerationError, GenerationSettings, image_to_image, text_to_images
+from sdtune.generate import GenerationError, GenerationSettings, image_to_image, text_to_images
 from sdtune.image_folder import list_images, printable
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.logs import setup_logging
@@ -25,42 +25,6 @@ from sdtune.report import print_table, write_report
 from sdtune.stats import paired_bootstrap, summarise
 
 logger = logging.getLogger("sdtune.evaluate")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Score models by CLIP score on fixed prompts and seeds.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["stock=CompVis/stable-diffusion-v1-4",
-                                                        "pokemon=./sd-pokemon-model"],
-                        help="name=path_or_hub_id pairs, or one models YAML (configs/models.yaml); the first is "
-                             "the baseline the others are compared with.")
-    parser.add_argument("--prompts", default="configs/validation_prompts.txt", help="One prompt a line.")
-    parser.add_argument("--num_images_per_prompt", type=int, default=4, help="Seeds per prompt.")
-    parser.add_argument("--seed", type=int, default=0, help="Base of every image's seed.")
-    parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--scheduler", default="dpmsolver++", choices=list(SCHEDULERS))
-    parser.add_argument("--resolution", type=int, default=None, help="Image size; default: each model's native.")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="auto: float16 on CUDA, float32 elsewhere.")
-    parser.add_argument("--clip_model_name_or_path", default="openai/clip-vit-base-patch16")
-    parser.add_argument("--cache_dir", default=None, help="Where hub models are cached.")
-    parser.add_argument("--output_dir", default="outputs/metrics")
-    parser.add_argument("--init_images", default=None,
-                        help="A folder of images: score image-to-image edits toward --edit_prompt instead.")
-    parser.add_argument("--edit_prompt", default=None, help="The edit applied to every --init_images image.")
-    parser.add_argument("--strength", type=float, default=0.6, help="Image to image strength.")
-    return parser
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if (args.init_images is None) != (args.edit_prompt is None):
-        raise SdtuneError("--init_images and --edit_prompt go together.")
-    if args.num_images_per_prompt < 1:
-        raise SdtuneError("--num_images_per_prompt must be at least 1.")
-    return args
 
 
 def score_prompts(pipeline, prompts, args, settings, scorer):
@@ -135,8 +99,13 @@ def scores_by_prompt(rows) -> dict[str, list[float]]:
 
 @exit_on_error()
 def main(argv=None) -> dict:
+    """metrics.py with these flags; a problem the user can fix exits with its message."""
+    return run(parse_metrics_args(argv))
+
+
+def run(args) -> dict:
+    """Score every model the parsed flags name; prints the table and returns the results by model."""
     setup_logging()
-    args = parse_args(argv)
     specs = parse_model_flags(args.models)
     inputs = read_init_images(args.init_images) if args.init_images else read_prompts(args.prompts)
     device = pick_device(args.device)

@@ -9,25 +9,15 @@ import math
 import threading
 from dataclasses import asdict, dataclass, fields, replace
 
+import diffusers
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler,
-                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from sdtune.errors import SdtuneError
+from sdtune.limits import MAX_SIDE
+from sdtune.schedulers import SCHEDULERS
 from sdtune.seeds import cpu_generator
-
-# name -> (scheduler class, the name AUTOMATIC1111's "Sampler" field uses for it)
-SCHEDULERS = {
-    "dpmsolver++": (DPMSolverMultistepScheduler, "DPM++ 2M"),
-    "euler_a": (EulerAncestralDiscreteScheduler, "Euler a"),
-    "ddim": (DDIMScheduler, "DDIM"),
-    "pndm": (PNDMScheduler, "PLMS"),
-}
-
-
-MAX_SIDE = 1024  # width/height cap: beyond it SD v1 repeats itself and memory grows with the square
-
 
 class GenerationError(SdtuneError, ValueError):
     """Settings that cannot produce an image; the message names the setting."""
@@ -112,10 +102,15 @@ def _convert(name: str, value, converter):
         raise GenerationError(f"{name}: {value!r} is not a valid value ({error}).") from error
 
 
-def make_scheduler(name: str, config):
+def scheduler_class(name: str):
+    """The diffusers scheduler class of a sampler name."""
     if name not in SCHEDULERS:
         raise GenerationError(f"Unknown scheduler '{name}'; choose from {', '.join(SCHEDULERS)}.")
-    return SCHEDULERS[name][0].from_config(config)
+    return getattr(diffusers, SCHEDULERS[name][0])
+
+
+def make_scheduler(name: str, config):
+    return scheduler_class(name).from_config(config)
 
 
 def for_call(pipeline_class, pipeline, scheduler: str):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from sdtune.generate import SCHEDULERS, GenerationSettings
+from sdtune.generate import GenerationSettings
+from sdtune.schedulers import SCHEDULERS
 
 FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 

@@ -9,22 +9,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from sdtune.batch_engine import Outcome as BatchOutcome, generate_batch, save_output
-from sdtune.batch_plan import BATCH_SIZE, Job, plan_batches, plan_jobs
+from sdtune.batch_plan import Job, plan_batches, plan_jobs
 from sdtune.errors import SdtuneError
-from sdtune.generate import MAX_SIDE, GenerationSettings, image_to_image, text_to_images, working_size
+from sdtune.generate import GenerationSettings, image_to_image, text_to_images, working_size
 from sdtune.image_folder import InputImage, list_images, printable
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry, ModelUnavailable
 from sdtune.runlog import RunRecorder
+from sdtune.limits import BATCH_SIZE, DEFAULT_MAX_REQUEST_COST, MAX_IMAGES, MAX_SIDE, MAX_UPLOAD_PIXELS
 from sdtune.seeds import SEED_LIMIT, resolve_seed
-
-MAX_IMAGES = 8  # images per text-to-image request
-MAX_UPLOAD_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (decompression bombs)
-# The most work one request may ask for, in megapixel-steps (width x height x denoising steps x images / 10^6; a
-# 512x512 image at 30 steps is 7.9). The device runs one request at a time and Stop acts only between steps, so
-# one request must not hold it for long: a CPU takes seconds per megapixel-step, a GPU a small fraction of one.
-DEFAULT_MAX_REQUEST_COST = {"cpu": 8.0, "mps": 64.0, "cuda": 512.0}
 
 
 class RequestError(SdtuneError, ValueError):

@@ -12,11 +12,13 @@ from pathlib import Path
 import gradio as gr
 
 from sdtune.errors import SdtuneError
-from sdtune.generate import MAX_SIDE, SCHEDULERS, GenerationSettings, Interrupted
+from sdtune.generate import GenerationSettings, Interrupted
 from sdtune.registry import ModelUnavailable
 from sdtune.image_folder import InputImage
 from sdtune.seeds import SEED_LIMIT
-from sdtune.serving import MAX_IMAGES, Service
+from sdtune.limits import MAX_IMAGES, MAX_SIDE
+from sdtune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from sdtune.serving import Service
 
 QUEUE = "device"  # every generating event shares one concurrency slot: one generation on the device at a time
 TABLE_HEADERS = ["file", "model", "prompt", "seed", "seconds", "error"]
@@ -94,7 +96,7 @@ def sampling_controls(names=None):
     """Scheduler, steps and guidance (and the model, when `names` is given): controls the tabs share."""
     with gr.Row():
         model = gr.Dropdown(names, value=names[0], label="Model") if names else None
-        scheduler = gr.Dropdown(list(SCHEDULERS), value="dpmsolver++", label="Scheduler")
+        scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
     with gr.Row():
         steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
         guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")

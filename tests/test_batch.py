@@ -144,7 +144,7 @@ def test_a_rerun_with_other_settings_stops_before_loading_models_and_names_them(
     out = tmp_path / "out"
     run(inputs, out, [f"stock={tiny_pipeline}"])
     before = manifest(out)
-    monkeypatch.setattr("sdtune.batch.ModelRegistry", no_models)
+    monkeypatch.setattr("sdtune.batch_run.ModelRegistry", no_models)
     with pytest.raises(SystemExit, match=r"--seed 5 -> 6.*--strength 0\.5 -> 0\.7.*another --output"):
         run(inputs, out, [f"stock={tiny_pipeline}"], "--seed", "6", "--strength", "0.7")
     with pytest.raises(SystemExit, match=r"--prompt None -> 'a frog'"):
@@ -190,7 +190,7 @@ def test_a_file_link_leading_outside_the_input_is_refused(inputs, tmp_path, tiny
 def test_an_output_that_cannot_be_written_stops_before_loading_models(inputs, tmp_path, tiny_pipeline, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    monkeypatch.setattr("sdtune.batch.ModelRegistry", no_models)
+    monkeypatch.setattr("sdtune.batch_run.ModelRegistry", no_models)
     with pytest.raises(SystemExit, match="cannot be written"):
         run(inputs, blocker / "out", [f"stock={tiny_pipeline}"])
 

@@ -23,7 +23,7 @@ try:
     if entry[0] == "-m":
         runpy.run_module(entry[1], run_name="__main__", alter_sys=True)
     else:
-        runpy.run_path(entry[0], run_name="__main__")
+        runpy.run_path(entry[1], run_name="__main__")
 except SystemExit as exit:
     code = exit.code
 else:

@@ -18,7 +18,8 @@ from sdtune.registry import ModelRegistry, ModelSpec, parse_model_flags, read_mo
 from sdtune.runlog import SAMPLER_THREAD
 from sdtune.image_folder import InputImage
 from sdtune.seeds import check_seed, draw_model, image_seed, resolve_seed
-from sdtune.serving import DEFAULT_MAX_REQUEST_COST, RequestError, Service
+from sdtune.limits import DEFAULT_MAX_REQUEST_COST
+from sdtune.serving import RequestError, Service
 
 
 def test_two_models_differing_in_their_unet_share_everything_else(tiny_pipeline, finetuned_pipeline):

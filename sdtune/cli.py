@@ -1,0 +1,96 @@
+"""The command lines of metrics.py and gradio_app.py (and the sampling flags `python -m sdtune.batch` shares): their
+flags and the checks that need no model. This module imports nothing heavy, so `--help` and a mistyped flag answer at once; each entry point parses
+here first and imports torch, diffusers and Gradio only when there is work to do. (train_text_to_image.py's flags
+are sdtune/config.py's and the batch CLI's sdtune/batch.py's, equally light.)"""
+
+import argparse
+import os
+
+from sdtune.errors import SdtuneError
+from sdtune.limits import DEFAULT_MAX_REQUEST_COST
+from sdtune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+AUTH_VARIABLE = "SDTUNE_AUTH"
+DEVICES = ["auto", "cuda", "mps", "cpu"]
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The image-to-image sampling settings metrics.py and the batch CLI share (GenerationSettings.from_args)."""
+    parser.add_argument("--num_inference_steps", type=int, default=30, help="Denoising steps.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance; 1 turns it off.")
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS))
+    parser.add_argument("--strength", type=float, default=0.6,
+                        help="Image to image: how far from the input to go, in (0, 1].")
+    parser.add_argument("--cache_dir", default=None, help="Where hub models are cached.")
+
+
+def metrics_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metrics.py", description="Score models by CLIP score on fixed prompts "
+                                     "and seeds.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["stock=CompVis/stable-diffusion-v1-4",
+                                                        "pokemon=./sd-pokemon-model"],
+                        help="name=path_or_hub_id pairs, or one models YAML (configs/models.yaml); the first is "
+                             "the baseline the others are compared with.")
+    parser.add_argument("--prompts", default="configs/validation_prompts.txt", help="One prompt a line.")
+    parser.add_argument("--num_images_per_prompt", type=int, default=4, help="Seeds per prompt.")
+    parser.add_argument("--seed", type=int, default=0, help="Base of every image's seed.")
+    parser.add_argument("--resolution", type=int, default=None, help="Image size; default: each model's native.")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="auto: float16 on CUDA, float32 elsewhere.")
+    parser.add_argument("--clip_model_name_or_path", default="openai/clip-vit-base-patch16")
+    parser.add_argument("--output_dir", default="outputs/metrics")
+    parser.add_argument("--init_images", default=None,
+                        help="A folder of images: score image-to-image edits toward --edit_prompt instead.")
+    parser.add_argument("--edit_prompt", default=None, help="The edit applied to every --init_images image.")
+    add_sampling_flags(parser)
+    return parser
+
+
+def parse_metrics_args(argv=None) -> argparse.Namespace:
+    args = metrics_parser().parse_args(argv)
+    if (args.init_images is None) != (args.edit_prompt is None):
+        raise SdtuneError("--init_images and --edit_prompt go together.")
+    if args.num_images_per_prompt < 1:
+        raise SdtuneError("--num_images_per_prompt must be at least 1.")
+    return args
+
+
+def app_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradio_app.py", description="Serve Stable Diffusion models with Gradio.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", default="configs/models.yaml", help="YAML list of {name, path} to serve.")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network.")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="Also open a public Gradio share link.")
+    parser.add_argument("--auth", default=None,
+                        help=f"user:password required to open the app (or set {AUTH_VARIABLE}).")
+    parser.add_argument("--allowed-root", "--allowed_root", dest="allowed_root", default="data/input_images",
+                        help="The batch tab reads folders under this one only.")
+    parser.add_argument("--output_dir", "--output-dir", default="outputs/app",
+                        help="Where generated PNGs, batch zips and runs.jsonl go; inside the working directory or "
+                             "the temp folder (Gradio hands out copies of files from there only). Never served.")
+    parser.add_argument("--max_request_cost", "--max-request-cost", type=float, default=None,
+                        help="Most work one request may ask for, in megapixel-steps (width x height x steps x "
+                             "images / 10^6; image to image: steps x strength); a random batch is bounded per image. "
+                             "Default by device: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MAX_REQUEST_COST.items()))
+    parser.add_argument("--lazy", action="store_true", help="Load each model on first use instead of at start.")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None,
+                        help="Where hub models are cached.")
+    return parser
+
+
+def parse_app_args(argv=None) -> argparse.Namespace:
+    return app_parser().parse_args(argv)
+
+
+def parse_auth(value: str | None):
+    """'user:password' -> (user, password); None when no authentication is wanted."""
+    value = value or os.environ.get(AUTH_VARIABLE)
+    if not value:
+        return None
+    user, separator, password = value.partition(":")
+    if not separator or not user or not password:
+        raise SdtuneError(f"--auth / {AUTH_VARIABLE} must be user:password.")
+    return user, password

@@ -1,0 +1,10 @@
+"""What one generation request may ask for. Plain numbers, importable by command lines before any heavy library."""
+
+MAX_SIDE = 1024  # width/height cap: beyond it SD v1 repeats itself and memory grows with the square
+MAX_IMAGES = 8  # images per text-to-image request
+MAX_UPLOAD_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (decompression bombs)
+# The most work one request may ask for, in megapixel-steps (width x height x denoising steps x images / 10^6; a
+# 512x512 image at 30 steps is 7.9). The device runs one request at a time and Stop acts only between steps, so
+# one request must not hold it for long: a CPU takes seconds per megapixel-step, a GPU a small fraction of one.
+DEFAULT_MAX_REQUEST_COST = {"cpu": 8.0, "mps": 64.0, "cuda": 512.0}
+BATCH_SIZE = 4  # images per pipeline call in a random-model batch, the CLI's default and the app's batch tab's
