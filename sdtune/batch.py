@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdtune.cli import add_sampling_flags
 from sdtune.errors import SdtuneError, exit_on_error
-from sdtune.limits import BATCH_SIZE
+from sdtune.limits import BATCH_SIZE, check_seed
 from sdtune.logs import setup_logging
 
 
@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SdtuneError("--output must not be the --input folder: give it a folder of its own.")
     if args.batch_size < 1:
         raise SdtuneError("--batch_size must be at least 1.")
+    check_seed(args.seed)
     return args
 
 

@@ -19,7 +19,6 @@ from sdtune.generate import GenerationSettings
 from sdtune.image_folder import list_images
 from sdtune.registry import ModelRegistry, ModelUnavailable, parse_model_flags
 from sdtune.runlog import PeakRss
-from sdtune.seeds import check_seed
 
 logger = logging.getLogger("sdtune.batch")
 
@@ -85,7 +84,6 @@ def run(args) -> dict:
     """Run the batch the parsed flags describe; returns the summary (on the main process)."""
     settings = GenerationSettings.from_args(args)
     settings.validate(image_to_image=True)
-    check_seed(args.seed)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     registry, resolutions = prepare(args, state)
     jobs = plan_jobs(list_images(args.input, exclude=args.output), registry.names, args.seed, args.prompt,

@@ -7,7 +7,7 @@ import argparse
 import os
 
 from sdtune.errors import SdtuneError
-from sdtune.limits import DEFAULT_MAX_REQUEST_COST
+from sdtune.limits import DEFAULT_MAX_REQUEST_COST, check_seed
 from sdtune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 AUTH_VARIABLE = "SDTUNE_AUTH"
@@ -53,6 +53,7 @@ def parse_metrics_args(argv=None) -> argparse.Namespace:
         raise SdtuneError("--init_images and --edit_prompt go together.")
     if args.num_images_per_prompt < 1:
         raise SdtuneError("--num_images_per_prompt must be at least 1.")
+    check_seed(args.seed)
     return args
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from sdtune.errors import SdtuneError
+from sdtune.limits import check_seed
 
 RESOLVED_CONFIG_NAME = "training_config.yaml"
 
@@ -151,6 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.seed is None:
         # Recorded in the resolved config, so a resumed run draws the same numbers.
         args.seed = random.SystemRandom().randrange(2**31)
+    check_seed(args.seed)
     return args
 
 

@@ -1,5 +1,7 @@
 """What one generation request may ask for. Plain numbers, importable by command lines before any heavy library."""
 
+from sdtune.errors import SdtuneError
+
 MAX_SIDE = 1024  # width/height cap: beyond it SD v1 repeats itself and memory grows with the square
 MAX_IMAGES = 8  # images per text-to-image request
 MAX_UPLOAD_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (decompression bombs)
@@ -8,3 +10,16 @@ MAX_UPLOAD_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (d
 # one request must not hold it for long: a CPU takes seconds per megapixel-step, a GPU a small fraction of one.
 DEFAULT_MAX_REQUEST_COST = {"cpu": 8.0, "mps": 64.0, "cuda": 512.0}
 BATCH_SIZE = 4  # images per pipeline call in a random-model batch, the CLI's default and the app's batch tab's
+
+SEED_LIMIT = 2**32  # seeds are 0 <= seed < 2**32: what a user may give, derive_seed makes and the PNGs record
+
+
+def check_seed(seed) -> int:
+    """`seed` as an int, refused (not wrapped or overflowed) outside 0 <= seed < 2**32."""
+    try:
+        whole = int(seed)
+    except (TypeError, ValueError, OverflowError):
+        whole = None
+    if whole is None or whole != seed or not 0 <= whole < SEED_LIMIT:
+        raise SdtuneError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, not {seed!r}.")
+    return whole

@@ -10,20 +10,7 @@ import secrets
 import torch
 
 from sdtune.errors import SdtuneError
-
-SEED_LIMIT = 2**32  # seeds are 0 <= seed < 2**32: what a user may give, derive_seed makes and the PNGs record
-
-
-def check_seed(seed) -> int:
-    """`seed` as an int, refused (not wrapped or overflowed) outside 0 <= seed < 2**32."""
-    try:
-        whole = int(seed)
-    except (TypeError, ValueError, OverflowError):
-        whole = None
-    if whole is None or whole != seed or not 0 <= whole < SEED_LIMIT:
-        raise SdtuneError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, not {seed!r}.")
-    return whole
-
+from sdtune.limits import SEED_LIMIT, check_seed
 
 def derive_seed(*parts) -> int:
     """A 32-bit seed from any parts (a base seed, a prompt or file name, an index...)."""

@@ -18,7 +18,8 @@ from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry, ModelUnavailable
 from sdtune.runlog import RunRecorder
 from sdtune.limits import BATCH_SIZE, DEFAULT_MAX_REQUEST_COST, MAX_IMAGES, MAX_SIDE, MAX_UPLOAD_PIXELS
-from sdtune.seeds import SEED_LIMIT, resolve_seed
+from sdtune.limits import SEED_LIMIT
+from sdtune.seeds import resolve_seed
 
 
 class RequestError(SdtuneError, ValueError):

@@ -15,8 +15,7 @@ from sdtune.errors import SdtuneError
 from sdtune.generate import GenerationSettings, Interrupted
 from sdtune.registry import ModelUnavailable
 from sdtune.image_folder import InputImage
-from sdtune.seeds import SEED_LIMIT
-from sdtune.limits import MAX_IMAGES, MAX_SIDE
+from sdtune.limits import MAX_IMAGES, MAX_SIDE, SEED_LIMIT
 from sdtune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdtune.serving import Service
 

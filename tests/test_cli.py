@@ -48,6 +48,22 @@ def test_help_and_a_bad_flag_answer_before_the_heavy_imports(entry):
     assert (imported, exit_code) == ([], "2")
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "99999999999999999999"])
+def test_every_command_refuses_a_seed_outside_the_documented_range(seed, tmp_path):
+    from sdtune import batch, cli, config
+    from sdtune.errors import SdtuneError
+
+    parsers = [
+        lambda: config.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", str(tmp_path),
+                                   "--seed", seed]),
+        lambda: cli.parse_metrics_args(["--seed", seed]),
+        lambda: batch.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--seed", seed]),
+    ]
+    for parse in parsers:
+        with pytest.raises(SdtuneError, match="seed must be a whole number from 0 to 4294967295"):
+            parse()
+
+
 def readme_commands() -> list[str]:
     """Every command line of the README's bash blocks, continuation lines joined and comments dropped."""
     blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)

@@ -17,7 +17,8 @@ from sdtune.prompts import prompt_from_filename
 from sdtune.registry import ModelRegistry, ModelSpec, parse_model_flags, read_model_list
 from sdtune.runlog import SAMPLER_THREAD
 from sdtune.image_folder import InputImage
-from sdtune.seeds import check_seed, draw_model, image_seed, resolve_seed
+from sdtune.limits import check_seed
+from sdtune.seeds import draw_model, image_seed, resolve_seed
 from sdtune.limits import DEFAULT_MAX_REQUEST_COST
 from sdtune.serving import RequestError, Service
 
