@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdtune.cli import add_sampling_flags
 from sdtune.errors import SdtuneError, exit_on_error
-from sdtune.limits import BATCH_SIZE, check_seed
+from sdtune.limits import BATCH_SIZE, MAX_SIDE, check_seed
 from sdtune.logs import setup_logging
 
 
@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SdtuneError("--output must not be the --input folder: give it a folder of its own.")
     if args.batch_size < 1:
         raise SdtuneError("--batch_size must be at least 1.")
+    if args.resolution and not 8 <= args.resolution <= MAX_SIDE:
+        raise SdtuneError(f"--resolution must be 0 (each model's own) or from 8 to {MAX_SIDE}, not {args.resolution}.")
     check_seed(args.seed)
     return args
 

@@ -9,10 +9,13 @@ from pathlib import Path
 from PIL import Image
 
 from sdtune.batch_plan import Job, output_name
-from sdtune.generate import GenerationError, GenerationSettings, images_to_images
+from sdtune.generate import GenerationError, GenerationSettings, Interrupted, images_to_images
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry
+
+
+STOPPED = "stopped"  # the error of an image whose call Stop interrupted
 
 
 @dataclass
@@ -51,7 +54,9 @@ def generate_batch(registry: ModelRegistry, batch: list[Job], settings: Generati
     try:
         outputs = images_to_images(registry.get(usable[0].model), images, [job.prompt for job in usable],
                                    [job.seed for job in usable], settings, resolution, stop)
-    except (GenerationError, RuntimeError, ValueError) as error:  # ModelUnavailable, Interrupted, out of memory
+    except Interrupted:  # Stop: the call in flight ends at its next step, and its images are not failures
+        return failed + [Outcome(job, None, time.perf_counter() - start, STOPPED) for job in usable]
+    except (GenerationError, RuntimeError, ValueError) as error:  # ModelUnavailable, out of memory
         seconds = time.perf_counter() - start
         return failed + [Outcome(job, None, seconds, str(error)) for job in usable]
     seconds = (time.perf_counter() - start) / len(usable)

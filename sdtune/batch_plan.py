@@ -8,11 +8,9 @@ every image is computed in the same batch and comes out the same.
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from sdtune.generate import working_size
 from sdtune.image_folder import InputImage, printable
-from sdtune.images import MAX_IMAGE_PIXELS
+from sdtune.images import MAX_IMAGE_PIXELS, BadImageError, header_size
 from sdtune.prompts import prompt_from_filename
 from sdtune.seeds import draw_model, image_seed
 
@@ -37,13 +35,9 @@ def output_name(key: str, model: str, seed: int) -> str:
 def read_size(path: Path, max_pixels: int) -> tuple[tuple[int, int] | None, str]:
     """The image's size from its header (cheap), or why it cannot be used."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        return None, f"cannot decode image: {error}"
-    if width * height > max_pixels:
-        return None, f"image too large ({width}x{height} > {max_pixels} pixels)"
-    return (width, height), ""
+        return header_size(path, max_pixels), ""
+    except BadImageError as error:
+        return None, str(error)
 
 
 def plan_jobs(images: list[InputImage], models: list[str], seed: int, prompt: str | None,

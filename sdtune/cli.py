@@ -83,7 +83,10 @@ def app_parser() -> argparse.ArgumentParser:
 
 
 def parse_app_args(argv=None) -> argparse.Namespace:
-    return app_parser().parse_args(argv)
+    args = app_parser().parse_args(argv)
+    if args.max_request_cost is not None and not args.max_request_cost > 0:
+        raise SdtuneError(f"--max_request_cost must be above 0, not {args.max_request_cost}.")
+    return args
 
 
 def parse_auth(value: str | None):

@@ -5,6 +5,7 @@ users coming from it find what they know. Precedence: built-in defaults < `--con
 """
 
 import argparse
+import math
 import os
 import random
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from sdtune.errors import SdtuneError
-from sdtune.limits import check_seed
+from sdtune.limits import MAX_SIDE, check_seed
 
 RESOLVED_CONFIG_NAME = "training_config.yaml"
 
@@ -184,6 +185,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise SdtuneError("--proportion_empty_prompts must be between 0 and 1.")
     if args.resolution % 8:
         raise SdtuneError(f"--resolution {args.resolution} must be a multiple of 8.")
+    if args.validation_prompts:
+        check_validation_args(args)
+
+
+def check_validation_args(args: argparse.Namespace) -> None:
+    """Validation's sampling settings, checked at start rather than at the first validation, steps into the run."""
+    if args.validation_inference_steps < 1:
+        raise SdtuneError("--validation_inference_steps must be at least 1.")
+    if not (math.isfinite(args.validation_guidance_scale) and args.validation_guidance_scale >= 0):
+        raise SdtuneError(f"--validation_guidance_scale must be a finite number >= 0, not "
+                          f"{args.validation_guidance_scale}.")
+    if args.resolution > MAX_SIDE:
+        raise SdtuneError(f"Validation renders at --resolution, at most {MAX_SIDE}: lower --resolution or leave out "
+                          "--validation_prompts.")
 
 
 def save_resolved_config(args: argparse.Namespace, folder: str) -> Path:

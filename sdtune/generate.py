@@ -7,7 +7,7 @@ level of 255 on a few pixels).
 
 import math
 import threading
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import diffusers
 import torch
@@ -16,7 +16,7 @@ from PIL import Image
 
 from sdtune.errors import SdtuneError
 from sdtune.limits import MAX_SIDE
-from sdtune.schedulers import SCHEDULERS
+from sdtune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdtune.seeds import cpu_generator
 
 class GenerationError(SdtuneError, ValueError):
@@ -35,7 +35,7 @@ class GenerationSettings:
     width: int = 512  # a multiple of 8 (the VAE's downsampling), at most MAX_SIDE
     height: int = 512
     negative_prompt: str | None = None
-    scheduler: str = "dpmsolver++"
+    scheduler: str = DEFAULT_SCHEDULER
     strength: float = 0.75  # image to image only: how far from the input image to go (1 = ignore it)
 
     def __post_init__(self):
@@ -71,9 +71,6 @@ class GenerationSettings:
                 f"strength {self.strength} x {self.num_inference_steps} steps runs no denoising step and "
                 f"would return the input unchanged: raise strength to at least {1 / self.num_inference_steps:.3g}"
                 " or add steps.")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def sized(self, width: int, height: int) -> "GenerationSettings":
         return replace(self, width=width, height=height)

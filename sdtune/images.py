@@ -1,6 +1,7 @@
 """Decoding untrusted image files into plain RGB, whatever their mode, orientation or size."""
 
 import io
+import os
 import warnings
 
 import numpy as np
@@ -30,8 +31,27 @@ def open_image(source, max_pixels: int | None = None) -> Image.Image:
     except BadImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise BadImageError(f"cannot decode image: {error}") from error
+        raise BadImageError(f"cannot decode image: {without_folder(error, source)}") from error
     return ImageOps.exif_transpose(image)
+
+
+def header_size(path, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the file's header alone (cheap, nothing decoded); BadImageError if unusable."""
+    try:
+        with Image.open(path) as image:
+            _check_size(image, max_pixels)
+            return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadImageError(f"cannot decode image: {without_folder(error, path)}") from error
+
+
+def without_folder(error: Exception, source) -> str:
+    """The error's message with the file's folder left out: users see their file's name, never a server path (an
+    upload's lies in Gradio's temporary folder)."""
+    message = str(error)
+    if isinstance(source, (str, os.PathLike)):
+        message = message.replace(os.fspath(source), os.path.basename(source))
+    return message
 
 
 def _check_size(image: Image.Image, max_pixels: int) -> None:

@@ -8,12 +8,12 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from sdtune.batch_engine import Outcome as BatchOutcome, generate_batch, save_output
+from sdtune.batch_engine import STOPPED, Outcome as BatchOutcome, generate_batch, save_output
 from sdtune.batch_plan import Job, plan_batches, plan_jobs
 from sdtune.errors import SdtuneError
 from sdtune.generate import GenerationSettings, image_to_image, text_to_images, working_size
 from sdtune.image_folder import InputImage, list_images, printable
-from sdtune.images import BadImageError, open_image, to_rgb
+from sdtune.images import BadImageError, open_image, to_rgb, without_folder
 from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry, ModelUnavailable
 from sdtune.runlog import RunRecorder
@@ -68,7 +68,7 @@ class Service:
         self.allowed_root_shown = str(allowed_root)  # as the operator gave it: error messages show no server paths
         self.allowed_root = Path(allowed_root).resolve()
         self.max_upload_pixels = max_upload_pixels
-        self.max_request_cost = max_request_cost or DEFAULT_MAX_REQUEST_COST.get(registry.device.type, 8.0)
+        self.max_request_cost = max_request_cost or DEFAULT_MAX_REQUEST_COST[registry.device.type]
         self.run_log = self.output_dir / "runs.jsonl"
 
     def pipeline(self, model: str):
@@ -103,7 +103,7 @@ class Service:
         try:
             return to_rgb(open_image(path, max_pixels=self.max_upload_pixels))
         except (BadImageError, OSError) as error:
-            raise RequestError(f"{name}: {str(error).replace(str(path), name)}") from error
+            raise RequestError(f"{name}: {without_folder(error, path)}") from error
 
     def text2img(self, prompt: str, model: str, seed: int, num_images: int, settings: GenerationSettings,
                  stop: threading.Event | None = None) -> Outcome:
@@ -152,14 +152,15 @@ class Service:
             raise RequestError(f"Folder {folder} is outside the allowed root {self.allowed_root_shown}.")
         if not root.is_dir():
             raise RequestError(f"Folder {folder} does not exist under {self.allowed_root_shown}.")
-        return list_images(root, root=self.allowed_root)
+        return list_images(root, root=self.allowed_root, exclude=self.output_dir)
 
     def random_batch(self, items: list[InputImage], models: list[str], prompt: str, seed: int,
                      settings: GenerationSettings, resolution: int = 0, stop: threading.Event | None = None):
         """Image to image over `items` as the batch CLI plans and runs it: each item gets a model drawn from (seed,
         its name), items are grouped by (model, working size) and run BATCH_SIZE to a call; yields after every call.
 
-        A failing image is recorded in its row and the batch goes on; Stop ends it after the current call."""
+        A failing image is recorded in its row and the batch goes on. Stop interrupts the call in flight at its next
+        denoising step (its images are listed as stopped) and ends the batch, keeping everything finished before."""
         if not items:
             raise RequestError("No images given: upload some or name a folder.")
         models = list(models) or self.registry.names
@@ -177,7 +178,7 @@ class Service:
                     break
                 for outcome in generate_batch(self.registry, batch, settings, resolutions[batch[0].model], stop):
                     rows[outcome.job.key] = saved_row(outcome, folder, settings)
-                    recorder.image_done(outcome.seconds, failed=bool(rows[outcome.job.key].error))
+                    recorder.image_done(outcome.seconds, failed=rows[outcome.job.key].error not in ("", STOPPED))
                 yield batch_update(jobs, rows)
             update = batch_update(jobs, rows)
             update.zip_path = zip_outputs(folder, update.outputs)
@@ -186,7 +187,8 @@ class Service:
 
     def batch_resolutions(self, models: list[str], settings: GenerationSettings, resolution: int) -> dict[str, int]:
         """Refuse a batch that cannot run before any model time is spent; each model's working resolution. The cost
-        is bounded per image, at the largest working size the batch uses: Stop ends a batch between calls."""
+        is bounded per image, at the largest working size the batch uses, not per batch: a batch of a whole folder
+        is what the tab is for, and Stop ends it within one denoising step."""
         unknown = [m for m in models if m not in self.registry.names]
         if unknown:
             raise RequestError(f"Unknown models {unknown}; available: {', '.join(self.registry.names)}.")

@@ -27,8 +27,9 @@ SEED_RANGE = f"0 to {SEED_LIMIT - 1}; -1 = random"
 class StopSignals:
     """One stop flag per browser session, so Stop only stops its own user's generation.
 
-    A click arms a fresh flag before its request is queued, so a Stop pressed while the request waits is kept for
-    it; the flag is dropped when the request ends. Flags of requests that never ran (cancelled in the queue) are
+    A click arms the session's flag before its request is queued, so a Stop pressed while the request waits is kept
+    for it; the requests of one session share the flag until a Stop sets it, and it is dropped when its request
+    ends. Flags of requests that never ran (cancelled in the queue) are
     dropped oldest first beyond `limit`, so the table stays bounded however many sessions come and go."""
 
     def __init__(self, limit: int = 1024):
@@ -38,7 +39,9 @@ class StopSignals:
     def arm(self, request: gr.Request | None) -> None:
         session = _session(request)
         with self._lock:
-            self._events[session] = threading.Event()
+            event = self._events.get(session)
+            if event is None or event.is_set():  # a request of the session still running shares its flag with this
+                self._events[session] = threading.Event()  # one, so Stop reaches both; after a Stop, a fresh flag
             self._events.move_to_end(session)
             while len(self._events) > self.limit:
                 self._events.popitem(last=False)
@@ -236,9 +239,9 @@ def build_ui(service: Service) -> gr.Blocks:
         with gr.Tab("Random-model batch"):
             _, batch_stop = batch_tab(handlers, names, service.allowed_root_shown)
         for button in (text_stop, image_stop, batch_stop):
-            # a running generation stops at its next denoising step (a batch after its current image, keeping
-            # its results: so the batch is stopped by its flag, not cancelled); a queued text or image request
-            # is cancelled, a queued batch finds its flag set when it starts and ends at once
+            # a running generation stops at its next denoising step (a batch keeps what it finished before: so it
+            # is stopped by its flag, not cancelled); a queued text or image request is cancelled, a queued batch
+            # finds its flag set when it starts and ends at once
             button.click(handlers.stops.stop, None, None, cancels=[text_event, image_event],
                          api_visibility="private", queue=False)
     return demo

@@ -93,13 +93,13 @@ def tiny_clip(tmp_path_factory, tiny_pipeline) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+    from tinyworld.factories import text_config
+
     folder = tmp_path_factory.mktemp("clip") / "clip"
     tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline / "tokenizer")
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        text_config=text_config(tokenizer, hidden_size=32, num_hidden_layers=2, intermediate_size=64).to_dict(),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4),
         projection_dim=16,
