@@ -1,0 +1,134 @@
+"""LoRA: training an adapter on the frozen tiny UNet, its two output formats, and bad LoRA flags."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from helpers import tiny_flags
+from sdtune.config import parse_args
+from sdtune.errors import SdtuneError
+from sdtune.lora import DIFFUSERS_WEIGHTS, add_training_adapter, kohya_path, save_adapter
+
+LORA = ("--lora_rank", "4", "--lora_alpha", "8")  # alpha != rank: a loader that ignored alpha would differ
+PROMPT = "a red circle on a white background"
+
+
+def render(pipeline) -> np.ndarray:
+    return pipeline(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+
+def adapter_weights(folder) -> dict:
+    return load_file(str(folder / DIFFUSERS_WEIGHTS))
+
+
+def test_saved_adapter_gives_the_in_memory_image_in_both_formats(tiny_pipeline, tmp_path):
+    args = parse_args(tiny_flags(tiny_pipeline, tmp_path / "data", tmp_path / "my-lora", *LORA))
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    base_image = render(pipeline)
+    add_training_adapter(pipeline.unet, args)
+    torch.manual_seed(0)
+    for name, parameter in pipeline.unet.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter an effect to carry
+            parameter.data.normal_(0, 0.3)
+    in_memory = render(pipeline)
+    assert np.abs(in_memory - base_image).max() > 0.05
+
+    diffusers_file, kohya_file = save_adapter(args, pipeline.unet)
+    assert kohya_file == tmp_path / "my-lora" / "my-lora.safetensors"
+    for source in (diffusers_file, kohya_file):
+        loaded = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+        loaded.load_lora_weights(str(source))
+        assert np.abs(render(loaded) - in_memory).max() < 1e-5, source.name
+
+
+def test_kohya_file_has_kohya_keys_the_trained_alpha_and_the_settings(tiny_pipeline, tmp_path):
+    args = parse_args(tiny_flags(tiny_pipeline, tmp_path / "data", tmp_path / "run", *LORA))
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    add_training_adapter(pipeline.unet, args)
+    _, kohya_file = save_adapter(args, pipeline.unet)
+    with safe_open(str(kohya_file), "pt") as f:
+        metadata, keys = f.metadata(), list(f.keys())
+        alphas = {f.get_tensor(key).item() for key in keys if key.endswith(".alpha")}
+    assert all(key.startswith("lora_unet_") for key in keys)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in keys
+    assert alphas == {8.0}
+    assert metadata["ss_sd_model_name"] == str(tiny_pipeline)
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "8.0")
+
+
+def test_lora_run_saves_the_adapter_that_draws_the_validation_image(train, tmp_path, tiny_pipeline):
+    from PIL import Image
+
+    from sdtune.generate import GenerationSettings, text_to_image
+
+    out = train(tmp_path / "shapes-lora", *LORA, "--learning_rate", "1e-2", "--validation_prompts", PROMPT)
+    assert not (out / "model_index.json").exists() and not (out / "unet").exists()  # no full pipeline
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [DIFFUSERS_WEIGHTS, "shapes-lora.safetensors"]
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    settings = GenerationSettings(num_inference_steps=2, width=64, height=64)
+    base = text_to_image(pipeline, PROMPT, 7, settings)  # validation seed: --seed 7 + prompt 0
+    pipeline.load_lora_weights(out)
+    tuned = text_to_image(pipeline, PROMPT, 7, settings)
+    assert tuned.tobytes() == Image.open(out / "validation/step-000004.png").convert("RGB").tobytes()
+    assert tuned.tobytes() != base.tobytes()
+
+    card = (out / "README.md").read_text()
+    for needed in (str(tiny_pipeline), "load_lora_weights", "AUTOMATIC1111", "ComfyUI", "shapes-lora.safetensors",
+                   "validation/step-000004.png"):
+        assert needed in card
+    assert "Saved the LoRA adapter" in (out / "train.log").read_text()
+
+
+def test_adapter_trains_in_fp32_on_a_frozen_unet_held_in_the_mixed_precision_dtype(tiny_pipeline, tmp_path):
+    from sdtune.components import load_components
+
+    args = parse_args(tiny_flags(tiny_pipeline, tmp_path / "data", tmp_path / "run", *LORA))
+    unet = load_components(args, torch.bfloat16).unet
+    add_training_adapter(unet, args)
+    trained = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    frozen = {name: p for name, p in unet.named_parameters() if not p.requires_grad}
+    assert trained and all(".lora_A." in name or ".lora_B." in name for name in trained)
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in frozen.values()} == {torch.bfloat16}
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(train, tmp_path):
+    plain = adapter_weights(train(tmp_path / "plain", *LORA))
+    checkpointed = adapter_weights(train(tmp_path / "checkpointed", *LORA, "--gradient_checkpointing"))
+    for key, value in plain.items():
+        assert torch.allclose(value, checkpointed[key], atol=1e-6), key
+    assert any(value.abs().max() > 0 for key, value in plain.items() if "lora.up" in key)  # B starts at zero
+
+
+def test_every_memory_and_objective_flag_runs_with_lora_and_the_ema_covers_the_adapter_only(train, tmp_path):
+    flags = (*LORA, "--mixed_precision", "bf16", "--gradient_checkpointing", "--use_8bit_adam", "--cache_latents",
+             "--snr_gamma", "5", "--checkpointing_steps", "4")
+    raw = train(tmp_path / "raw", *flags)
+    averaged = train(tmp_path / "ema", *flags, "--use_ema")
+    raw_weights, ema_weights = adapter_weights(raw), adapter_weights(averaged)
+    assert all(value.dtype == torch.float32 for value in ema_weights.values())
+    assert max((raw_weights[key] - ema_weights[key]).abs().max() for key in raw_weights) > 0
+    ema_state = torch.load(next(averaged.glob("checkpoint-*")) / "custom_checkpoint_0.pkl", weights_only=False)
+    assert len(ema_state["shadow_params"]) == len(raw_weights)  # one shadow per adapter tensor, none for the UNet
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--lora_rank", "-1"), "--lora_rank -1"),
+    (("--rank", "0", "--lora_alpha", "8"), "only apply to a LoRA run"),
+    (("--lora_dropout", "0.1"), "--lora_dropout only apply"),
+    (("--rank", "4", "--lora_dropout", "1.5"), "--lora_dropout 1.5"),
+    (("--rank", "4", "--lora_alpha", "0"), "--lora_alpha 0.0"),
+])
+def test_bad_lora_flags_are_refused_naming_the_flag(tmp_path, flags, message):
+    with pytest.raises(SdtuneError, match=message):
+        parse_args(tiny_flags(tmp_path / "model", tmp_path / "data", tmp_path / "run", *flags))
+
+
+def test_target_modules_missing_from_the_unet_are_a_clear_error(train, tmp_path):
+    with pytest.raises(SdtuneError, match="--lora_target_modules to_nothing"):
+        train(tmp_path / "run", "--rank", "4", "--lora_target_modules", "to_nothing")
