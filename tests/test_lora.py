@@ -132,3 +132,41 @@ def test_bad_lora_flags_are_refused_naming_the_flag(tmp_path, flags, message):
 def test_target_modules_missing_from_the_unet_are_a_clear_error(train, tmp_path):
     with pytest.raises(SdtuneError, match="--lora_target_modules to_nothing"):
         train(tmp_path / "run", "--rank", "4", "--lora_target_modules", "to_nothing")
+
+
+def test_lora_resume_after_sigkill_gives_bit_identical_adapter_weights(tiny_pipeline, shapes_dataset, tmp_path):
+    from test_resume import finish, kill_after_first_checkpoint, start
+
+    finish(start(tiny_pipeline, shapes_dataset, tmp_path / "straight", *LORA))
+    interrupted = tmp_path / "interrupted"
+    kill_after_first_checkpoint(start(tiny_pipeline, shapes_dataset, interrupted, *LORA), interrupted)
+    assert not (interrupted / DIFFUSERS_WEIGHTS).exists()
+    finish(start(tiny_pipeline, shapes_dataset, interrupted, *LORA, "--resume_from_checkpoint", "latest"))
+
+    straight, resumed = adapter_weights(tmp_path / "straight"), adapter_weights(interrupted)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert "Resumed from" in (interrupted / "train.log").read_text()
+
+
+def test_two_process_lora_run_saves_the_adapter_once(tiny_pipeline, shapes_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO, subprocess_env
+
+    out = tmp_path / "ddp-lora"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO / "train_text_to_image.py"),
+               *tiny_flags(tiny_pipeline, shapes_dataset, out, *LORA, "--use_ema", "--checkpointing_steps", "2",
+                           "--validation_prompts", PROMPT)]
+    result = subprocess.run(command, env=dict(subprocess_env(threads=1), ACCELERATE_USE_CPU="true"), cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "2 process(es)" in log and log.count("Saved the LoRA adapter") == 1
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    pipeline.load_lora_weights(out)
+    assert np.isfinite(render(pipeline)).all()
