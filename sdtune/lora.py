@@ -1,5 +1,5 @@
 """LoRA adapters on the UNet, through peft and diffusers' adapter API: added for training, saved in diffusers' and
-kohya's formats, described in the model card, and loaded and switched on a shared base pipeline for serving."""
+kohya's formats, described in the model card, and switched on a shared base pipeline for serving."""
 
 import json
 import logging
@@ -117,3 +117,14 @@ sdtune (gradio_app.py, metrics.py, the batch CLI): a model entry
 `{{name: my-lora, path: {base}, lora: {args.output_dir}, lora_scale: 1.0}}`.
 """
     return title, summary, usage
+
+
+def activate_adapter(pipeline, adapter_name: str | None, scale: float) -> None:
+    """Make `adapter_name` at `scale` the only active adapter of a shared base pipeline, or with None none of them."""
+    if not any(pipeline.get_list_adapters().values()):
+        return  # no adapter was ever loaded on this base
+    if adapter_name is None:
+        pipeline.disable_lora()
+        return
+    pipeline.enable_lora()
+    pipeline.set_adapters([adapter_name], [scale])

@@ -1,16 +1,20 @@
-"""LoRA: training an adapter on the frozen tiny UNet, its two output formats, and bad LoRA flags."""
+"""LoRA: training an adapter on the frozen tiny UNet, its two output formats, serving LoRA models on a shared base,
+and bad LoRA input."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers import tiny_flags
 from sdtune.config import parse_args
 from sdtune.errors import SdtuneError
-from sdtune.lora import DIFFUSERS_WEIGHTS, add_training_adapter, kohya_path, save_adapter
+from sdtune.lora import DIFFUSERS_WEIGHTS, add_training_adapter, save_adapter
+from sdtune.registry import ModelRegistry, ModelSpec, ModelUnavailable, parse_model_flags, read_model_list
 
 LORA = ("--lora_rank", "4", "--lora_alpha", "8")  # alpha != rank: a loader that ignored alpha would differ
 PROMPT = "a red circle on a white background"
@@ -25,15 +29,22 @@ def adapter_weights(folder) -> dict:
     return load_file(str(folder / DIFFUSERS_WEIGHTS))
 
 
-def test_saved_adapter_gives_the_in_memory_image_in_both_formats(tiny_pipeline, tmp_path):
-    args = parse_args(tiny_flags(tiny_pipeline, tmp_path / "data", tmp_path / "my-lora", *LORA))
+def adapter_in_memory(tiny_pipeline, output_dir, seed: int):
+    """The tiny pipeline with a LoRA adapter whose B matrices are random (training starts them at zero), and the
+    arguments of its run."""
+    args = parse_args(tiny_flags(tiny_pipeline, output_dir / "data", output_dir, *LORA))
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
-    base_image = render(pipeline)
     add_training_adapter(pipeline.unet, args)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     for name, parameter in pipeline.unet.named_parameters():
-        if "lora_B" in name:  # B starts at zero: give the adapter an effect to carry
+        if "lora_B" in name:
             parameter.data.normal_(0, 0.3)
+    return pipeline, args
+
+
+def test_saved_adapter_gives_the_in_memory_image_in_both_formats(tiny_pipeline, tmp_path):
+    base_image = render(StableDiffusionPipeline.from_pretrained(tiny_pipeline))
+    pipeline, args = adapter_in_memory(tiny_pipeline, tmp_path / "my-lora", seed=0)
     in_memory = render(pipeline)
     assert np.abs(in_memory - base_image).max() > 0.05
 
@@ -170,3 +181,69 @@ def test_two_process_lora_run_saves_the_adapter_once(tiny_pipeline, shapes_datas
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
     pipeline.load_lora_weights(out)
     assert np.isfinite(render(pipeline)).all()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_pipeline, tmp_path_factory):
+    """Two saved adapters of the tiny pipeline, with the image each draws alone: {name: (folder, image)}."""
+    saved = {}
+    for seed, name in enumerate(["a", "b"]):
+        pipeline, args = adapter_in_memory(tiny_pipeline, tmp_path_factory.mktemp("adapters") / name, seed)
+        save_adapter(args, pipeline.unet)
+        saved[name] = (Path(args.output_dir), render(pipeline))
+    return saved
+
+
+def test_lora_models_share_one_base_pipeline_and_switch_adapters_between_requests(tiny_pipeline, adapters):
+    registry = ModelRegistry([ModelSpec("stock", str(tiny_pipeline)),
+                              *(ModelSpec(name, str(tiny_pipeline), lora=str(adapters[name][0])) for name in "ab")],
+                             device="cpu")
+    stock = registry.get("stock")
+    assert registry.get("a") is stock and registry.get("b") is stock  # one pipeline, two adapters on it
+    adapter_tensors = sum(len(load_file(str(adapters[name][0] / DIFFUSERS_WEIGHTS))) for name in "ab")
+    assert len([n for n, _ in stock.unet.named_parameters() if "lora_" in n]) == adapter_tensors
+
+    base_image = render(registry.get("stock"))
+    for name in ["a", "b", "stock", "b", "a"]:
+        image = render(registry.get(name))
+        assert np.array_equal(image, base_image) if name == "stock" else \
+            np.abs(image - adapters[name][1]).max() < 1e-5, name
+
+
+def test_a_lora_model_at_scale_zero_draws_exactly_the_base_models_image(tiny_pipeline, adapters):
+    registry = ModelRegistry([ModelSpec("stock", str(tiny_pipeline)),
+                              ModelSpec("off", str(tiny_pipeline), lora=str(adapters["a"][0]), lora_scale=0.0),
+                              ModelSpec("a", str(tiny_pipeline), lora=str(adapters["a"][0]))], device="cpu")
+    base_image = render(registry.get("stock"))
+    assert np.array_equal(render(registry.get("off")), base_image)
+    assert np.array_equal(render(registry.get("a", lora_scale=0.0)), base_image)  # a per-request scale
+    assert not np.array_equal(render(registry.get("a")), base_image)
+
+
+def test_broken_adapters_are_unavailable_and_leave_the_others_serving(tiny_pipeline, adapters, tmp_path):
+    weights = load_file(str(adapters["a"][0] / DIFFUSERS_WEIGHTS))
+    # an adapter made for a wider UNet: every down projection expects 8 more input features
+    save_file({key: torch.zeros(value.shape[0], value.shape[1] + 8) if "lora.down" in key else value
+               for key, value in weights.items()}, str(tmp_path / "other-base.safetensors"))
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+    specs = [ModelSpec("a", str(tiny_pipeline), lora=str(adapters["a"][0])),
+             *(ModelSpec(name, str(tiny_pipeline), lora=str(tmp_path / f"{name}.safetensors"))
+               for name in ["missing", "corrupt", "other-base"])]
+    registry = ModelRegistry(specs, device="cpu")
+    assert sorted(registry.errors) == ["corrupt", "missing", "other-base"]
+    assert "size mismatch" in registry.errors["other-base"] and "no LoRA adapter" in registry.errors["missing"]
+    with pytest.raises(ModelUnavailable, match="other-base"):
+        registry.get("other-base")
+    assert np.abs(render(registry.get("a")) - adapters["a"][1]).max() < 1e-5
+
+
+def test_model_lists_and_flags_name_lora_models(tmp_path):
+    listing = tmp_path / "models.yaml"
+    listing.write_text("models:\n  - {name: p, path: x/y, lora: ./sd-pokemon-lora, lora_scale: 0.5}\n")
+    assert read_model_list(listing) == [ModelSpec("p", "x/y", lora="./sd-pokemon-lora", lora_scale=0.5)]
+    assert parse_model_flags(["p=x/y,lora=./l,lora_scale=0.8", "s=x/y"]) == \
+        [ModelSpec("p", "x/y", lora="./l", lora_scale=0.8), ModelSpec("s", "x/y")]
+    with pytest.raises(SdtuneError, match="unknown options"):
+        parse_model_flags(["p=x/y,lroa=./l"])
+    with pytest.raises(SdtuneError, match="lora_scale must be a number"):
+        parse_model_flags(["p=x/y,lora=./l,lora_scale=high"])
