@@ -247,3 +247,14 @@ def test_model_lists_and_flags_name_lora_models(tmp_path):
         parse_model_flags(["p=x/y,lroa=./l"])
     with pytest.raises(SdtuneError, match="lora_scale must be a number"):
         parse_model_flags(["p=x/y,lora=./l,lora_scale=high"])
+
+
+def test_lora_recipes_and_model_lists_parse():
+    from helpers import REPO
+
+    for recipe, rank in [("pokemon-lora.yaml", 4), ("tiny-lora.yaml", 16)]:
+        assert parse_args(["--config", str(REPO / "configs" / recipe)]).lora_rank == rank
+    assert parse_args(["--config", str(REPO / "configs/tiny.yaml"), "--rank", "8"]).lora_rank == 8  # the alias
+    for listing in ["models-lora.yaml", "models-tiny-lora.yaml"]:
+        lora_models = [spec for spec in read_model_list(REPO / "configs" / listing) if spec.lora]
+        assert [spec.name for spec in lora_models] == ["pokemon-lora"]
