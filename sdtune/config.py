@@ -204,8 +204,8 @@ def _check_lora_args(args: argparse.Namespace) -> None:
     lora_only = [flag for flag in ("lora_alpha", "lora_dropout", "lora_target_modules")
                  if getattr(args, flag) is not None]
     if lora_only and not args.lora_rank:
-        raise SdtuneError(f"--{', --'.join(lora_only)} only apply to a LoRA run: add --lora_rank N (e.g. 4), "
-                          "or drop them for the full fine-tune.")
+        raise SdtuneError(f"--{', --'.join(lora_only)}: LoRA settings, but this is a full fine-tune: add "
+                          "--lora_rank N (e.g. 4) for a LoRA run, or drop them.")
     if args.lora_alpha is not None and args.lora_alpha <= 0:
         raise SdtuneError(f"--lora_alpha {args.lora_alpha} must be positive (the rank is the usual choice).")
     if args.lora_dropout is not None and not 0.0 <= args.lora_dropout < 1.0:

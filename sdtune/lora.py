@@ -22,10 +22,15 @@ DEFAULT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
 
 
+def lora_alpha(args) -> float:
+    """The scaling numerator: the update is scaled by alpha / rank (--lora_alpha, by default the rank)."""
+    return args.lora_alpha or args.lora_rank
+
+
 def lora_config(args) -> LoraConfig:
     return LoraConfig(
         r=args.lora_rank,
-        lora_alpha=args.lora_alpha or args.lora_rank,
+        lora_alpha=lora_alpha(args),
         lora_dropout=args.lora_dropout or 0.0,
         init_lora_weights="gaussian",  # as diffusers' example: A random, B zero, so training starts at the base model
         target_modules=args.lora_target_modules or DEFAULT_TARGET_MODULES,
@@ -62,8 +67,8 @@ def save_adapter(args, unet) -> tuple[Path, Path]:
         args.output_dir, unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
     kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
-    alpha = float(args.lora_alpha or args.lora_rank)
     # diffusers writes alpha = rank; the loaders scale by alpha / rank, so the trained alpha must be written instead
+    alpha = float(lora_alpha(args))
     kohya = {key: torch.tensor(alpha) if key.endswith(".alpha") else value.contiguous() for key, value in kohya.items()}
     save_file(kohya, kohya_path(args.output_dir), metadata=kohya_metadata(args))
     logger.info("Saved the LoRA adapter to %s (diffusers) and %s (kohya)", DIFFUSERS_WEIGHTS,
@@ -77,7 +82,7 @@ def kohya_metadata(args) -> dict[str, str]:
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(args.lora_rank),
-        "ss_network_alpha": str(args.lora_alpha or args.lora_rank),
+        "ss_network_alpha": str(lora_alpha(args)),
         "ss_sd_model_name": args.pretrained_model_name_or_path,
         "ss_resolution": f"({args.resolution}, {args.resolution})",
         "ss_learning_rate": str(args.learning_rate),
@@ -93,10 +98,11 @@ def card_sections(args, trainable_parameters: int, dataset: str) -> tuple[str, s
     base = args.pretrained_model_name_or_path
     kohya_file = kohya_path(args.output_dir).name
     title = f"LoRA for {base}"
-    summary = (f"A rank-{args.lora_rank} LoRA adapter ({trainable_parameters:,} parameters, alpha "
-               f"{args.lora_alpha or args.lora_rank}, modules {' '.join(args.lora_target_modules or DEFAULT_TARGET_MODULES)}"
-               f") on the UNet of `{base}`, trained on `{dataset}` with sdtune. It needs that base model: "
-               f"`{DIFFUSERS_WEIGHTS}` is the diffusers format, `{kohya_file}` the same adapter in kohya's format.")
+    modules = " ".join(args.lora_target_modules or DEFAULT_TARGET_MODULES)
+    summary = (f"A rank-{args.lora_rank} LoRA adapter ({trainable_parameters:,} parameters, alpha {lora_alpha(args)}, "
+               f"modules {modules}) on the UNet of `{base}`, trained on `{dataset}` with sdtune. It needs that base "
+               f"model: `{DIFFUSERS_WEIGHTS}` is the diffusers format, `{kohya_file}` the same adapter in kohya's "
+               "format.")
     usage = f"""diffusers:
 ```python
 import torch

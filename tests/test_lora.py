@@ -130,8 +130,8 @@ def test_every_memory_and_objective_flag_runs_with_lora_and_the_ema_covers_the_a
 
 @pytest.mark.parametrize("flags, message", [
     (("--lora_rank", "-1"), "--lora_rank -1"),
-    (("--rank", "0", "--lora_alpha", "8"), "only apply to a LoRA run"),
-    (("--lora_dropout", "0.1"), "--lora_dropout only apply"),
+    (("--rank", "0", "--lora_alpha", "8"), "--lora_alpha: LoRA settings, but this is a full fine-tune"),
+    (("--lora_dropout", "0.1", "--lora_target_modules", "to_q"), "--lora_dropout, --lora_target_modules: LoRA"),
     (("--rank", "4", "--lora_dropout", "1.5"), "--lora_dropout 1.5"),
     (("--rank", "4", "--lora_alpha", "0"), "--lora_alpha 0.0"),
 ])
