@@ -19,7 +19,7 @@ class Components:
 
 def load_components(args, frozen_dtype) -> Components:
     """Load from a hub id or folder; the VAE and text encoder are frozen (in `frozen_dtype`), the UNet is trained
-    (in fp32: the optimizer's master weights)."""
+    (in fp32: the optimizer's master weights), or with --lora_rank frozen too and only its adapter trained."""
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
     source = args.pretrained_model_name_or_path
     try:
@@ -28,7 +28,8 @@ def load_components(args, frozen_dtype) -> Components:
                                                      dtype=frozen_dtype, **common)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, torch_dtype=frozen_dtype,
                                             **common)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant,
+                                                    torch_dtype=frozen_dtype if args.lora_rank else None, **common)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
     except (OSError, ValueError) as error:
         raise SdtuneError(f"Cannot load the pipeline '{source}': {error}\n"

@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(parser.add_argument_group("model"))
     _add_data_flags(parser.add_argument_group("data"))
     _add_optimisation_flags(parser.add_argument_group("optimisation"))
+    _add_lora_flags(parser.add_argument_group("LoRA (instead of the full UNet fine-tune)"))
     _add_memory_flags(parser.add_argument_group("memory and speed"))
     _add_diffusion_flags(parser.add_argument_group("diffusion objective"))
     _add_validation_flags(parser.add_argument_group("validation"))
@@ -90,6 +91,18 @@ def _add_optimisation_flags(group):
     group.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory.")
     group.add_argument("--seed", type=int, default=None,
                        help="Seed of every random draw; drawn at random and recorded when not given.")
+
+
+def _add_lora_flags(group):
+    group.add_argument("--lora_rank", "--rank", dest="lora_rank", type=int, default=0,
+                       help="Train a LoRA adapter of this rank on the frozen UNet; 0: fine-tune every UNet weight. "
+                            "--rank is the name in diffusers' LoRA example.")
+    group.add_argument("--lora_alpha", type=float, default=None,
+                       help="LoRA scaling numerator (the update is scaled by alpha / rank); default: the rank.")
+    group.add_argument("--lora_dropout", type=float, default=None, help="Dropout on the LoRA input; default: 0.")
+    group.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
+                       help="UNet module names that get an adapter; default: the attention projections "
+                            "to_k to_q to_v to_out.0, as in diffusers' LoRA example.")
 
 
 def _add_memory_flags(group):
@@ -187,6 +200,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise SdtuneError(f"--resolution {args.resolution} must be a multiple of 8.")
     if args.validation_prompts:
         check_validation_args(args)
+    _check_lora_args(args)
 
 
 def check_validation_args(args: argparse.Namespace) -> None:
@@ -199,6 +213,21 @@ def check_validation_args(args: argparse.Namespace) -> None:
     if args.resolution > MAX_SIDE:
         raise SdtuneError(f"Validation renders at --resolution, at most {MAX_SIDE}: lower --resolution or leave out "
                           "--validation_prompts.")
+
+
+def _check_lora_args(args: argparse.Namespace) -> None:
+    if args.lora_rank < 0:
+        raise SdtuneError(f"--lora_rank {args.lora_rank}: a LoRA rank is a positive number of dimensions "
+                          "(4 to 128 is usual); 0 or no flag trains the full UNet.")
+    lora_only = [flag for flag in ("lora_alpha", "lora_dropout", "lora_target_modules")
+                 if getattr(args, flag) is not None]
+    if lora_only and not args.lora_rank:
+        raise SdtuneError(f"--{', --'.join(lora_only)}: LoRA settings, but this is a full fine-tune: add "
+                          "--lora_rank N (e.g. 4) for a LoRA run, or drop them.")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        raise SdtuneError(f"--lora_alpha {args.lora_alpha} must be positive (the rank is the usual choice).")
+    if args.lora_dropout is not None and not 0.0 <= args.lora_dropout < 1.0:
+        raise SdtuneError(f"--lora_dropout {args.lora_dropout} must be in [0, 1).")
 
 
 def save_resolved_config(args: argparse.Namespace, folder: str) -> Path:

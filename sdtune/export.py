@@ -5,6 +5,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
+from sdtune import lora
 from sdtune.errors import SdtuneError
 
 logger = logging.getLogger(__name__)
@@ -28,20 +29,21 @@ def save_pipeline(args, unet) -> StableDiffusionPipeline:
 
 
 def write_model_card(args, trainable_parameters: int, validation_grid: Path | None) -> Path:
-    """README.md of the saved pipeline: base model, data, hyperparameters, the last validation grid."""
+    """README.md of the output: base model, data, hyperparameters, the last validation grid, how to use it."""
     dataset = args.dataset_name or args.train_data_dir
+    sections = lora.card_sections if args.lora_rank else full_fine_tune_sections
+    title, summary, usage = sections(args, trainable_parameters, dataset)
     grid = f"![validation]({validation_grid.relative_to(args.output_dir)})\n" if validation_grid else ""
     prompts = "".join(f"- {p}\n" for p in args.validation_prompts or [])
     card = f"""---
 license: creativeml-openrail-m
 base_model: {args.pretrained_model_name_or_path}
-tags: [stable-diffusion, text-to-image, diffusers, sdtune]
+tags: [stable-diffusion, text-to-image, diffusers, sdtune{", lora" if args.lora_rank else ""}]
 library_name: diffusers
 ---
-# Fine-tuned {args.pretrained_model_name_or_path}
+# {title}
 
-The UNet ({trainable_parameters:,} parameters) of `{args.pretrained_model_name_or_path}` fine-tuned on `{dataset}`
-with sdtune; the VAE and text encoder are unchanged.
+{summary}
 
 | setting | value |
 |---|---|
@@ -58,7 +60,18 @@ The complete configuration is in `training_config.yaml`.
 ## Validation
 {grid}{prompts}
 ## Use
-```python
+{usage}"""
+    path = Path(args.output_dir) / "README.md"
+    path.write_text(card)
+    return path
+
+
+def full_fine_tune_sections(args, trainable_parameters: int, dataset: str) -> tuple[str, str, str]:
+    """Title, summary and usage of a full fine-tune's model card."""
+    title = f"Fine-tuned {args.pretrained_model_name_or_path}"
+    summary = (f"The UNet ({trainable_parameters:,} parameters) of `{args.pretrained_model_name_or_path}` fine-tuned "
+               f"on `{dataset}`\nwith sdtune; the VAE and text encoder are unchanged.")
+    usage = f"""```python
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -66,9 +79,7 @@ pipeline = StableDiffusionPipeline.from_pretrained("{args.hub_model_id or args.o
 image = pipeline("yoda", generator=torch.Generator().manual_seed(0)).images[0]
 ```
 """
-    path = Path(args.output_dir) / "README.md"
-    path.write_text(card)
-    return path
+    return title, summary, usage
 
 
 def check_hub_reachable(args) -> None:

@@ -3,6 +3,9 @@
 After this project's fine-tune only the UNet differs from the stock model, so two models cost one pipeline plus one
 UNet: every component folder gets a content fingerprint, and a component whose fingerprint is already loaded is
 passed to `from_pretrained` instead of being loaded again. Only safetensors are ever read.
+
+A LoRA model is a base plus an adapter: every model on the same base uses that base's one pipeline, each LoRA model
+as a named adapter on it, and `get` switches the active adapter rather than loading anything.
 """
 
 import hashlib
@@ -18,6 +21,7 @@ import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from sdtune.errors import SdtuneError
+from sdtune.lora import activate_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ class ModelSpec:
     path: str  # hub id or local pipeline folder
     revision: str | None = None
     variant: str | None = None
+    lora: str | None = None  # a LoRA adapter on `path`: an output folder of --lora_rank, or a .safetensors file
+    lora_scale: float = 1.0  # how much of the adapter: 0 is the base model
 
 
 class ModelUnavailable(SdtuneError, RuntimeError):
@@ -48,7 +54,7 @@ def read_model_list(path) -> list[ModelSpec]:
 
 
 def parse_model_flags(values: list[str]) -> list[ModelSpec]:
-    """`name=path` pairs from the command line, or a single YAML model list."""
+    """`name=path[,lora=ADAPTER][,lora_scale=S]` from the command line, or a single YAML model list."""
     if len(values) == 1 and values[0].endswith((".yaml", ".yml")):
         return read_model_list(values[0])
     specs = []
@@ -57,9 +63,26 @@ def parse_model_flags(values: list[str]) -> list[ModelSpec]:
         if not separator or not name or not path:
             raise SdtuneError(f"--models {value}: expected name=path_or_hub_id, "
                               "e.g. stock=CompVis/stable-diffusion-v1-4")
-        specs.append(ModelSpec(name, path))
+        path, *options = path.split(",")
+        specs.append(ModelSpec(name, path, **lora_options(value, options)))
     check_unique_names(specs, "--models")
     return specs
+
+
+def lora_options(value: str, options: list[str]) -> dict:
+    """The `lora=` and `lora_scale=` options of a --models value."""
+    settings = dict(option.partition("=")[::2] for option in options)
+    unknown = sorted(set(settings) - {"lora", "lora_scale"})
+    if unknown:
+        raise SdtuneError(f"--models {value}: unknown options {unknown}; expected "
+                          "name=path[,lora=ADAPTER][,lora_scale=0.8], e.g. pokemon-lora=CompVis/stable-diffusion-v1-4,"
+                          "lora=./sd-pokemon-lora")
+    if "lora_scale" in settings:
+        try:
+            settings["lora_scale"] = float(settings["lora_scale"])
+        except ValueError as error:
+            raise SdtuneError(f"--models {value}: lora_scale must be a number.") from error
+    return settings
 
 
 def check_unique_names(specs, source) -> None:
@@ -155,6 +178,7 @@ class ModelRegistry:
         self.cache_dir = cache_dir
         self.errors: dict[str, str] = {}  # name -> why it could not be loaded
         self._pipelines: dict[str, StableDiffusionPipeline] = {}
+        self._bases: dict[tuple, StableDiffusionPipeline] = {}  # (path, revision, variant) -> its one pipeline
         self._components: dict[str, torch.nn.Module] = {}  # fingerprint -> loaded module
         self._lock = threading.Lock()
         if not lazy:
@@ -173,35 +197,54 @@ class ModelRegistry:
         except ModelUnavailable:
             return False
 
-    def get(self, name: str) -> StableDiffusionPipeline:
-        """The loaded pipeline of `name`, loading it on first use."""
+    def get(self, name: str, lora_scale: float | None = None) -> StableDiffusionPipeline:
+        """The loaded pipeline of `name`, loading it on first use, with `name`'s LoRA adapter (at `lora_scale`, default
+        the spec's) or none active. Models on one base share its pipeline: generate before the next `get`."""
         if name not in self.specs:
             raise ModelUnavailable(f"Unknown model '{name}'; available: {', '.join(self.specs)}.")
-        if name in self._pipelines:  # loaded: no waiting while another model loads
-            return self._pipelines[name]
-        with self._lock:  # concurrent first requests must not load the same model twice
-            if name not in self._pipelines:
-                self._pipelines[name] = self._load(self.specs[name])
+        if name not in self._pipelines:  # loaded ones skip the lock: no waiting while another model loads
+            with self._lock:  # concurrent first requests must not load the same model twice
+                if name not in self._pipelines:
+                    self._pipelines[name] = self._load(self.specs[name])
+        spec = self.specs[name]
+        activate_adapter(self._pipelines[name], spec.name if spec.lora else None,
+                         spec.lora_scale if lora_scale is None else lora_scale)
         return self._pipelines[name]
 
     def _load(self, spec: ModelSpec) -> StableDiffusionPipeline:
         try:
-            folder = local_folder(spec, self.cache_dir)
-            fingerprints = {c: component_fingerprint(folder / c, spec.variant)
-                            for c in SHAREABLE if (folder / c).is_dir()}
-            shared = {c: self._components[f] for c, f in fingerprints.items() if f in self._components}
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                folder, dtype=self.dtype, variant=spec.variant, use_safetensors=True, **shared)
+            pipeline = self._base(spec)
+            if spec.lora:
+                if looks_local(spec.lora) and not Path(spec.lora).exists():
+                    raise FileNotFoundError(f"no LoRA adapter at {spec.lora}")
+                # a folder, a diffusers or kohya .safetensors file, or a hub id; diffusers removes a half-loaded one
+                pipeline.load_lora_weights(spec.lora, adapter_name=spec.name)
         except Exception as error:  # a broken model must not take the others down
             self.errors[spec.name] = f"{type(error).__name__}: {error}"
-            logger.error("Model '%s' (%s) failed to load: %s", spec.name, spec.path, self.errors[spec.name])
+            logger.error("Model '%s' (%s) failed to load: %s", spec.name, spec.lora or spec.path,
+                         self.errors[spec.name])
             raise ModelUnavailable(f"Model '{spec.name}' could not be loaded: {self.errors[spec.name]}") from error
+        self.errors.pop(spec.name, None)
+        return pipeline
+
+    def _base(self, spec: ModelSpec) -> StableDiffusionPipeline:
+        """The pipeline at `spec.path`, loaded once for every model (plain or LoRA) on it."""
+        source = (spec.path, spec.revision, spec.variant)
+        if source not in self._bases:
+            self._bases[source] = self._load_pipeline(spec)
+        return self._bases[source]
+
+    def _load_pipeline(self, spec: ModelSpec) -> StableDiffusionPipeline:
+        folder = local_folder(spec, self.cache_dir)
+        fingerprints = {c: component_fingerprint(folder / c, spec.variant) for c in SHAREABLE if (folder / c).is_dir()}
+        shared = {c: self._components[f] for c, f in fingerprints.items() if f in self._components}
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            folder, dtype=self.dtype, variant=spec.variant, use_safetensors=True, **shared)
         pipeline.to(self.device)
         pipeline.set_progress_bar_config(disable=True)
         for component, fingerprint in fingerprints.items():
             self._components.setdefault(fingerprint, getattr(pipeline, component))
         logger.info("Loaded '%s' from %s (shared: %s)", spec.name, spec.path, ", ".join(shared) or "nothing")
-        self.errors.pop(spec.name, None)
         return pipeline
 
     def native_resolution(self, name: str) -> int:

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -20,6 +19,7 @@ from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_
 from sdtune.export import check_hub_reachable, push_to_hub, save_pipeline, write_model_card
 from sdtune.latent_cache import build_latent_cache
 from sdtune.logs import setup_logging
+from sdtune.lora import add_training_adapter, save_adapter
 from sdtune.objective import diffusion_loss
 from sdtune.optim import make_lr_scheduler, make_optimizer, update_offloaded_ema
 from sdtune.seeds import step_generator
@@ -39,10 +39,14 @@ def main(args) -> Path:
     check_hub_reachable(args)
     set_seed(args.seed)
 
-    # The frozen parts run in the mixed-precision dtype; the trained UNet keeps fp32 master weights.
+    # The frozen parts run in the mixed-precision dtype; the trained weights (the UNet, or with --lora_rank only its
+    # adapter) are fp32 master weights.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     parts = load_components(args, weight_dtype)
     configure_unet(parts.unet, args)
+    if args.lora_rank:
+        add_training_adapter(parts.unet, args)
+    trained = [p for p in parts.unet.parameters() if p.requires_grad]
     move_frozen_parts(parts, accelerator.device)
 
     dataset = make_dataset(args, parts.tokenizer)
@@ -61,8 +65,8 @@ def main(args) -> Path:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
 
-    ema = make_ema(args, parts.unet, accelerator.device)
-    optimizer = make_optimizer(args, parts.unet.parameters(), accelerator.num_processes)
+    ema = make_ema(args, trained, accelerator.device)
+    optimizer = make_optimizer(args, trained, accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
     register_checkpoint_hooks(accelerator, ema)  # must run before load_state
@@ -77,7 +81,7 @@ def main(args) -> Path:
         if ema is not None and not args.offload_ema:
             ema.to(accelerator.device)  # the checkpoint's EMA is loaded onto the CPU
 
-    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in trained)
     logger.info("Training %s UNet parameters on %d rows for %d optimizer steps (%d epochs), %d process(es).",
                 f"{trainable:,}", len(dataset), args.max_train_steps, num_epochs, accelerator.num_processes)
     progress_bar = tqdm(total=args.max_train_steps, initial=progress.global_step, desc="steps",
@@ -97,14 +101,14 @@ def main(args) -> Path:
                 accumulated_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(trained, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
 
-            update_ema(ema, unet, args)
+            update_ema(ema, trained, args)
             progress = next_position(progress, epoch, batch_index, len(dataloader))
             learning_rate = lr_scheduler.get_last_lr()[0]
             accelerator.log({"train_loss": accumulated_loss, "lr": learning_rate}, step=progress.global_step)
@@ -121,11 +125,11 @@ def main(args) -> Path:
             if progress.global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, progress)
             if args.validation_steps and progress.global_step % args.validation_steps == 0:
-                last_grid, validated_at = validate(accelerator, parts, unet, ema, args, progress.global_step)
+                last_grid, validated_at = validate(accelerator, parts, unet, ema, trained, args, progress.global_step)
             if progress.global_step >= args.max_train_steps:
                 break
         if (epoch + 1) % args.validation_epochs == 0 and validated_at != progress.global_step:
-            last_grid, validated_at = validate(accelerator, parts, unet, ema, args, progress.global_step)
+            last_grid, validated_at = validate(accelerator, parts, unet, ema, trained, args, progress.global_step)
         if progress.global_step >= args.max_train_steps:
             break
     progress_bar.close()
@@ -134,8 +138,11 @@ def main(args) -> Path:
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         if ema is not None:
-            ema.copy_to(final_unet.parameters())
-        save_pipeline(args, final_unet)
+            ema.copy_to(trained)
+        if args.lora_rank:
+            save_adapter(args, final_unet)
+        else:
+            save_pipeline(args, final_unet)
         if args.validation_prompts and validated_at != progress.global_step:
             last_grid = render_with(accelerator, parts, final_unet, args, progress.global_step)
         save_resolved_config(args, args.output_dir)
@@ -178,23 +185,23 @@ def move_frozen_parts(parts, device) -> None:
     parts.text_encoder.to(device)
 
 
-def make_ema(args, unet, device) -> EMAModel | None:
-    """The moving average of the UNet, on the device or (--offload_ema) in CPU memory."""
+def make_ema(args, parameters, device) -> EMAModel | None:
+    """The moving average of the trained weights, on the device or (--offload_ema) in CPU memory."""
     if not args.use_ema:
         return None
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+    ema = EMAModel(parameters, decay=args.ema_decay)
     if not args.offload_ema:
         ema.to(device)
     return ema
 
 
-def update_ema(ema, unet, args) -> None:
+def update_ema(ema, parameters, args) -> None:
     if ema is None:
         return
     if args.offload_ema:
-        update_offloaded_ema(ema, unet.parameters())
+        update_offloaded_ema(ema, parameters)
     else:
-        ema.step(unet.parameters())
+        ema.step(parameters)
 
 
 def next_position(progress: Progress, epoch: int, batch_index: int, batches_in_epoch: int) -> Progress:
@@ -204,17 +211,17 @@ def next_position(progress: Progress, epoch: int, batch_index: int, batches_in_e
     return Progress(progress.global_step + 1, epoch, batch_index + 1)
 
 
-def validate(accelerator, parts, unet, ema, args, global_step):
-    """Render the validation prompts on the main process, with the EMA weights when there are some."""
+def validate(accelerator, parts, unet, ema, trained, args, global_step):
+    """Render the validation prompts on the main process, with the EMA of the `trained` weights when there is one."""
     grid = None
     if args.validation_prompts and accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
+            ema.store(trained)
+            ema.copy_to(trained)
         grid = render_with(accelerator, parts, model, args, global_step)
         if ema is not None:
-            ema.restore(model.parameters())
+            ema.restore(trained)
     accelerator.wait_for_everyone()
     return grid, global_step
 
