@@ -2,7 +2,8 @@
 
 `checkpoint-500/unet/` (and with --use_ema `checkpoint-500/unet_ema/`) are diffusers models, as in diffusers' own
 training examples: `UNet2DConditionModel.from_pretrained(output_dir, subfolder="checkpoint-500/unet")` tries an
-intermediate checkpoint. Beside them accelerate keeps the optimizer, LR schedule, grad scaler and RNG states.
+intermediate checkpoint. A LoRA run keeps only its adapter, `checkpoint-500/unet_lora/` (diffusers' LoRA format:
+`pipeline.load_lora_weights(...)` tries it), and its EMA's shadows in `unet_lora_ema.safetensors`. Beside them accelerate keeps the optimizer, LR schedule, grad scaler and RNG states.
 A checkpoint is written to `checkpoint-500.tmp/` and renamed to `checkpoint-500/` only once complete, so a crash
 during a save never leaves a folder that `--resume_from_checkpoint latest` would pick.
 """
@@ -16,8 +17,12 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sdtune.config import save_resolved_config
 from sdtune.errors import SdtuneError
@@ -29,6 +34,8 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PROGRESS_FILE = "training_state.json"
 UNET_FOLDER = "unet"
 EMA_FOLDER = "unet_ema"
+LORA_FOLDER = "unet_lora"
+LORA_EMA_FILE = "unet_lora_ema.safetensors"
 # Checkpoints older than the diffusers layout kept the EMA as a pickle that accelerate unpickles unrestricted.
 LEGACY_EMA_PICKLE = "custom_checkpoint_0.pkl"
 
@@ -93,10 +100,13 @@ def _save_models(accelerator, ema, models, weights, output_dir) -> None:
     """accelerate's save hook. `models` is accelerate's own list, so it stays whole; emptying `weights` is what
     stops accelerate writing the same UNet again as model.safetensors."""
     (unet,) = models
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(unet).save_pretrained(Path(output_dir) / UNET_FOLDER)
+    unet, folder = accelerator.unwrap_model(unet), Path(output_dir)
+    if accelerator.is_main_process and is_lora(unet):
+        _save_lora(unet, ema, folder)
+    elif accelerator.is_main_process:
+        unet.save_pretrained(folder / UNET_FOLDER)
         if ema is not None:
-            ema.save_pretrained(Path(output_dir) / EMA_FOLDER)
+            ema.save_pretrained(folder / EMA_FOLDER)
     weights.clear()
 
 
@@ -104,14 +114,50 @@ def _load_models(accelerator, ema, models, input_dir) -> None:
     """accelerate's load hook. `models` is a list made for this load: taking the UNet out of it means accelerate
     looks for no model.safetensors. A checkpoint without unet/ (sdtune before the diffusers layout) keeps it there."""
     folder = Path(input_dir)
+    (unet,) = models
+    if is_lora(accelerator.unwrap_model(unet)):
+        _load_lora(accelerator.unwrap_model(unet), ema, folder)
+        models.clear()
+        return
     if ema is not None:
         _load_ema(ema, folder)
     if not (folder / UNET_FOLDER).is_dir():
         return
-    (unet,) = models
     saved = UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER)
     accelerator.unwrap_model(unet).load_state_dict(saved.state_dict())
     models.clear()
+
+
+def is_lora(unet) -> bool:
+    """Whether the UNet trains a peft adapter (--lora_rank) rather than all its weights."""
+    return bool(getattr(unet, "peft_config", None))
+
+
+def _save_lora(unet, ema: EMAModel | None, folder: Path) -> None:
+    """The adapter only (the frozen base comes from the pretrained model on resume), and the EMA's shadows in the
+    order of the trained parameters, with its step count."""
+    StableDiffusionPipeline.save_lora_weights(
+        folder / LORA_FOLDER, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        safe_serialization=True)
+    if ema is not None:
+        shadows = {f"{index:05d}": shadow.contiguous() for index, shadow in enumerate(ema.shadow_params)}
+        save_file(shadows, folder / LORA_EMA_FILE, metadata={"optimization_step": str(ema.optimization_step)})
+
+
+def _load_lora(unet, ema: EMAModel | None, folder: Path) -> None:
+    """Restore what _save_lora wrote: the adapter into the UNet's (already added) adapter, and the EMA."""
+    state, _ = StableDiffusionPipeline.lora_state_dict(folder / LORA_FOLDER)
+    unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
+    set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    if ema is None:
+        return
+    if not (folder / LORA_EMA_FILE).is_file():
+        raise CheckpointError(f"{folder} has no {LORA_EMA_FILE}: it was saved without --use_ema: resume without "
+                              "it, or start a new run.")
+    with safe_open(folder / LORA_EMA_FILE, framework="pt") as saved:
+        shadows = [saved.get_tensor(key).to(old.device) for key, old in zip(sorted(saved.keys()), ema.shadow_params)]
+        step = int(saved.metadata()["optimization_step"])
+    ema.load_state_dict({**ema.state_dict(), "shadow_params": shadows, "optimization_step": step})
 
 
 def _load_ema(ema: EMAModel, folder: Path) -> None:

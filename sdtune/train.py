@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -65,7 +66,7 @@ def main(args) -> Path:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
 
-    ema = make_ema(args, trained, accelerator.device)
+    ema = make_ema(args, parts.unet, trained, accelerator.device)
     optimizer = make_optimizer(args, trained, accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
@@ -185,11 +186,13 @@ def move_frozen_parts(parts, device) -> None:
     parts.text_encoder.to(device)
 
 
-def make_ema(args, parameters, device) -> EMAModel | None:
-    """The moving average of the trained weights, on the device or (--offload_ema) in CPU memory."""
+def make_ema(args, unet, parameters, device) -> EMAModel | None:
+    """The moving average of the trained weights, on the device or (--offload_ema) in CPU memory. The full UNet's
+    saves as a diffusers model (checkpoint-N/unet_ema); an adapter's as its tensors (checkpoints.py)."""
     if not args.use_ema:
         return None
-    ema = EMAModel(parameters, decay=args.ema_decay)
+    model = {} if args.lora_rank else {"model_cls": UNet2DConditionModel, "model_config": unet.config}
+    ema = EMAModel(parameters, decay=args.ema_decay, **model)
     if not args.offload_ema:
         ema.to(device)
     return ema

@@ -124,8 +124,9 @@ def test_every_memory_and_objective_flag_runs_with_lora_and_the_ema_covers_the_a
     raw_weights, ema_weights = adapter_weights(raw), adapter_weights(averaged)
     assert all(value.dtype == torch.float32 for value in ema_weights.values())
     assert max((raw_weights[key] - ema_weights[key]).abs().max() for key in raw_weights) > 0
-    ema_state = torch.load(next(averaged.glob("checkpoint-*")) / "custom_checkpoint_0.pkl", weights_only=False)
-    assert len(ema_state["shadow_params"]) == len(raw_weights)  # one shadow per adapter tensor, none for the UNet
+    checkpoint = next(averaged.glob("checkpoint-*"))
+    assert len(load_file(checkpoint / "unet_lora_ema.safetensors")) == len(raw_weights)  # adapter only, no UNet
+    assert not (checkpoint / "unet").exists()  # the frozen base is not saved: it comes from the pretrained model
 
 
 @pytest.mark.parametrize("flags, message", [
