@@ -18,7 +18,7 @@ from sdtune.errors import SdtuneError
 logger = logging.getLogger(__name__)
 
 TOP_CAPTIONS = 3  # captions shared by several images: how many the report lists
-SHOWN_CAPTION_CHARS = 60
+SHOWN_CAPTION_CHARS = 70
 # Aspect ratio (width / height) bins: each holds the ratios from the previous bound up to (not including) its own
 ASPECT_BINS = ((1 / 2, "taller than 1:2"), (3 / 4, "1:2 to 3:4"), (4 / 3, "3:4 to 4:3"), (2, "4:3 to 2:1"),
                (math.inf, "2:1 or wider"))
@@ -30,7 +30,12 @@ class DataReport:
     token_lengths: list[int]  # of every usable caption, BOS and EOS included, before truncation
     token_limit: int  # the tokenizer's window; longer captions are truncated
     duplicates: list[list[str]]  # groups of rows whose images have the same decoded pixels, largest first
-    shared_captions: list[tuple[str, int]]  # the captions of several rows, with their row counts, most used first
+    caption_counts: Counter  # caption -> how many usable rows have it
+
+    @property
+    def shared_captions(self) -> list[tuple[str, int]]:
+        """The captions of several rows, with their row counts, most used first."""
+        return [(caption, count) for caption, count in self.caption_counts.most_common(TOP_CAPTIONS) if count > 1]
 
     @property
     def truncated(self) -> int:
@@ -81,10 +86,10 @@ class DataReport:
                 f"e.g. {groups}")
 
     def _shared_caption_line(self) -> str:
+        distinct = f"Distinct captions: {len(self.caption_counts)}; shared by several images: "
         if not self.shared_captions:
-            return "Captions shared by several images: none."
-        shown = "; ".join(f"{count} x {shorten(caption)!r}" for caption, count in self.shared_captions)
-        return f"Captions shared by several images: {shown}"
+            return distinct + "none."
+        return distinct + "; ".join(f"{count} x {shorten(caption)!r}" for caption, count in self.shared_captions)
 
 
 def spread(values: list[int]) -> tuple[int, int, int]:
@@ -101,8 +106,8 @@ def build_report(rows, screened: ScreenResult, caption_column: str, tokenizer) -
     caption_values = rows.select(screened.usable)[caption_column] if screened.usable else []
     captions = [caption for value in caption_values for caption in usable_captions(value)]
     lengths = [len(ids) for ids in tokenizer(captions).input_ids] if captions else []
-    return DataReport(screened, lengths, tokenizer.model_max_length, duplicate_groups(screened),
-                      shared_captions(caption_values))
+    counts = Counter(caption for value in caption_values for caption in set(usable_captions(value)))
+    return DataReport(screened, lengths, tokenizer.model_max_length, duplicate_groups(screened), counts)
 
 
 def duplicate_groups(screened: ScreenResult) -> list[list[str]]:
@@ -110,11 +115,6 @@ def duplicate_groups(screened: ScreenResult) -> list[list[str]]:
     for image in screened.images:
         by_digest[image.digest].append(image.name)
     return sorted((names for names in by_digest.values() if len(names) > 1), key=len, reverse=True)
-
-
-def shared_captions(caption_values) -> list[tuple[str, int]]:
-    counts = Counter(caption for value in caption_values for caption in set(usable_captions(value)))
-    return [(caption, count) for caption, count in counts.most_common(TOP_CAPTIONS) if count > 1]
 
 
 def load_tokenizer(args):
