@@ -99,7 +99,7 @@ def decode_row_image(value) -> Image.Image:
     """Decode an undecoded `datasets.Image` value ({'bytes', 'path'}) to RGB."""
     if isinstance(value, Image.Image):
         return to_rgb(value)
-    source = value.get("bytes") or value.get("path")
+    source = (value.get("bytes") or value.get("path")) if isinstance(value, dict) else None
     if source is None:
         raise BadImageError("row has no image")
     if isinstance(source, str) and _is_empty_file(source):

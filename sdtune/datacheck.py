@@ -8,12 +8,14 @@ usable image's size and pixel digest on the way.
 import bisect
 import logging
 import math
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from statistics import median_low
 
 from sdtune.data import EXAMPLE_NAMES, ScreenResult, inspect_rows, load_rows, usable_captions
 from sdtune.errors import SdtuneError
+from sdtune.image_folder import list_images
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class DataReport:
     token_limit: int  # the tokenizer's window; longer captions are truncated
     duplicates: list[list[str]]  # groups of rows whose images have the same decoded pixels, largest first
     caption_counts: Counter  # caption -> how many usable rows have it
+    unlisted: list[str]  # image files of a --train_data_dir that no metadata row names (imagefolder leaves them out)
 
     @property
     def shared_captions(self) -> list[tuple[str, int]]:
@@ -48,8 +51,10 @@ class DataReport:
 
     def lines(self, resolution: int) -> list[str]:
         """The report as printed by --check_data and logged at the start of training."""
-        return [*self._row_lines(), self._caption_line(), *self._size_lines(resolution), self._duplicate_line(),
-                self._shared_caption_line()]
+        unlisted = ([f"Not in the metadata, so left out: {len(self.unlisted)} image file(s), e.g. "
+                     f"{', '.join(self.unlisted[:EXAMPLE_NAMES])}"] if self.unlisted else [])
+        return [*self._row_lines(), *unlisted, self._caption_line(), *self._size_lines(resolution),
+                self._duplicate_line(), self._shared_caption_line()]
 
     def _row_lines(self) -> list[str]:
         screened = self.screened
@@ -101,13 +106,23 @@ def shorten(caption: str) -> str:
     return caption if len(caption) <= SHOWN_CAPTION_CHARS else caption[:SHOWN_CAPTION_CHARS - 3] + "..."
 
 
-def build_report(rows, screened: ScreenResult, caption_column: str, tokenizer) -> DataReport:
+def build_report(rows, screened: ScreenResult, args, tokenizer) -> DataReport:
     """The report of the screened rows: token lengths need the tokenizer; the rest comes from the screening."""
-    caption_values = rows.select(screened.usable)[caption_column] if screened.usable else []
+    caption_values = rows.select(screened.usable)[args.caption_column] if screened.usable else []
     captions = [caption for value in caption_values for caption in usable_captions(value)]
     lengths = [len(ids) for ids in tokenizer(captions).input_ids] if captions else []
     counts = Counter(caption for value in caption_values for caption in set(usable_captions(value)))
-    return DataReport(screened, lengths, tokenizer.model_max_length, duplicate_groups(screened), counts)
+    # with --max_train_samples the rows left out on purpose would count as unlisted
+    unlisted = (unlisted_images(rows[args.image_column], args.train_data_dir)
+                if args.train_data_dir is not None and args.max_train_samples is None else [])
+    return DataReport(screened, lengths, tokenizer.model_max_length, duplicate_groups(screened), counts, unlisted)
+
+
+def unlisted_images(image_values, folder: str) -> list[str]:
+    """The images under `folder` that no row comes from: imagefolder leaves out, without a word, every image its
+    metadata file does not name."""
+    listed = {os.path.realpath(value["path"]) for value in image_values if value.get("path")}
+    return [image.key for image in list_images(folder) if os.path.realpath(image.path) not in listed]
 
 
 def duplicate_groups(screened: ScreenResult) -> list[list[str]]:
@@ -133,7 +148,7 @@ def main(args) -> DataReport:
     """--check_data: read and screen the dataset, print the report; an SdtuneError when no row is usable."""
     rows = load_rows(args)
     screened = inspect_rows(rows, args.image_column, args.caption_column)
-    report = build_report(rows, screened, args.caption_column, load_tokenizer(args))
+    report = build_report(rows, screened, args, load_tokenizer(args))
     print("\n".join(report.lines(args.resolution)))
     screened.require_usable()
     return report

@@ -168,7 +168,7 @@ def make_dataset(args, tokenizer) -> CaptionedImages:
     """Load the rows, drop the unusable ones, log the data check's report and wrap them for training."""
     rows = load_rows(args)
     screened = screen_rows(rows, args.image_column, args.caption_column)
-    for line in build_report(rows, screened, args.caption_column, tokenizer).lines(args.resolution):
+    for line in build_report(rows, screened, args, tokenizer).lines(args.resolution):
         logger.info(line)
     rows = rows.select(screened.usable)
     return CaptionedImages(rows, args, tokenizer)

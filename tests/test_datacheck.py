@@ -39,6 +39,7 @@ def unseen_dataset(tmp_path_factory):
     (folder / "zero.png").write_bytes(b"")
     captions.update({"truncated.png": "x", "corrupt.jpg": "x", "zero.png": "x"})
     Image.new("RGB", (10, 10)).save(folder / "no_caption.png")
+    Image.new("RGB", (12, 10)).save(folder / "stray.png")  # no metadata row
     rows = [{"file_name": name, "caption": caption} for name, caption in captions.items()]
     rows.append({"file_name": "no_caption.png"})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -60,12 +61,14 @@ def test_the_report_counts_what_an_unseen_dataset_holds(unseen_dataset, tiny_pip
     assert report.token_limit == 77 and report.truncated == 1 and max(report.token_lengths) > 77
     assert report.duplicates == [["dup_a.png", "dup_b.bmp", "dup_c.png"]]
     assert report.shared_captions == [("a thing", 3)]
+    assert report.unlisted == ["stray.png"]
     assert report.aspect_histogram() == {"taller than 1:2": 1, "1:2 to 3:4": 1, "3:4 to 4:3": 8, "4:3 to 2:1": 1,
                                          "2:1 or wider": 1}
     printed = capsys.readouterr().out
     assert "Data check: Skipped 4 of 16 rows: 2 undecodable image, 1 zero-byte file, 1 missing caption. " \
            "12 usable." in printed
     assert "e.g. zero-byte file: zero.png" in printed
+    assert "Not in the metadata, so left out: 1 image file(s), e.g. stray.png" in printed
     assert "width min 1, median 24, max 4000; height min 1, median 24, max 300; 11 smaller than --resolution 64" \
         in printed
     assert "2 repeat another, in 1 group(s), e.g. dup_a.png = dup_b.bmp = dup_c.png" in printed
@@ -78,6 +81,18 @@ def test_a_clean_dataset_reports_no_problems(shapes_dataset, tiny_pipeline, caps
     printed = capsys.readouterr().out
     assert f"Data check: All {len(report.screened.usable)} rows usable." in printed
     assert "Duplicate images (same pixels): none." in printed and report.truncated == 0
+    assert report.unlisted == [] and "Not in the metadata" not in printed
+
+
+def test_a_row_without_an_image_is_skipped_not_a_crash():
+    import datasets
+
+    from sdtune.data import inspect_rows
+
+    rows = datasets.Dataset.from_dict({"image": [None], "text": ["x"]}).cast_column("image",
+                                                                                    datasets.Image(decode=False))
+    result = inspect_rows(rows, "image", "text")
+    assert dict(result.skipped) == {"undecodable image": 1} and result.skipped_names["undecodable image"] == ["row 0"]
 
 
 def test_nothing_usable_prints_the_report_then_exits_non_zero(tmp_path, tiny_pipeline, capsys, monkeypatch):
