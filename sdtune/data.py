@@ -118,12 +118,15 @@ def row_name(value, index: int) -> str:
 
 
 def pixel_digest(image: Image.Image) -> str:
-    """A fingerprint of the decoded pixels: the same picture saved twice, or in two formats, gets the same one."""
+    """A fingerprint of the decoded pixels: the same picture saved twice, or in two lossless formats, gets the same
+    one."""
     return hashlib.blake2b(f"{image.size}".encode() + image.tobytes(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
 class ImageFacts:
+    """What the screening notes of a usable image, for the data check's report."""
+
     name: str
     width: int
     height: int
