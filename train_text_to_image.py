@@ -6,6 +6,10 @@ from sdtune.errors import exit_on_error
 if __name__ == "__main__":
     with exit_on_error():
         args = parse_args()
-        from sdtune.train import main  # torch, diffusers and accelerate load only once the flags are good
+        # torch, diffusers and accelerate load only once the flags are good
+        if args.check_data:
+            from sdtune.datacheck import main
+        else:
+            from sdtune.train import main
 
         main(args)

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_diffusion_flags(parser.add_argument_group("diffusion objective"))
     _add_validation_flags(parser.add_argument_group("validation"))
     _add_output_flags(parser.add_argument_group("outputs, checkpoints and logging"))
+    _add_caption_and_check_flags(parser.add_argument_group("captions and the data check"))
     return parser
 
 
@@ -155,6 +156,31 @@ def _add_output_flags(group):
     group.add_argument("--hub_token", type=str, default=None, help="Hub token; default: the logged-in user's.")
 
 
+def _add_caption_and_check_flags(group):
+    group.add_argument("--caption_dropout_rate", dest="proportion_empty_prompts", type=float,
+                       default=argparse.SUPPRESS, metavar="RATE",
+                       help="kohya sd-scripts' name for --proportion_empty_prompts: the same setting.")
+    group.add_argument("--shuffle_caption", action="store_true",
+                       help="For tag-style captions ('tag, tag, ...'): shuffle each example's comma-separated tags, "
+                            "anew every epoch.")
+    group.add_argument("--keep_tokens", type=int, default=0,
+                       help="With --shuffle_caption: the first N tags stay in place (a trigger word, say).")
+    group.add_argument("--check_data", action="store_true",
+                       help="Read and screen the dataset, print the data report (usable and skipped rows, caption "
+                            "lengths, image sizes, duplicates) and exit, loading the tokenizer only: status 0 when "
+                            "some rows are usable.")
+
+
+def _check_caption_args(args: argparse.Namespace) -> None:
+    if args.keep_tokens < 0:
+        raise SdtuneError(f"--keep_tokens {args.keep_tokens} must be 0 or more.")
+    if args.keep_tokens and not args.shuffle_caption:
+        raise SdtuneError("--keep_tokens only applies with --shuffle_caption: add it, or drop --keep_tokens.")
+    if args.shuffle_caption and args.cache_latents:
+        raise SdtuneError("--shuffle_caption cannot be used with --cache_latents: the text embeddings are cached "
+                          "once per caption, not per shuffle. Drop one of them.")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse flags over the recipe given by --config, check them and fill the seed."""
     parser = build_parser()
@@ -201,6 +227,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.validation_prompts:
         check_validation_args(args)
     _check_lora_args(args)
+    _check_caption_args(args)
 
 
 def check_validation_args(args: argparse.Namespace) -> None:

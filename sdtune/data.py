@@ -4,10 +4,11 @@ Every random choice of an example (caption pick, caption dropout, flip, crop) co
 (seed, epoch, row), so an example is the same whichever worker loads it and whether or not the run was resumed.
 """
 
+import hashlib
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ DATASET_ALTERNATIVES = (
     "  - offline: the tiny world's creatures, python -m tinyworld.datasets data/tinyworld, then "
     "--train_data_dir data/tinyworld/pokemon/train (see docs/tinyworld.md)"
 )
+UNREACHABLE_DATASET = ("Cannot load the dataset '{name}' from the hub ({error}): check the name, the network and "
+                       "HF_HUB_OFFLINE, or use a local copy with --train_data_dir DIR.")
+EXAMPLE_NAMES = 3  # file names shown per kind of problem
 
 
 def load_rows(args):
@@ -42,20 +46,47 @@ def load_rows(args):
         else:
             dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
     except FileNotFoundError as error:
-        raise SdtuneError(f"Dataset not found: {error}") from error
+        raise SdtuneError(f"Dataset not found: {error}. Check --train_data_dir or --dataset_name.") from error
     except Exception as error:  # the hub raises many types: offline, gated, removed, no network
-        if args.train_data_dir is not None:
-            raise SdtuneError(f"Cannot read the image folder {args.train_data_dir}: {error}") from error
-        raise SdtuneError(DATASET_ALTERNATIVES.format(error=f"{type(error).__name__}: {error}")) from error
+        raise SdtuneError(_load_error_message(args, error)) from error
     rows = dataset["train"]
-    for column in (args.image_column, args.caption_column):
-        if column not in rows.column_names:
-            raise SdtuneError(f"Column '{column}' not in the dataset; it has {rows.column_names}. "
-                              f"Set --image_column / --caption_column.")
+    check_columns(rows.column_names, args)
     rows = rows.cast_column(args.image_column, datasets.Image(decode=False))
     if args.max_train_samples is not None:
         rows = rows.select(range(min(args.max_train_samples, len(rows))))
+    folder = args.train_data_dir or (args.dataset_name if os.path.isdir(args.dataset_name) else None)
+    if folder is not None:
+        check_files_exist(rows[args.image_column], folder)
     return rows
+
+
+def _load_error_message(args, error: Exception) -> str:
+    text = str(error).strip()
+    first_line = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    if args.train_data_dir is not None:
+        return f"Cannot read the image folder {args.train_data_dir}: {first_line}"
+    if args.dataset_name == POKEMON_DATASET:
+        return DATASET_ALTERNATIVES.format(error=first_line)
+    return UNREACHABLE_DATASET.format(name=args.dataset_name, error=first_line)
+
+
+def check_columns(columns: list[str], args) -> None:
+    """Refuse an image or caption column the dataset does not have, listing the ones it has."""
+    for column, flag in ((args.image_column, "--image_column"), (args.caption_column, "--caption_column")):
+        if column not in columns:
+            hint = (" A folder's captions come from its metadata.jsonl (or metadata.csv): one row per image with "
+                    "file_name and the caption." if args.train_data_dir is not None else "")
+            raise SdtuneError(f"Column '{column}' not in the dataset; it has {columns}. Set {flag}.{hint}")
+
+
+def check_files_exist(image_values, folder: str) -> None:
+    """Refuse a metadata file that names images the folder does not have, naming a few of them."""
+    missing = [os.path.relpath(value["path"], folder) for value in image_values
+               if value.get("bytes") is None and value.get("path") and not os.path.exists(value["path"])]
+    if missing:
+        raise SdtuneError(f"The metadata of {folder} names {len(missing)} image file(s) that do not exist: "
+                          f"{', '.join(missing[:EXAMPLE_NAMES])}. Add the files or remove their rows from "
+                          "metadata.jsonl (or metadata.csv).")
 
 
 def usable_captions(caption) -> list[str]:
@@ -68,7 +99,7 @@ def decode_row_image(value) -> Image.Image:
     """Decode an undecoded `datasets.Image` value ({'bytes', 'path'}) to RGB."""
     if isinstance(value, Image.Image):
         return to_rgb(value)
-    source = value.get("bytes") or value.get("path")
+    source = (value.get("bytes") or value.get("path")) if isinstance(value, dict) else None
     if source is None:
         raise BadImageError("row has no image")
     if isinstance(source, str) and _is_empty_file(source):
@@ -80,10 +111,34 @@ def _is_empty_file(path: str) -> bool:
     return os.path.isfile(path) and os.path.getsize(path) == 0
 
 
+def row_name(value, index: int) -> str:
+    """How the report names a row: its image file's name, or its index when the image came as bytes."""
+    path = value.get("path") if isinstance(value, dict) else None
+    return os.path.basename(path) if path else f"row {index}"
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """A fingerprint of the decoded pixels: the same picture saved twice, or in two lossless formats, gets the same
+    one."""
+    return hashlib.blake2b(f"{image.size}".encode() + image.tobytes(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the screening notes of a usable image, for the data check's report."""
+
+    name: str
+    width: int
+    height: int
+    digest: str  # pixel_digest of the decoded RGB image
+
+
 @dataclass
 class ScreenResult:
     usable: list[int]  # row indices that decode and have a caption
     skipped: Counter  # reason -> count
+    skipped_names: dict[str, list[str]] = field(default_factory=dict)  # reason -> the first few rows' names
+    images: list[ImageFacts] = field(default_factory=list)  # of the usable rows, in their order
 
     def summary(self) -> str:
         total = len(self.usable) + sum(self.skipped.values())
@@ -92,39 +147,43 @@ class ScreenResult:
         reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
         return f"Skipped {sum(self.skipped.values())} of {total} rows: {reasons}."
 
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped[reason] += 1
+        names = self.skipped_names.setdefault(reason, [])
+        if len(names) < EXAMPLE_NAMES:
+            names.append(name)
 
-def screen_rows(rows, image_column: str, caption_column: str) -> ScreenResult:
-    """Decode every image once and check every caption; keep the usable rows and count the rest by reason."""
-    usable, skipped = [], Counter()
+    def require_usable(self) -> None:
+        if not self.usable:
+            raise SdtuneError(f"No usable rows in the dataset. {self.summary()} "
+                              "Check the image files and the caption column.")
+
+
+def inspect_rows(rows, image_column: str, caption_column: str) -> ScreenResult:
+    """Decode every image once and check every caption; note the usable rows' sizes and pixel digests and count
+    the rest by reason."""
+    result = ScreenResult([], Counter())
     for index, row in enumerate(rows):
+        name = row_name(row[image_column], index)
         if not usable_captions(row[caption_column]):
-            skipped["missing caption" if row[caption_column] is None else "empty caption"] += 1
+            result.skip("missing caption" if row[caption_column] is None else "empty caption", name)
             continue
         try:
-            decode_row_image(row[image_column])
+            image = decode_row_image(row[image_column])
         except BadImageError as error:
-            skipped["zero-byte file" if "0 bytes" in str(error) else "undecodable image"] += 1
+            result.skip("zero-byte file" if "0 bytes" in str(error) else "undecodable image", name)
             logger.debug("row %d skipped: %s", index, error)
             continue
-        usable.append(index)
-    result = ScreenResult(usable, skipped)
-    if not usable:
-        raise SdtuneError(f"No usable rows in the dataset. {result.summary()} "
-                          "Check the image files and the caption column.")
+        result.usable.append(index)
+        result.images.append(ImageFacts(name, *image.size, pixel_digest(image)))
     return result
 
 
-def warn_long_captions(rows, caption_column: str, tokenizer) -> int:
-    """Count captions longer than the tokenizer's window and warn once; they are truncated when tokenized."""
-    limit = tokenizer.model_max_length
-    too_long = sum(
-        len(tokenizer(caption).input_ids) > limit
-        for caption_value in rows[caption_column]
-        for caption in usable_captions(caption_value)
-    )
-    if too_long:
-        logger.warning("%d captions are longer than %d tokens and will be truncated.", too_long, limit)
-    return too_long
+def screen_rows(rows, image_column: str, caption_column: str) -> ScreenResult:
+    """inspect_rows, refusing a dataset with no usable row."""
+    result = inspect_rows(rows, image_column, caption_column)
+    result.require_usable()
+    return result
 
 
 def uniform(generator: torch.Generator) -> float:
@@ -154,6 +213,14 @@ def to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+def shuffle_tags(caption: str, keep: int, generator: torch.Generator) -> str:
+    """A tag-style caption ('tag, tag, ...') with its first `keep` tags in place and the others in random order."""
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    kept, rest = tags[:keep], tags[keep:]
+    order = torch.randperm(len(rest), generator=generator).tolist()
+    return ", ".join(kept + [rest[i] for i in order])
+
+
 class EpochShuffleSampler(torch.utils.data.Sampler):
     """Yields (epoch, position) keys in an order fixed by (seed, epoch); call set_epoch before each epoch."""
 
@@ -180,6 +247,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.image_column, self.caption_column = args.image_column, args.caption_column
         self.resolution, self.center_crop, self.random_flip = args.resolution, args.center_crop, args.random_flip
         self.proportion_empty_prompts, self.seed = args.proportion_empty_prompts, args.seed
+        self.shuffle_caption, self.keep_tokens = args.shuffle_caption, args.keep_tokens
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -199,9 +267,12 @@ class CaptionedImages(torch.utils.data.Dataset):
         return {"pixel_values": to_tensor(image, flip), "input_ids": self.tokenize(caption)}
 
     def pick_caption(self, caption_value, generator: torch.Generator) -> str:
-        """One caption of the row at random, or '' with probability --proportion_empty_prompts."""
+        """One caption of the row at random (its tags shuffled under --shuffle_caption), or '' with probability
+        --proportion_empty_prompts."""
         captions = usable_captions(caption_value)
         choice = captions[int(torch.randint(len(captions), (), generator=generator))]
+        if self.shuffle_caption:
+            choice = shuffle_tags(choice, self.keep_tokens, generator)
         return "" if uniform(generator) < self.proportion_empty_prompts else choice
 
     def tokenize(self, caption: str) -> torch.Tensor:

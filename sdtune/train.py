@@ -16,7 +16,8 @@ from sdtune.checkpoints import (Progress, load_checkpoint, register_checkpoint_h
                                 save_checkpoint)
 from sdtune.components import load_components, use_xformers
 from sdtune.config import save_resolved_config
-from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows, warn_long_captions
+from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows
+from sdtune.datacheck import build_report, load_tokenizer
 from sdtune.export import check_hub_reachable, push_to_hub, save_pipeline, write_model_card
 from sdtune.latent_cache import build_latent_cache
 from sdtune.logs import setup_logging
@@ -39,6 +40,7 @@ def main(args) -> Path:
                   Path(args.output_dir) / "train.log" if main_process else None)
     check_hub_reachable(args)
     set_seed(args.seed)
+    dataset = make_dataset(args, load_tokenizer(args))  # the data check: a bad dataset stops before any model loads
 
     # The frozen parts run in the mixed-precision dtype; the trained weights (the UNet, or with --lora_rank only its
     # adapter) are fp32 master weights.
@@ -50,7 +52,6 @@ def main(args) -> Path:
     trained = [p for p in parts.unet.parameters() if p.requires_grad]
     move_frozen_parts(parts, accelerator.device)
 
-    dataset = make_dataset(args, parts.tokenizer)
     if args.cache_latents:
         dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,
                                            args.train_batch_size, accelerator.is_local_main_process)
@@ -172,12 +173,12 @@ def configure_unet(unet, args) -> None:
 
 
 def make_dataset(args, tokenizer) -> CaptionedImages:
-    """Load the rows, drop the unusable ones (counted in the log) and wrap them for training."""
+    """Load the rows, drop the unusable ones, log the data check's report and wrap them for training."""
     rows = load_rows(args)
     screened = screen_rows(rows, args.image_column, args.caption_column)
-    logger.info(screened.summary())
+    for line in build_report(rows, screened, args, tokenizer).lines(args.resolution):
+        logger.info(line)
     rows = rows.select(screened.usable)
-    warn_long_captions(rows, args.caption_column, tokenizer)
     return CaptionedImages(rows, args, tokenizer)
 
 

@@ -6,15 +6,17 @@ import torch
 from transformers import CLIPTokenizer
 
 from conftest import ODD_SKIPS
+from sdtune.config import parse_args
+from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows, shuffle_tags, usable_captions
 from sdtune.errors import SdtuneError
-from sdtune.data import (CaptionedImages, EpochShuffleSampler, load_rows, screen_rows, usable_captions,
-                         warn_long_captions)
+from sdtune.seeds import example_generator
 
 
 def data_args(folder, **overrides):
     args = dict(train_data_dir=str(folder), dataset_name=None, dataset_config_name=None, cache_dir=None,
                 image_column="image", caption_column="text", max_train_samples=None, resolution=32,
-                center_crop=False, random_flip=True, proportion_empty_prompts=0.0, seed=5)
+                center_crop=False, random_flip=True, proportion_empty_prompts=0.0, seed=5, shuffle_caption=False,
+                keep_tokens=0)
     args.update(overrides)
     return Namespace(**args)
 
@@ -44,11 +46,6 @@ def test_a_dataset_with_nothing_usable_stops_with_the_reason(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
     with pytest.raises(SdtuneError, match="No usable rows.*zero-byte"):
         screen_rows(load_rows(data_args(tmp_path)), "image", "text")
-
-
-def test_a_missing_column_is_named(odd_dataset):
-    with pytest.raises(SdtuneError, match="Column 'caption' not in the dataset"):
-        load_rows(data_args(odd_dataset, caption_column="caption"))
 
 
 def test_an_unreachable_hub_dataset_names_the_alternatives():
@@ -108,9 +105,70 @@ def test_usable_captions():
     assert usable_captions(None) == []
 
 
-def test_long_captions_warn_once_with_a_count(tiny_pipeline, tmp_path, caplog):
-    dataset = caption_list_dataset(tmp_path, "red " * 100)
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline / "tokenizer")
-    with caplog.at_level("WARNING"):
-        assert warn_long_captions(dataset.rows, "text", tokenizer) == 1
-    assert sum("longer than 77 tokens" in r.message for r in caplog.records) == 1
+def test_a_missing_column_lists_the_columns_and_names_the_flag(odd_dataset):
+    with pytest.raises(SdtuneError, match=r"it has \['image', 'text'\]\. Set --caption_column\..*metadata\.jsonl"):
+        load_rows(data_args(odd_dataset, caption_column="caption"))
+    with pytest.raises(SdtuneError, match="Column 'picture'.*Set --image_column"):
+        load_rows(data_args(odd_dataset, image_column="picture"))
+
+
+def test_an_unreachable_hub_dataset_is_one_line_naming_the_fix():
+    with pytest.raises(SdtuneError) as error:
+        load_rows(data_args(None, train_data_dir=None, dataset_name="someone/no-such-set"))
+    message = str(error.value)
+    assert "\n" not in message and "'someone/no-such-set'" in message and "--train_data_dir" in message
+    assert "pokemon" not in message
+
+
+def test_metadata_naming_missing_images_is_refused_with_a_few_names_and_the_count(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "here.png")
+    names = ["here.png", "gone1.png", "gone2.png", "gone3.png", "gone4.png"]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "x"}) + "\n" for n in names))
+    with pytest.raises(SdtuneError, match=r"names 4 image file\(s\) that do not exist: gone1.png, gone2.png, "
+                                          r"gone3.png\. Add the files or remove their rows"):
+        load_rows(data_args(tmp_path))
+
+
+TAGS = "trigger, style, red, round, small, shiny"
+
+
+def test_the_kohya_caption_dropout_name_sets_the_same_setting():
+    required = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
+    assert parse_args(required + ["--caption_dropout_rate", "0.15"]).proportion_empty_prompts == 0.15
+    assert parse_args(required).proportion_empty_prompts == 0.0
+    with pytest.raises(SdtuneError, match="between 0 and 1"):
+        parse_args(required + ["--caption_dropout_rate", "1.5"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep_tokens", "1"], "only applies with --shuffle_caption"),
+    (["--shuffle_caption", "--keep_tokens", "-1"], "0 or more"),
+    (["--shuffle_caption", "--cache_latents", "--center_crop"], "cannot be used with --cache_latents"),
+])
+def test_caption_shuffle_flags_that_cannot_work_are_refused(flags, message):
+    with pytest.raises(SdtuneError, match=message):
+        parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *flags])
+
+
+def test_shuffle_keeps_the_first_tags_and_permutes_the_rest():
+    shuffles = {shuffle_tags(TAGS, 2, torch.Generator().manual_seed(s)) for s in range(30)}
+    assert len(shuffles) > 5
+    for shuffled in shuffles:
+        tags = shuffled.split(", ")
+        assert tags[:2] == ["trigger", "style"] and sorted(tags[2:]) == ["red", "round", "shiny", "small"]
+    assert shuffle_tags(" a ,b,, c ", 3, torch.Generator()) == "a, b, c"
+
+
+def test_a_shuffled_caption_depends_on_seed_epoch_and_row_only(tmp_path, tiny_pipeline):
+    dataset = caption_list_dataset(tmp_path, TAGS, shuffle_caption=True, keep_tokens=1)
+    dataset.tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline / "tokenizer")
+
+    def caption(epoch):
+        return dataset.pick_caption(TAGS, example_generator(5, epoch, 0))
+
+    by_epoch = [caption(epoch) for epoch in range(8)]
+    assert by_epoch == [caption(epoch) for epoch in range(8)]  # a resumed run draws the same
+    assert len(set(by_epoch)) > 1 and all(c.startswith("trigger, ") for c in by_epoch)
+    assert torch.equal(dataset[(3, 0)]["input_ids"], dataset.tokenize(by_epoch[3]))  # what training sees
