@@ -129,7 +129,11 @@ def _add_diffusion_flags(group):
 
 def _add_validation_flags(group):
     group.add_argument("--validation_prompts", type=str, nargs="+", default=None,
-                       help="Prompts rendered during training; one image each.")
+                       help="Prompts rendered during training.")
+    group.add_argument("--validation_prompt", dest="validation_prompts", type=str, nargs=1,
+                       help="One validation prompt (the name diffusers' LoRA example uses).")
+    group.add_argument("--num_validation_images", type=int, default=1,
+                       help="Images per validation prompt, each from its own seed.")
     group.add_argument("--validation_epochs", type=int, default=5, help="Validate every N epochs.")
     group.add_argument("--validation_steps", type=int, default=None,
                        help="Validate every N optimizer steps (in addition to --validation_epochs).")
@@ -234,6 +238,8 @@ def check_validation_args(args: argparse.Namespace) -> None:
     """Validation's sampling settings, checked at start rather than at the first validation, steps into the run."""
     if args.validation_inference_steps < 1:
         raise SdtuneError("--validation_inference_steps must be at least 1.")
+    if args.num_validation_images < 1:
+        raise SdtuneError("--num_validation_images must be at least 1.")
     if not (math.isfinite(args.validation_guidance_scale) and args.validation_guidance_scale >= 0):
         raise SdtuneError(f"--validation_guidance_scale must be a finite number >= 0, not "
                           f"{args.validation_guidance_scale}.")

@@ -50,10 +50,10 @@ def shuffle_generator(seed: int, epoch: int) -> torch.Generator:
     return cpu_generator(derive_seed(seed, "shuffle", epoch))
 
 
-def validation_seed(seed: int, prompt_index: int) -> int:
-    """Validation image `prompt_index` during training: `--seed` + its index (the README says so), not the
-    text-derived seed metrics.py gives the same prompt."""
-    return seed + prompt_index
+def validation_seed(seed: int, prompt_index: int, image_index: int = 0, prompts: int = 1) -> int:
+    """Validation image `image_index` of prompt `prompt_index` during training: `--seed` + its place in the grid
+    (the README says so), not the text-derived seed metrics.py gives the same prompt."""
+    return seed + image_index * prompts + prompt_index
 
 
 def prompt_seed(seed: int, prompt: str, index: int) -> int:

@@ -1,4 +1,4 @@
-"""Validation images during training: one image per prompt, each from its own seed, saved as a grid."""
+"""Validation images during training: --num_validation_images per prompt, each from its own seed, saved as a grid."""
 
 import logging
 from pathlib import Path
@@ -8,7 +8,7 @@ from PIL import Image
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import make_image_grid
 
-from sdtune.generate import GenerationSettings, text_to_image
+from sdtune.generate import GenerationSettings, text_to_images
 from sdtune.seeds import validation_seed
 
 logger = logging.getLogger(__name__)
@@ -36,12 +36,16 @@ def render_validation(pipeline, args, global_step: int) -> Path:
     settings = GenerationSettings(num_inference_steps=args.validation_inference_steps,
                                   guidance_scale=args.validation_guidance_scale,
                                   width=args.resolution, height=args.resolution)
-    images = [text_to_image(pipeline, prompt, validation_seed(args.seed, index), settings)
-              for index, prompt in enumerate(args.validation_prompts)]
+    prompts, count = args.validation_prompts, args.num_validation_images
+    rows = [text_to_images(pipeline, prompt, [validation_seed(args.seed, index, image, len(prompts))
+                                              for image in range(count)], settings)
+            for index, prompt in enumerate(prompts)]
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{global_step:06d}.png"
-    validation_grid(images).save(path)
+    # one image a prompt: rows of 4; several: a row per prompt
+    grid = validation_grid([row[0] for row in rows]) if count == 1 else validation_grid(sum(rows, []), count)
+    grid.save(path)
     logger.info("Validation grid: %s", path)
     return path
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -259,3 +260,17 @@ def test_lora_recipes_and_model_lists_parse():
     for listing in ["models-lora.yaml", "models-tiny-lora.yaml"]:
         lora_models = [spec for spec in read_model_list(REPO / "configs" / listing) if spec.lora]
         assert [spec.name for spec in lora_models] == ["pokemon-lora"]
+
+
+def test_the_diffusers_lora_example_command_runs_with_its_flags(train, tmp_path, tiny_pipeline):
+    # train_text_to_image_lora.py's flags, meaning what they mean there: --rank turns LoRA on, one --validation_prompt,
+    # --num_validation_images per prompt; checkpoints named and limited as diffusers names and limits them
+    out = train(tmp_path / "run", "--rank", "4", "--validation_prompt", PROMPT, "--num_validation_images", "2",
+                "--checkpointing_steps", "2", "--checkpoints_total_limit", "1")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    grid = np.asarray(Image.open(out / "validation/step-000004.png").convert("RGB"))
+    assert grid.shape == (64, 128, 3)  # one row: the prompt's two images
+    assert np.abs(grid[:, :64].astype(int) - grid[:, 64:].astype(int)).max() > 0  # each from its own seed
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    pipeline.load_lora_weights(out / "checkpoint-4" / "unet_lora")  # an intermediate checkpoint is a LoRA too
+    assert np.isfinite(render(pipeline)).all()
