@@ -103,23 +103,28 @@ def test_the_cli_and_the_app_batch_make_the_same_images(inputs, tmp_path, tiny_p
         assert np.array_equal(pixels(row.output), pixels(out / cli[key]["output"]))
 
 
-def run_processes(inputs, output, models, processes: int):
+def start_processes(inputs, output, models, processes: int) -> subprocess.Popen:
     """The CLI in child processes with one thread each (thread counts change float rounding, so both runs match)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
     command = [*(launcher if processes > 1 else [sys.executable, "-m"]), "sdtune.batch", "--input", str(inputs),
                "--output", str(output), "--models", *models, "--seed", "5", "--num_inference_steps", "4",
                "--strength", "0.5", "--batch_size", "2"]
-    result = subprocess.run(command, env=dict(subprocess_env(threads=1), ACCELERATE_USE_CPU="true"), cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    return subprocess.Popen(command, env=dict(subprocess_env(threads=1), ACCELERATE_USE_CPU="true"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> None:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
 
 
 def test_two_processes_give_the_single_process_result(inputs, tmp_path, tiny_pipeline, finetuned_pipeline):
     models = [f"stock={tiny_pipeline}", f"tuned={finetuned_pipeline}"]
     single, double = tmp_path / "single", tmp_path / "double"
-    run_processes(inputs, single, models, 1)
-    run_processes(inputs, double, models, 2)
+    processes = [start_processes(inputs, single, models, 1), start_processes(inputs, double, models, 2)]  # side by side
+    for process in processes:
+        finish(process)
     one, two = manifest(single), manifest(double)
     drop_time = lambda entries: {k: {f: v for f, v in e.items() if f != "seconds"} for k, e in entries.items()}  # noqa
     assert drop_time(one) == drop_time(two)  # each image once, same model, seed, prompt and name

@@ -148,15 +148,10 @@ def test_target_modules_missing_from_the_unet_are_a_clear_error(train, tmp_path)
 
 
 def test_lora_resume_after_sigkill_gives_bit_identical_adapter_weights(tiny_pipeline, shapes_dataset, tmp_path):
-    from test_resume import finish, kill_after_first_checkpoint, start
+    from test_resume import straight_and_resumed
 
-    finish(start(tiny_pipeline, shapes_dataset, tmp_path / "straight", *LORA))
-    interrupted = tmp_path / "interrupted"
-    kill_after_first_checkpoint(start(tiny_pipeline, shapes_dataset, interrupted, *LORA), interrupted)
-    assert not (interrupted / DIFFUSERS_WEIGHTS).exists()
-    finish(start(tiny_pipeline, shapes_dataset, interrupted, *LORA, "--resume_from_checkpoint", "latest"))
-
-    straight, resumed = adapter_weights(tmp_path / "straight"), adapter_weights(interrupted)
+    straight, interrupted = straight_and_resumed(tiny_pipeline, shapes_dataset, tmp_path, *LORA)
+    straight, resumed = adapter_weights(straight), adapter_weights(interrupted)
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name

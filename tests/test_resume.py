@@ -41,13 +41,22 @@ def kill_after_first_checkpoint(process, output_dir):
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
-def test_resume_after_sigkill_gives_the_same_weights(tiny_pipeline, shapes_dataset, tmp_path):
-    finish(start(tiny_pipeline, shapes_dataset, tmp_path / "straight"))
+def straight_and_resumed(tiny_pipeline, data, tmp_path, *extra):
+    """An uninterrupted run and one killed after its first checkpoint then resumed, side by side (one thread each on
+    two cores); returns their output folders once both are done."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    uninterrupted = start(tiny_pipeline, data, straight, *extra)
+    kill_after_first_checkpoint(start(tiny_pipeline, data, interrupted, *extra), interrupted)
+    final_outputs = ["model_index.json", "pytorch_lora_weights.safetensors"]  # a pipeline, or a LoRA run's adapter
+    assert not any((interrupted / name).exists() for name in final_outputs)  # killed before writing either
+    resumed = start(tiny_pipeline, data, interrupted, *extra, "--resume_from_checkpoint", "latest")
+    finish(uninterrupted)
+    finish(resumed)
+    return straight, interrupted
 
-    interrupted = tmp_path / "interrupted"
-    kill_after_first_checkpoint(start(tiny_pipeline, shapes_dataset, interrupted), interrupted)
-    assert not (interrupted / "model_index.json").exists()
-    finish(start(tiny_pipeline, shapes_dataset, interrupted, "--resume_from_checkpoint", "latest"))
+
+def test_resume_after_sigkill_gives_the_same_weights(tiny_pipeline, shapes_dataset, tmp_path):
+    _, interrupted = straight_and_resumed(tiny_pipeline, shapes_dataset, tmp_path)
 
     straight = load_file(str(tmp_path / "straight/unet/diffusion_pytorch_model.safetensors"))
     resumed = load_file(str(interrupted / "unet/diffusion_pytorch_model.safetensors"))
