@@ -5,8 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from sdtune.cli import parse_app_args, parse_auth
-from sdtune.errors import SdtuneError, exit_on_error
+from sdtune.cli import parse_auth
+from sdtune.errors import SdtuneError
 from sdtune.logs import setup_logging
 from sdtune.registry import ModelRegistry, read_model_list
 from sdtune.serving import Service
@@ -26,12 +26,6 @@ def check_output_dir(path) -> None:
     if not any(resolved.is_relative_to(Path(root).resolve()) for root in (os.getcwd(), tempfile.gettempdir())):
         raise SdtuneError(f"--output_dir {path} must be inside the working directory or {tempfile.gettempdir()}: "
                          "Gradio hands out copies of generated files from there only.")
-
-
-@exit_on_error()
-def main(argv=None) -> None:
-    """gradio_app.py with these flags; a problem the user can fix exits with its message."""
-    serve(parse_app_args(argv))
 
 
 def serve(args) -> None:

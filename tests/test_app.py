@@ -15,6 +15,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from sdtune.app import check_output_dir
+from sdtune.cli import parse_app_args
 from sdtune.errors import SdtuneError
 from sdtune.generate import Interrupted
 from sdtune.pnginfo import parse_parameters
@@ -178,8 +179,8 @@ def test_the_app_creates_its_allowed_root(tmp_path, tiny_pipeline, monkeypatch):
     models = tmp_path / "models.yaml"
     models.write_text(f"models:\n  - name: stock\n    path: {tiny_pipeline}\n")
     monkeypatch.setattr(app_module, "build_ui", lambda service: Demo())
-    app_module.main(["--models", str(models), "--lazy", "--allowed-root", str(tmp_path / "data" / "input_images"),
-                     "--output_dir", str(tmp_path / "outputs")])
+    app_module.serve(parse_app_args(["--models", str(models), "--lazy", "--allowed-root",
+                                     str(tmp_path / "data" / "input_images"), "--output_dir", str(tmp_path / "outputs")]))
     assert (tmp_path / "data" / "input_images").is_dir()
 
 
