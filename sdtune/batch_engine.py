@@ -24,6 +24,7 @@ class Outcome:
     image: Image.Image | None  # None when it failed
     seconds: float
     error: str = ""
+    lora_scale: float | None = None  # the adapter's scale the image was drawn at; None for a model without one
 
 
 def working_resolutions(registry: ModelRegistry, models: list[str], resolution: int) -> dict[str, int]:
@@ -60,7 +61,8 @@ def generate_batch(registry: ModelRegistry, batch: list[Job], settings: Generati
         seconds = time.perf_counter() - start
         return failed + [Outcome(job, None, seconds, str(error)) for job in usable]
     seconds = (time.perf_counter() - start) / len(usable)
-    return failed + [Outcome(job, image, seconds) for job, image in zip(usable, outputs)]
+    scale = registry.configured_scale(usable[0].model)  # a batch draws each LoRA model at its listed scale
+    return failed + [Outcome(job, image, seconds, lora_scale=scale) for job, image in zip(usable, outputs)]
 
 
 def save_output(outcome: Outcome, folder: Path, settings: GenerationSettings) -> Path:
@@ -69,4 +71,4 @@ def save_output(outcome: Outcome, folder: Path, settings: GenerationSettings) ->
     path = Path(folder) / output_name(job.key, job.model, job.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_png(outcome.image, path, format_parameters(job.prompt, settings.sized(*job.size), job.seed, job.model,
-                                                           image_to_image=True))
+                                                           image_to_image=True, lora_scale=outcome.lora_scale))

@@ -1,5 +1,7 @@
 """What one generation request may ask for. Plain numbers, importable by command lines before any heavy library."""
 
+import math
+
 from sdtune.errors import SdtuneError
 
 MAX_SIDE = 1024  # width/height cap: beyond it SD v1 repeats itself and memory grows with the square
@@ -23,3 +25,22 @@ def check_seed(seed) -> int:
     if whole is None or whole != seed or not 0 <= whole < SEED_LIMIT:
         raise SdtuneError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, not {seed!r}.")
     return whole
+
+
+# How much of a LoRA adapter a request may apply: 0 is the base model, 1 the adapter as trained. A1111's "Preferred
+# weight" of a LoRA goes from 0 to 2; negative scales subtract the adapter (the opposite style), and beyond 2 the
+# adapter's update dominates the base and the images fall apart.
+LORA_SCALE_RANGE = (-2.0, 2.0)
+
+
+def check_lora_scale(scale, name: str = "lora_scale") -> float:
+    """`scale` as a float, refused when it is not a finite number in LORA_SCALE_RANGE."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    low, high = LORA_SCALE_RANGE
+    if not low <= value <= high:  # also refuses NaN
+        raise SdtuneError(f"{name} must be a number from {low:g} to {high:g} (0 = the base model, 1 = the adapter "
+                          f"as trained), not {scale!r}.")
+    return value

@@ -3,6 +3,8 @@
     a red dragon
     Negative prompt: blurry
     Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: stock, Denoising strength: 0.6
+
+A LoRA model's images also carry the adapter's scale they were drawn at (`LoRA scale: 0.8`).
 """
 
 import json
@@ -19,8 +21,8 @@ FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def format_parameters(prompt: str, settings: GenerationSettings, seed: int, model: str,
-                      image_to_image: bool = False) -> str:
-    """The `parameters` text of one image."""
+                      image_to_image: bool = False, lora_scale: float | None = None) -> str:
+    """The `parameters` text of one image; `lora_scale` is None for a model without an adapter."""
     fields = {
         "Steps": settings.num_inference_steps,
         "Sampler": SCHEDULERS[settings.scheduler][1],
@@ -29,6 +31,8 @@ def format_parameters(prompt: str, settings: GenerationSettings, seed: int, mode
         "Size": f"{settings.width}x{settings.height}",
         "Model": model,
     }
+    if lora_scale is not None:
+        fields["LoRA scale"] = lora_scale
     if image_to_image:
         fields["Denoising strength"] = settings.strength
     lines = [prompt]

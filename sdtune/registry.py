@@ -21,6 +21,7 @@ import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from sdtune.errors import SdtuneError
+from sdtune.limits import check_lora_scale
 from sdtune.lora import activate_adapter
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class ModelSpec:
     variant: str | None = None
     lora: str | None = None  # a LoRA adapter on `path`: an output folder of --lora_rank, or a .safetensors file
     lora_scale: float = 1.0  # how much of the adapter: 0 is the base model
+
+    def __post_init__(self):
+        check_lora_scale(self.lora_scale, f"Model '{self.name}': lora_scale")  # the app offers it as the default
 
 
 class ModelUnavailable(SdtuneError, RuntimeError):
@@ -188,6 +192,11 @@ class ModelRegistry:
     @property
     def names(self) -> list[str]:
         return list(self.specs)
+
+    def configured_scale(self, name: str) -> float | None:
+        """The LoRA scale `name` is listed with; None for a model without an adapter (or not listed)."""
+        spec = self.specs.get(name)
+        return spec.lora_scale if spec is not None and spec.lora else None
 
     def try_load(self, name: str) -> bool:
         """Load a model, recording (not raising) a failure so that the other models keep serving."""

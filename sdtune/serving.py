@@ -1,6 +1,7 @@
 """What the app does, without its UI: check a request, generate, save PNGs that carry their parameters, and record
 the run. Every error a user can cause is an `SdtuneError` with a message meant for them: a `RequestError` when the
-service refuses a request, a `GenerationError` for settings, and the seeds' own for a seed out of range."""
+service refuses a request, a `GenerationError` for settings, and the seeds' and LoRA scales' own for a value out of
+range."""
 
 import threading
 import time
@@ -18,7 +19,7 @@ from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry, ModelUnavailable
 from sdtune.runlog import RunRecorder
 from sdtune.limits import BATCH_SIZE, DEFAULT_MAX_REQUEST_COST, MAX_IMAGES, MAX_SIDE, MAX_UPLOAD_PIXELS
-from sdtune.limits import SEED_LIMIT
+from sdtune.limits import SEED_LIMIT, check_lora_scale
 from sdtune.seeds import resolve_seed
 
 
@@ -71,11 +72,24 @@ class Service:
         self.max_request_cost = max_request_cost or DEFAULT_MAX_REQUEST_COST[registry.device.type]
         self.run_log = self.output_dir / "runs.jsonl"
 
-    def pipeline(self, model: str):
+    def pipeline(self, model: str, lora_scale: float | None = None):
+        """`model`'s pipeline with its adapter, if it has one, at the request's scale (None: the model's listed one),
+        and that scale (None for a model without an adapter). Every request sets the scale, so one request's scale
+        never carries over to the next."""
+        scale = self.adapter_scale(model, lora_scale)
         try:
-            return self.registry.get(model)
+            return self.registry.get(model, scale), scale
         except ModelUnavailable as error:
             raise RequestError(str(error)) from error
+
+    def adapter_scale(self, model: str, lora_scale: float | None) -> float | None:
+        """The LoRA scale a request uses: its own (checked) or the model's listed one."""
+        listed = self.registry.configured_scale(model)
+        if lora_scale is None or model not in self.registry.specs:  # an unknown model is refused by the registry
+            return listed
+        if listed is None:
+            raise RequestError(f"lora_scale applies to LoRA models only and '{model}' has no adapter: leave it out.")
+        return check_lora_scale(lora_scale)
 
     def check_cost(self, settings: GenerationSettings, images: int = 1, image_to_image: bool = False) -> None:
         """Refuse a request that would hold the device longer than the operator allows."""
@@ -106,13 +120,14 @@ class Service:
             raise RequestError(f"{name}: {without_folder(error, path)}") from error
 
     def text2img(self, prompt: str, model: str, seed: int, num_images: int, settings: GenerationSettings,
-                 stop: threading.Event | None = None) -> Outcome:
-        """`num_images` images from seeds seed, seed+1, ... in one batch."""
+                 stop: threading.Event | None = None, lora_scale: float | None = None) -> Outcome:
+        """`num_images` images from seeds seed, seed+1, ... in one batch; a LoRA model's adapter at `lora_scale`
+        (None: its listed scale)."""
         if not 1 <= num_images <= MAX_IMAGES:
             raise RequestError(f"num_images must be between 1 and {MAX_IMAGES}.")
         self.check_cost(settings, num_images)
         seed = resolve_seed(seed)
-        pipeline = self.pipeline(model)
+        pipeline, lora_scale = self.pipeline(model, lora_scale)
         seeds = [(seed + i) % SEED_LIMIT for i in range(num_images)]  # past 2**32 - 1 they wrap round to 0
         with RunRecorder("text2img", self.run_log, self.registry.device) as recorder:
             start = time.perf_counter()
@@ -122,15 +137,16 @@ class Service:
             folder = self.output_dir / recorder.run_id
             folder.mkdir(parents=True, exist_ok=True)
             paths = [save_png(image, folder / f"{index:02d}-{model}-{s}.png",
-                              format_parameters(prompt, settings, s, model))
+                              format_parameters(prompt, settings, s, model, lora_scale=lora_scale))
                      for index, (s, image) in enumerate(zip(seeds, images))]
-            return Outcome(paths, seeds, recorder.finish(model=model))
+            return Outcome(paths, seeds, recorder.finish(model=model, lora_scale=lora_scale))
 
     def img2img(self, image_path, prompt: str, model: str, seed: int, settings: GenerationSettings,
-                resolution: int = 0, stop: threading.Event | None = None) -> Outcome:
-        """One edit of an uploaded image, returned at the upload's size."""
+                resolution: int = 0, stop: threading.Event | None = None, lora_scale: float | None = None) -> Outcome:
+        """One edit of an uploaded image, returned at the upload's size; a LoRA model's adapter at `lora_scale`
+        (None: its listed scale)."""
         image, seed = self.load_upload(image_path), resolve_seed(seed)
-        pipeline = self.pipeline(model)
+        pipeline, lora_scale = self.pipeline(model, lora_scale)
         resolution = self.working_resolution(resolution, model)
         used = settings.sized(*working_size(image.size, resolution))  # the size the model works at
         used.validate(image_to_image=True)
@@ -142,8 +158,8 @@ class Service:
             folder = self.output_dir / recorder.run_id
             folder.mkdir(parents=True, exist_ok=True)
             path = save_png(edited, folder / f"{model}-{seed}.png",
-                            format_parameters(prompt, used, seed, model, image_to_image=True))
-            return Outcome([path], [seed], recorder.finish(model=model))
+                            format_parameters(prompt, used, seed, model, image_to_image=True, lora_scale=lora_scale))
+            return Outcome([path], [seed], recorder.finish(model=model, lora_scale=lora_scale))
 
     def folder_items(self, folder: str) -> list[InputImage]:
         """The images under a folder inside --allowed-root; a folder, or a file link, leading outside it is refused."""
@@ -182,8 +198,15 @@ class Service:
                 yield batch_update(jobs, rows)
             update = batch_update(jobs, rows)
             update.zip_path = zip_outputs(folder, update.outputs)
-            update.run = recorder.finish(batch_seed=seed, models=models, stopped=stop is not None and stop.is_set())
+            update.run = recorder.finish(batch_seed=seed, models=models, lora_scales=self.listed_scales(models),
+                                         stopped=stop is not None and stop.is_set())
             yield update
+
+    def listed_scales(self, models: list[str]) -> dict[str, float]:
+        """Each LoRA model's scale, as a batch uses it: the one it is listed with (one scale for every adapter would
+        suit none of them)."""
+        scales = {model: self.registry.configured_scale(model) for model in models}
+        return {model: scale for model, scale in scales.items() if scale is not None}
 
     def batch_resolutions(self, models: list[str], settings: GenerationSettings, resolution: int) -> dict[str, int]:
         """Refuse a batch that cannot run before any model time is spent; each model's working resolution. The cost

@@ -15,7 +15,7 @@ from sdtune.errors import SdtuneError
 from sdtune.generate import GenerationSettings, Interrupted
 from sdtune.registry import ModelUnavailable
 from sdtune.image_folder import InputImage
-from sdtune.limits import MAX_IMAGES, MAX_SIDE, SEED_LIMIT
+from sdtune.limits import LORA_SCALE_RANGE, MAX_IMAGES, MAX_SIDE, SEED_LIMIT
 from sdtune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdtune.serving import Service
 
@@ -89,6 +89,10 @@ def settings_from(**values) -> GenerationSettings:
 def model_status(service: Service) -> str:
     registry = service.registry
     lines = [f"Models: {', '.join(registry.names)} on {registry.device.type}."]
+    for name, spec in registry.specs.items():
+        if spec.lora:
+            lines.append(f"**{name}** is a LoRA on `{spec.path}`, at scale {spec.lora_scale:g} unless a request "
+                         "sets its own.")
     for name, reason in registry.errors.items():
         lines.append(f"**{name} failed to load** and is unavailable: {reason}")
     return "\n\n".join(lines)
@@ -117,22 +121,33 @@ class Handlers:
     def __init__(self, service: Service):
         self.service, self.stops = service, StopSignals()
 
+    def lora_scale_field(self, model):
+        """The scale control for a newly chosen model: shown at its listed scale for a LoRA model, hidden and empty
+        for any other."""
+        scale = self.service.registry.configured_scale(model)
+        if scale is None:
+            return gr.update(visible=False, value=None)
+        base = self.service.registry.specs[model].path
+        return gr.update(visible=True, value=scale, info=f"{model} is a LoRA on {base}, listed at {scale:g}; 0 gives "
+                         f"the base model's image, from {LORA_SCALE_RANGE[0]:g} to {LORA_SCALE_RANGE[1]:g}.")
+
     def text2img(self, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale, width,
-                 height, seed, num_images, request: gr.Request):
+                 height, seed, num_images, request: gr.Request, lora_scale=None):
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            outcome = served(self.service.text2img, prompt, model, seed, int(num_images), settings, stop)
+            outcome = served(self.service.text2img, prompt, model, seed, int(num_images), settings, stop, lora_scale)
         return [str(p) for p in outcome.paths], outcome.seeds[0], outcome.run
 
     def img2img(self, image, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale,
-                strength, seed, resolution, request: gr.Request):
+                strength, seed, resolution, request: gr.Request, lora_scale=None):
         if not image:
             raise gr.Error("Upload an image first.")
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, strength=strength,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            outcome = served(self.service.img2img, image, prompt, model, seed, settings, int(resolution or 0), stop)
+            outcome = served(self.service.img2img, image, prompt, model, seed, settings, int(resolution or 0), stop,
+                             lora_scale)
         return str(outcome.paths[0]), outcome.seeds[0], outcome.run
 
     def random_batch(self, images, folder, models, prompt, seed, strength, num_inference_steps, guidance_scale,
@@ -167,10 +182,21 @@ def default_size(service: Service) -> int:
         return 512
 
 
+def model_and_scale(handlers: Handlers, names):
+    """The sampling controls and the request's LoRA scale, shown for a LoRA model only (Handlers.lora_scale_field)."""
+    model, scheduler, steps, guidance = sampling_controls(names)
+    # a Number, not a Slider: it can be empty (None), which is what an API call that leaves lora_scale out sends, so
+    # such a call gets the model's listed scale; no bounds here, the service refuses a bad scale naming lora_scale
+    scale = gr.Number(None, step=0.05, label="LoRA scale", visible=False)
+    # triggers None: when the page loads and whenever the model changes
+    gr.on(None, handlers.lora_scale_field, model, scale, api_visibility="private", queue=False)
+    return model, scale, scheduler, steps, guidance
+
+
 def text_tab(handlers: Handlers, names, size: int):
     prompt = gr.Textbox(label="Prompt", lines=2)
     negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
-    model, scheduler, steps, guidance = sampling_controls(names)
+    model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
     with gr.Row():
         width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
         height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
@@ -181,7 +207,8 @@ def text_tab(handlers: Handlers, names, size: int):
     gallery = gr.Gallery(label="Images", format="png", columns=4)
     seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.text2img, [prompt, negative, model, scheduler, steps, guidance, width,
-                                                      height, seed, count], [gallery, seed_used, record], "text2img")
+                                                      height, seed, count, scale], [gallery, seed_used, record],
+                   "text2img")
     return event, stop
 
 
@@ -190,7 +217,7 @@ def image_tab(handlers: Handlers, names):
     source = gr.Image(type="filepath", image_mode=None, label="Input image", format="png")
     prompt = gr.Textbox(label="Prompt", lines=2)
     negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
-    model, scheduler, steps, guidance = sampling_controls(names)
+    model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
     with gr.Row():
         strength, resolution = strength_and_resolution()
         seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
@@ -199,7 +226,8 @@ def image_tab(handlers: Handlers, names):
     result = gr.Image(label="Result", format="png", type="filepath")
     seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.img2img, [source, prompt, negative, model, scheduler, steps, guidance,
-                                                     strength, seed, resolution], [result, seed_used, record], "img2img")
+                                                     strength, seed, resolution, scale], [result, seed_used, record],
+                   "img2img")
     return event, stop
 
 

@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from helpers import run_in_process, tiny_flags  # noqa: E402
+from helpers import adapter_in_memory, run_in_process, tiny_flags  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -116,10 +116,20 @@ def finetuned_pipeline(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
     return run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, tmp_path_factory.mktemp("finetuned") / "pipeline"))
 
 
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_pipeline) -> Path:
+    """A saved LoRA adapter of the tiny pipeline that changes its images (random B matrices), as training saves one."""
+    from sdtune.lora import save_adapter
+
+    pipeline, args = adapter_in_memory(tiny_pipeline, tmp_path_factory.mktemp("lora") / "adapter", seed=0)
+    save_adapter(args, pipeline.unet)
+    return Path(args.output_dir)
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_pipeline, finetuned_pipeline):
-    """The app, launched in this process, serving the tiny stock model, its fine-tune and a model that cannot
-    load."""
+def app(tmp_path_factory, tiny_pipeline, finetuned_pipeline, tiny_adapter):
+    """The app, launched in this process, serving the tiny stock model, its fine-tune, a model that cannot load, a
+    LoRA on the stock model (listed at scale 0.5) and a LoRA whose adapter file is corrupt."""
     from sdtune.app import LAUNCH_OPTIONS
     from sdtune.registry import ModelRegistry, ModelSpec
     from sdtune.serving import Service
@@ -128,11 +138,14 @@ def app(tmp_path_factory, tiny_pipeline, finetuned_pipeline):
     root = tmp_path_factory.mktemp("app")
     allowed = root / "input_images"
     allowed.mkdir()
+    (root / "corrupt.safetensors").write_bytes(b"not a safetensors file")
     specs = [ModelSpec("stock", str(tiny_pipeline)), ModelSpec("tuned", str(finetuned_pipeline)),
-             ModelSpec("broken", str(root / "missing-model"))]
+             ModelSpec("broken", str(root / "missing-model")),
+             ModelSpec("lora", str(tiny_pipeline), lora=str(tiny_adapter), lora_scale=0.5),
+             ModelSpec("bad-lora", str(tiny_pipeline), lora=str(root / "corrupt.safetensors"))]
     service = Service(ModelRegistry(specs, device="cpu"), root / "outputs", allowed)
     demo = build_ui(service)
     demo.queue(default_concurrency_limit=1)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, **LAUNCH_OPTIONS)
-    yield {"url": demo.local_url, "service": service, "allowed": allowed, "root": root}
+    yield {"url": demo.local_url, "service": service, "allowed": allowed, "root": root, "demo": demo}
     demo.close()

@@ -1,5 +1,5 @@
-"""What several test modules share besides fixtures: the tiny training flags, an in-process trainer, and the
-environment of a child process."""
+"""What several test modules share besides fixtures: the tiny training flags, an in-process trainer, a LoRA adapter
+that changes the image, and the environment of a child process."""
 
 import os
 import sys
@@ -18,6 +18,28 @@ def tiny_flags(pipeline: Path, data: Path, output_dir: Path, *extra: str) -> lis
         "--lr_warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none", "--seed", "7",
         "--validation_inference_steps", "2", *extra,
     ]
+
+
+LORA = ("--lora_rank", "4", "--lora_alpha", "8")  # alpha != rank: a loader that ignored alpha would differ
+
+
+def adapter_in_memory(tiny_pipeline, output_dir, seed: int):
+    """The tiny pipeline with a LoRA adapter whose B matrices are random (training starts them at zero), and the
+    arguments of its run."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.config import parse_args
+    from sdtune.lora import add_training_adapter
+
+    args = parse_args(tiny_flags(tiny_pipeline, output_dir / "data", output_dir, *LORA))
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    add_training_adapter(pipeline.unet, args)
+    torch.manual_seed(seed)
+    for name, parameter in pipeline.unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.3)
+    return pipeline, args
 
 
 def run_in_process(flags: list[str]) -> Path:

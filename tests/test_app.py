@@ -20,7 +20,7 @@ from sdtune.errors import SdtuneError
 from sdtune.generate import Interrupted
 from sdtune.pnginfo import parse_parameters
 from sdtune.serving import BatchUpdate, Outcome
-from sdtune.webui import Handlers, StopSignals
+from sdtune.webui import Handlers, StopSignals, model_status
 
 T2I = dict(negative_prompt="", scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5, width=64,
            height=64, num_images=1)
@@ -260,7 +260,7 @@ def test_only_files_handed_to_a_client_are_served(app, client):
 class FakeService:
     """Stands in for the service to show which stop flag a handler passes on."""
 
-    def text2img(self, prompt, model, seed, num_images, settings, stop):
+    def text2img(self, prompt, model, seed, num_images, settings, stop, lora_scale):
         if stop.is_set():
             raise Interrupted("Generation stopped.")
         return Outcome([], [seed], {})
@@ -307,7 +307,7 @@ def test_seeds_out_of_range_and_costly_requests_are_refused(client, override, me
 
 def test_nan_guidance_is_refused(app):
     # gradio_client refuses to send NaN, but the HTTP API parses it (Python's json does) and the slider passes it
-    body = '{"data": ["a red circle", "", "stock", "dpmsolver++", 4, NaN, 64, 64, 1, 1]}'
+    body = '{"data": ["a red circle", "", "stock", "dpmsolver++", 4, NaN, 64, 64, 1, 1, null]}'
     event = httpx.post(f"{app['url']}gradio_api/call/text2img", content=body,
                        headers={"Content-Type": "application/json"}).json()["event_id"]
     answer = httpx.get(f"{app['url']}gradio_api/call/text2img/{event}", timeout=120).text
@@ -325,3 +325,70 @@ def test_an_output_folder_gradio_cannot_hand_out_from_is_refused_at_start(tmp_pa
     check_output_dir(tmp_path / "outputs")  # under the temp folder: Gradio copies returned files from there
     with pytest.raises(SdtuneError, match="inside the working directory"):
         check_output_dir("/var/lib/sdtune-outputs")
+
+
+def pixels(item) -> np.ndarray:
+    return np.asarray(Image.open(item["image"] if isinstance(item, dict) else item))
+
+
+def png_parameters(item) -> dict:
+    return parse_parameters(Image.open(item["image"] if isinstance(item, dict) else item).info["parameters"])
+
+
+def test_lora_scale_is_an_optional_parameter_of_the_api_and_at_0_gives_the_stock_image(client, tmp_path):
+    request = dict(prompt="a red circle", seed=8, **T2I, api_name="/text2img")
+    (stock,), _, _ = client.predict(model="stock", **request)
+    (off,), _, off_run = client.predict(model="lora", lora_scale=0, **request)
+    (listed,), _, listed_run = client.predict(model="lora", **request)  # left out: the listed scale, 0.5
+    assert np.array_equal(pixels(off), pixels(stock)) and not np.array_equal(pixels(listed), pixels(stock))
+    assert (off_run["lora_scale"], listed_run["lora_scale"]) == (0, 0.5)
+    assert png_parameters(listed)["LoRA scale"] == "0.5" and "LoRA scale" not in png_parameters(stock)
+    path, _, run = client.predict(image=handle_file(image_file(tmp_path / "in.png")), prompt="x", negative_prompt="",
+                                  model="lora", scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5,
+                                  strength=0.5, seed=1, resolution=0, lora_scale=-1.25, api_name="/img2img")
+    assert png_parameters(path)["LoRA scale"] == "-1.25" and run["lora_scale"] == -1.25
+
+
+def test_a_random_batch_draws_each_lora_model_at_its_listed_scale(client, tmp_path):
+    gallery, _, _, run = batch(client, [image_file(tmp_path / "a_red_circle.png")], seed=1, models=["lora"])
+    assert png_parameters(gallery[0])["LoRA scale"] == "0.5" and run["lora_scales"] == {"lora": 0.5}
+
+
+def test_bad_lora_scales_are_refused_and_the_server_stays_up(app, client):
+    request = dict(prompt="a red circle", seed=1, **T2I, api_name="/text2img")
+    for model, scale, message in [("lora", 2.5, "lora_scale must be a number from -2 to 2"),
+                                  ("lora", -3, "lora_scale must be a number from -2 to 2"),
+                                  ("stock", 1, "'stock' has no adapter")]:
+        with pytest.raises(Exception, match=message):
+            client.predict(model=model, lora_scale=scale, **request)
+    for scale in ["NaN", "Infinity"]:  # gradio_client cannot send these; the HTTP API parses them
+        body = f'{{"data": ["a red circle", "", "lora", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, {scale}]}}'
+        event = httpx.post(f"{app['url']}gradio_api/call/text2img", content=body,
+                           headers={"Content-Type": "application/json"}).json()["event_id"]
+        answer = httpx.get(f"{app['url']}gradio_api/call/text2img/{event}", timeout=120).text
+        assert "event: error" in answer and "lora_scale must be a number from -2 to 2" in answer
+    assert client.predict(model="lora", lora_scale=2, **request)[1] == 1
+
+
+def test_the_lora_scale_control_follows_the_chosen_model(app):
+    demo = app["demo"]
+    followers = [fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "lora_scale_field"]
+    assert len(followers) == 2  # text to image and image to image
+    for follower in followers:
+        model = follower.inputs[0]
+        assert {(demo._id, "load"), (model._id, "change")} <= {tuple(target) for target in follower.targets}
+        assert follower.outputs[0].label == "LoRA scale"
+        lora, stock = follower.fn("lora"), follower.fn("stock")
+        assert (lora["visible"], lora["value"]) == (True, 0.5) and "0 gives the base model's image" in lora["info"]
+        assert (stock["visible"], stock["value"]) == (False, None)
+
+
+def test_the_model_list_names_each_loras_base_and_scale_and_a_broken_adapter_leaves_the_others_serving(
+        app, client, tiny_pipeline):
+    status = model_status(app["service"])
+    assert f"**lora** is a LoRA on `{tiny_pipeline}`, at scale 0.5" in status
+    assert "**bad-lora failed to load** and is unavailable" in status
+    with pytest.raises(Exception, match="'bad-lora' could not be loaded"):
+        client.predict(prompt="x", model="bad-lora", seed=1, **T2I, api_name="/text2img")
+    for model in ["lora", "stock"]:
+        assert client.predict(prompt="x", model=model, seed=1, **T2I, api_name="/text2img")[1] == 1

@@ -11,13 +11,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import tiny_flags
+from helpers import LORA, adapter_in_memory, tiny_flags
 from sdtune.config import parse_args
 from sdtune.errors import SdtuneError
 from sdtune.lora import DIFFUSERS_WEIGHTS, add_training_adapter, save_adapter
 from sdtune.registry import ModelRegistry, ModelSpec, ModelUnavailable, parse_model_flags, read_model_list
 
-LORA = ("--lora_rank", "4", "--lora_alpha", "8")  # alpha != rank: a loader that ignored alpha would differ
 PROMPT = "a red circle on a white background"
 
 
@@ -28,19 +27,6 @@ def render(pipeline) -> np.ndarray:
 
 def adapter_weights(folder) -> dict:
     return load_file(str(folder / DIFFUSERS_WEIGHTS))
-
-
-def adapter_in_memory(tiny_pipeline, output_dir, seed: int):
-    """The tiny pipeline with a LoRA adapter whose B matrices are random (training starts them at zero), and the
-    arguments of its run."""
-    args = parse_args(tiny_flags(tiny_pipeline, output_dir / "data", output_dir, *LORA))
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
-    add_training_adapter(pipeline.unet, args)
-    torch.manual_seed(seed)
-    for name, parameter in pipeline.unet.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.3)
-    return pipeline, args
 
 
 def test_saved_adapter_gives_the_in_memory_image_in_both_formats(tiny_pipeline, tmp_path):

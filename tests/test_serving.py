@@ -5,6 +5,7 @@ import shutil
 import threading
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -228,3 +229,41 @@ def test_error_messages_show_the_users_names_not_server_paths(tiny_pipeline, tmp
     with pytest.raises(RequestError) as undecodable:
         service.load_upload(upload)
     assert "notes.png" in str(undecodable.value) and "0123abcd" not in str(undecodable.value)
+
+
+@pytest.fixture(scope="module")
+def lora_service(tiny_pipeline, tiny_adapter, tmp_path_factory):
+    """The stock model and a LoRA on it, listed at scale 0.5."""
+    specs = [ModelSpec("stock", str(tiny_pipeline)),
+             ModelSpec("lora", str(tiny_pipeline), lora=str(tiny_adapter), lora_scale=0.5)]
+    folder = tmp_path_factory.mktemp("lora-service")
+    return Service(ModelRegistry(specs, device="cpu"), folder / "out", folder)
+
+
+def test_a_requests_lora_scale_is_used_recorded_and_gone_with_it(lora_service):
+    def draw(model, **scale):
+        outcome = lora_service.text2img("a red circle", model, 3, 1, SMALL, **scale)
+        parameters = parse_parameters(read_parameters(outcome.paths[0]))
+        return np.asarray(Image.open(outcome.paths[0])), parameters.get("LoRA scale"), outcome.run["lora_scale"]
+
+    stock, listed, off = draw("stock"), draw("lora"), draw("lora", lora_scale=0)
+    assert np.array_equal(off[0], stock[0]) and not np.array_equal(listed[0], stock[0])
+    assert (stock[1:], listed[1:], off[1:]) == ((None, None), ("0.5", 0.5), ("0.0", 0.0))  # PNG, run log
+    stronger = draw("lora", lora_scale=1.5)
+    assert not np.array_equal(stronger[0], listed[0]) and stronger[1:] == ("1.5", 1.5)
+    # a request that gives no scale gets the listed one, whatever the request before it set
+    assert np.array_equal(draw("lora")[0], listed[0]) and np.array_equal(draw("stock")[0], stock[0])
+
+
+def test_bad_lora_scales_are_refused_naming_the_setting(lora_service, tmp_path):
+    upload = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(upload)
+    for scale in [float("nan"), float("inf"), 2.5, -3, "strong"]:
+        with pytest.raises(SdtuneError, match="lora_scale must be a number from -2 to 2"):
+            lora_service.text2img("x", "lora", 1, 1, SMALL, lora_scale=scale)
+        with pytest.raises(SdtuneError, match="lora_scale must be a number from -2 to 2"):
+            lora_service.img2img(upload, "x", "lora", 1, SMALL, lora_scale=scale)
+    with pytest.raises(RequestError, match="'stock' has no adapter"):
+        lora_service.text2img("x", "stock", 1, 1, SMALL, lora_scale=0.5)
+    with pytest.raises(SdtuneError, match="Model 'p': lora_scale must be a number"):
+        parse_model_flags(["p=x/y,lora=./l,lora_scale=nan"])  # the listed scale is the UI's default: same range
