@@ -30,5 +30,12 @@ def test_generate_an_image_in_the_browser(app):
             expect(image).to_be_visible(timeout=60_000)
             assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) == 64
             expect(page.get_by_text("Models: stock, tuned, broken")).to_be_visible()
+            # the LoRA scale appears, at the model's listed scale, only once a LoRA model is chosen
+            scale = page.get_by_label("LoRA scale").first
+            expect(scale).to_be_hidden()
+            page.get_by_label("Model", exact=True).first.click()
+            page.get_by_role("option", name="lora", exact=True).click()
+            expect(scale).to_be_visible()
+            expect(scale).to_have_value("0.5")
         finally:
             browser.close()
