@@ -2,7 +2,6 @@
 shards it for several processes), and the dataset's examples at bucket sizes with flip and the latent cache."""
 
 import math
-from argparse import Namespace
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +10,7 @@ from accelerate.data_loader import BatchSamplerShard
 from transformers import CLIPTokenizer
 
 from conftest import MIXED_ASPECTS
+from test_data import data_args
 from sdtune.buckets import (BucketBatchSampler, BucketSpec, assign_buckets, bucket_sizes, bucket_table, crop_of,
                             default_bucket_settings)
 from sdtune.config import parse_args
@@ -128,13 +128,9 @@ def test_bucket_defaults_are_filled_and_kept_when_given(tmp_path):
     assert (args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps) == (320, 1024, 32)
 
 
-def bucketed_dataset(folder, tiny_pipeline, **overrides):
-    settings = dict(train_data_dir=str(folder), dataset_name=None, dataset_config_name=None, cache_dir=None,
-                    image_column="image", caption_column="text", max_train_samples=None, resolution=64,
-                    center_crop=True, random_flip=True, proportion_empty_prompts=0.0, seed=5, shuffle_caption=False,
-                    keep_tokens=0, enable_bucket=True, bucket_no_upscale=False)
-    settings.update(overrides)
-    args = Namespace(**settings)
+def bucketed_dataset(folder, tiny_pipeline):
+    """The folder's rows at --resolution 64 with --center_crop and --random_flip, each in its bucket."""
+    args = data_args(folder, resolution=64, center_crop=True)
     rows = load_rows(args)
     screened = screen_rows(rows, "image", "text")
     buckets = assign_buckets([(i.width, i.height) for i in screened.images], BucketSpec(64, 32, 128, 8))
