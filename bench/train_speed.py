@@ -10,14 +10,17 @@ loop, in its order, through the same accelerate Accelerator. Only timers are add
 text encoder and the UNet forward are timed from inside sdtune.objective.diffusion_loss by hooks on those modules.
 
 It runs twice, with and without --cache_latents, and checks the target: with the cache, a whole step takes at most
-15% longer than the UNet's own forward + backward + optimizer step. Absolute times on a shared 2-core machine mean
-little; compare the ratios of one run.
+15% longer than the UNet's own forward + backward + optimizer step. With --buckets it compares instead square batches
+(r x r) against --enable_bucket batches of the same pixel count (images of 4:1 and 1:4 in the 2r x r/2 and r/2 x 2r
+buckets), both encoding every step, taking turns; target: a bucketed step at most 5% slower. Absolute times on a
+shared 2-core machine mean little; compare the ratios of one run.
 """
 
 import argparse
 import itertools
 import os
 import platform
+import random
 import tempfile
 import time
 from collections import defaultdict
@@ -35,20 +38,22 @@ from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from sdtune.components import Components  # noqa: E402
 from sdtune.config import parse_args  # noqa: E402
-from sdtune.data import EpochShuffleSampler  # noqa: E402
 from sdtune.latent_cache import build_latent_cache  # noqa: E402
 from sdtune.objective import diffusion_loss  # noqa: E402
 from sdtune.seeds import step_generator  # noqa: E402
 from sdtune.optim import make_lr_scheduler, make_optimizer  # noqa: E402
-from tinyworld.shapes import shape_words, write_shapes_dataset  # noqa: E402
+from tinyworld.shapes import random_shape, shape_words, write_imagefolder, write_shapes_dataset  # noqa: E402
 from tinyworld.factories import sd_layout_unet, sd_layout_vae, text_config  # noqa: E402
 from tinyworld.tokenizer import save_word_tokenizer  # noqa: E402
-from sdtune.train import configure_unet, make_accelerator, make_dataset, make_ema, update_ema  # noqa: E402
+from sdtune.train import (configure_unet, make_accelerator, make_dataloader, make_dataset, make_ema,  # noqa: E402
+                          update_ema)
 
 PHASES = ["data loading", "VAE encode", "text encoder", "UNet forward", "UNet backward", "optimizer step",
           "EMA update", "other"]
 UNET_OWN = ["UNet forward", "UNet backward", "optimizer step"]  # the work no data path can avoid
 TARGET_OVERHEAD = 0.15  # with --cache_latents: step time <= (1 + this) x the UNet's own time
+TARGET_BUCKET_SLOWDOWN = 0.05  # --buckets: a bucketed step <= (1 + this) x a square one of the same pixel count
+BUCKET_ROUNDS = 5  # --buckets: the two modes take turns, this many rounds each
 LATENT_FACTOR = 8  # a 4-block VAE halves the resolution three times, as SD's does
 
 
@@ -67,6 +72,8 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
                              "the overhead target harder to meet.")
     parser.add_argument("--no_ema", action="store_true", help="Train without --use_ema.")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the machine has 2 cores).")
+    parser.add_argument("--buckets", action="store_true",
+                        help="Compare square batches with --enable_bucket batches of the same pixel count instead.")
     return parser.parse_args(argv)
 
 
@@ -86,11 +93,11 @@ def small_components(tokenizer, resolution: int) -> Components:
     return Components(tokenizer, text_encoder, vae, unet, scheduler)
 
 
-def training_flags(bench, folders: dict, cache_latents: bool) -> list[str]:
+def training_flags(bench, folders: dict, cache_latents: bool, buckets: bool = False) -> list[str]:
     """train_text_to_image.py flags for this benchmark: fp32 on the CPU, no accumulation, no logging."""
     flags = [
         "--pretrained_model_name_or_path", "bench-small-sd",  # never loaded: the parts are built in memory
-        "--train_data_dir", str(folders["data"]), "--output_dir", str(folders["output"]),
+        "--train_data_dir", str(folders["mixed" if buckets else "data"]), "--output_dir", str(folders["output"]),
         "--resolution", str(bench.resolution), "--center_crop", "--random_flip",
         "--train_batch_size", str(bench.train_batch_size), "--max_train_steps", str(bench.warmup_steps + bench.steps),
         "--lr_warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none", "--seed", "0",
@@ -98,6 +105,7 @@ def training_flags(bench, folders: dict, cache_latents: bool) -> list[str]:
     flags += [] if bench.no_ema else ["--use_ema"]
     flags += ["--gradient_checkpointing"] if bench.gradient_checkpointing else []
     flags += ["--cache_latents"] if cache_latents else []
+    flags += ["--enable_bucket"] if buckets else []
     return flags
 
 
@@ -138,28 +146,51 @@ class PhaseTimer:
 
 def prepare_inputs(root: Path, bench) -> dict:
     """Write the synthetic captioned images and the tokenizer once; both modes read them."""
-    folders = {"data": root / "shapes", "tokenizer": root / "tokenizer", "output": root / "output"}
+    folders = {"data": root / "shapes", "mixed": root / "mixed", "tokenizer": root / "tokenizer",
+               "output": root / "output"}
     write_shapes_dataset(folders["data"], bench.num_images, seed=0, size=bench.image_size)
     save_word_tokenizer(shape_words(), folders["tokenizer"])
+    if bench.buckets:
+        write_imagefolder(folders["mixed"], mixed_aspect_shapes(bench))
     return folders
+
+
+def mixed_aspect_shapes(bench) -> list:
+    """Shapes of 4:1 and 1:4, alternately: each fills a bucket of exactly resolution² pixels (2r x r/2)."""
+    rng, long, short = random.Random(0), 2 * bench.image_size, bench.image_size // 2
+    examples = []
+    for index in range(bench.num_images):
+        image, caption = random_shape(rng, bench.image_size)
+        examples.append((image.resize((long, short) if index % 2 else (short, long)), caption))
+    return examples
 
 
 def run_mode(bench, folders: dict, accelerator, cache_latents: bool) -> dict:
     """Set up, time the steps, and return seconds per phase and in total."""
-    loop, facts = set_up(bench, folders, accelerator, cache_latents)
+    loop, timer, facts = timed_loop(bench, folders, accelerator, cache_latents)
+    total = run_steps(loop, bench.warmup_steps, bench.steps, timer)
+    return phase_result(timer, total, bench.steps, facts)
+
+
+def timed_loop(bench, folders: dict, accelerator, cache_latents: bool, buckets: bool = False):
+    """The loop of one mode, with a timer hooked to its VAE, text encoder and UNet."""
+    loop, facts = set_up(bench, folders, accelerator, cache_latents, buckets)
     timer = PhaseTimer()
     timer.around_method(loop.parts.vae, "encode", "VAE encode")
     timer.around_module(loop.parts.text_encoder, "text encoder")
     timer.around_module(loop.unet, "UNet forward")
-    total = run_steps(loop, bench.warmup_steps, bench.steps, timer)
+    return loop, timer, facts
+
+
+def phase_result(timer: PhaseTimer, total: float, steps: int, facts: dict) -> dict:
     seconds = dict(timer.seconds)
     seconds["other"] = total - sum(seconds.values())
-    return {"seconds": seconds, "total": total, "steps": bench.steps, **facts}
+    return {"seconds": seconds, "total": total, "steps": steps, **facts}
 
 
-def set_up(bench, folders: dict, accelerator, cache_latents: bool):
+def set_up(bench, folders: dict, accelerator, cache_latents: bool, buckets: bool):
     """Everything sdtune.train.main builds before its loop, in its order, with the small model's parts."""
-    args = parse_args(training_flags(bench, folders, cache_latents))
+    args = parse_args(training_flags(bench, folders, cache_latents, buckets))
     parts = small_components(CLIPTokenizer.from_pretrained(folders["tokenizer"]), bench.resolution)
     configure_unet(parts.unet, args)
     dataset = make_dataset(args, parts.tokenizer)
@@ -168,10 +199,8 @@ def set_up(bench, folders: dict, accelerator, cache_latents: bool):
         dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,
                                            args.train_batch_size, show_progress=False)
     caching_seconds = time.perf_counter() - start
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size,
-                                             sampler=EpochShuffleSampler(len(dataset), args.seed),
-                                             num_workers=args.dataloader_num_workers)
-    ema = make_ema(args, parts.unet, accelerator.device)
+    dataloader = make_dataloader(dataset, args)
+    ema = make_ema(args, parts.unet, list(parts.unet.parameters()), accelerator.device)
     optimizer = make_optimizer(args, parts.unet.parameters(), accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
@@ -263,6 +292,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as root:
         folders = prepare_inputs(Path(root), bench)
         accelerator = make_accelerator(parse_args(training_flags(bench, folders, cache_latents=False)))
+        if bench.buckets:
+            return compare_buckets(bench, folders, accelerator)
         results = {}
         for cache_latents in (False, True):
             name = "--cache_latents" if cache_latents else "encode every step"
@@ -281,6 +312,29 @@ def main(argv=None) -> None:
           "encoder and UNet forward are timed inside sdtune.objective.diffusion_loss; 'optimizer step' is gradient "
           "clipping + step + LR schedule + zero_grad; 'other' is the rest of the step (noise and timestep draws, "
           "loss, the logged loss's .item()).")
+
+
+def compare_buckets(bench, folders: dict, accelerator) -> None:
+    """--buckets: square batches against bucketed ones of the same pixel count, both encoding every step. The two
+    modes take turns, BUCKET_ROUNDS rounds of steps each, so that a change in the machine's load hits both alike."""
+    side, steps = bench.resolution, bench.steps // BUCKET_ROUNDS * BUCKET_ROUNDS
+    modes = {f"square {side}x{side}": timed_loop(bench, folders, accelerator, cache_latents=False),
+             f"buckets {2 * side}x{side // 2}, {side // 2}x{2 * side}": timed_loop(bench, folders, accelerator,
+                                                                              cache_latents=False, buckets=True)}
+    totals = dict.fromkeys(modes, 0.0)
+    for round_index in range(BUCKET_ROUNDS):
+        for name, (loop, timer, _) in modes.items():
+            warmup = bench.warmup_steps if round_index == 0 else 0
+            totals[name] += run_steps(loop, warmup, steps // BUCKET_ROUNDS, timer)
+    results = {name: phase_result(timer, totals[name], steps, facts) for name, (_, timer, facts) in modes.items()}
+    print()
+    print_table(results)
+    print()
+    square, bucketed = results.values()
+    ratio = bucketed["total"] / square["total"]
+    verdict = "met" if ratio <= 1 + TARGET_BUCKET_SLOWDOWN else "MISSED"
+    print(f"Target (a bucketed step <= {1 + TARGET_BUCKET_SLOWDOWN:.2f} x a square one of the same pixel count): "
+          f"{ratio:.3f} -> {verdict}")
 
 
 if __name__ == "__main__":

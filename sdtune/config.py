@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validation_flags(parser.add_argument_group("validation"))
     _add_output_flags(parser.add_argument_group("outputs, checkpoints and logging"))
     _add_caption_and_check_flags(parser.add_argument_group("captions and the data check"))
+    _add_bucket_flags(parser.add_argument_group("aspect-ratio buckets (kohya sd-scripts' flags)"))
     return parser
 
 
@@ -175,6 +176,48 @@ def _add_caption_and_check_flags(group):
                             "some rows are usable.")
 
 
+def _add_bucket_flags(group):
+    group.add_argument("--enable_bucket", action="store_true",
+                       help="Train each image at the bucket size nearest its aspect ratio (area at most "
+                            "--resolution squared) instead of a centre or random square; a batch holds one bucket.")
+    group.add_argument("--min_bucket_reso", type=int, default=None,
+                       help="Shortest bucket side in pixels; default: --resolution / 2 (256 at 512).")
+    group.add_argument("--max_bucket_reso", type=int, default=None,
+                       help="Longest bucket side in pixels; default: --resolution x 2 (1024 at 512).")
+    group.add_argument("--bucket_reso_steps", type=int, default=None,
+                       help="Bucket sides are multiples of this (of 8, the VAE's factor); default: --resolution / 8 "
+                            "(64 at 512, 8 at 64).")
+    group.add_argument("--bucket_no_upscale", action="store_true",
+                       help="An image smaller than its bucket gets a bucket of its own size (rounded down to the "
+                            "step) instead of being enlarged.")
+
+
+def _check_bucket_args(args: argparse.Namespace) -> None:
+    """Fill the bucket sizes left unset from --resolution, then refuse sizes no bucket can have."""
+    from sdtune.buckets import VAE_FACTOR, default_bucket_settings  # imports torch: not for --help
+
+    names = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
+    given = [f"--{name}" for name in names if getattr(args, name) is not None]
+    if not args.enable_bucket:
+        given += ["--bucket_no_upscale"] if args.bucket_no_upscale else []
+        if given:
+            raise SdtuneError(f"{', '.join(given)}: bucket settings, but buckets are off: add --enable_bucket, or "
+                              "drop them.")
+        return
+    for name, default in zip(names, default_bucket_settings(args.resolution)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    low, high, step = args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps
+    if step <= 0 or step % VAE_FACTOR:
+        raise SdtuneError(f"--bucket_reso_steps {step} must be a positive multiple of {VAE_FACTOR} (the VAE's factor).")
+    if low < step or low % step or high % step:
+        raise SdtuneError(f"--min_bucket_reso {low} and --max_bucket_reso {high} must be multiples of "
+                          f"--bucket_reso_steps {step}, at least one step.")
+    if not low <= args.resolution <= high:
+        raise SdtuneError(f"--resolution {args.resolution} must lie within --min_bucket_reso {low} and "
+                          f"--max_bucket_reso {high}.")
+
+
 def _check_caption_args(args: argparse.Namespace) -> None:
     if args.keep_tokens < 0:
         raise SdtuneError(f"--keep_tokens {args.keep_tokens} must be 0 or more.")
@@ -232,6 +275,7 @@ def check_args(args: argparse.Namespace) -> None:
         check_validation_args(args)
     _check_lora_args(args)
     _check_caption_args(args)
+    _check_bucket_args(args)
 
 
 def check_validation_args(args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdtune.buckets import cover_size
 from sdtune.errors import SdtuneError
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.seeds import example_generator, shuffle_generator
@@ -190,19 +191,17 @@ def uniform(generator: torch.Generator) -> float:
     return float(torch.rand((), generator=generator))
 
 
-def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator):
-    """Resize the shorter side to `resolution` and crop a square, centred or at a random offset."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+def resize_and_crop(image: Image.Image, size: tuple[int, int], center_crop: bool, generator: torch.Generator):
+    """Resize to cover `size` (width, height), the aspect ratio kept, and crop that, centred or at a random offset."""
+    covered = cover_size(image.size, size)
+    image = image.resize(covered, Image.Resampling.BILINEAR)
+    spare_x, spare_y = covered[0] - size[0], covered[1] - size[1]
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
     else:
         left = int(torch.randint(spare_x + 1, (), generator=generator))
         top = int(torch.randint(spare_y + 1, (), generator=generator))
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + size[0], top + size[1]))
 
 
 def to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
@@ -241,9 +240,10 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 class CaptionedImages(torch.utils.data.Dataset):
     """Examples for the training step: pixels and token ids, or cached latent distributions and text embeddings."""
 
-    def __init__(self, rows, args, tokenizer, cache=None):
-        """`rows`: the screened rows only (see screen_rows); `cache`: a LatentCache under --cache_latents."""
-        self.rows, self.tokenizer, self.cache = rows, tokenizer, cache
+    def __init__(self, rows, args, tokenizer, cache=None, buckets=None):
+        """`rows`: the screened rows only (see screen_rows); `cache`: a LatentCache under --cache_latents;
+        `buckets`: each row's (width, height) under --enable_bucket (sdtune.buckets.assign_buckets)."""
+        self.rows, self.tokenizer, self.cache, self.buckets = rows, tokenizer, cache, buckets
         self.image_column, self.caption_column = args.image_column, args.caption_column
         self.resolution, self.center_crop, self.random_flip = args.resolution, args.center_crop, args.random_flip
         self.proportion_empty_prompts, self.seed = args.proportion_empty_prompts, args.seed
@@ -262,8 +262,8 @@ class CaptionedImages(torch.utils.data.Dataset):
             mean, std = self.cache.image_distribution(position, flip)
             return {"latent_mean": mean, "latent_std": std,
                     "encoder_hidden_states": self.cache.text_embedding(caption)}
-        image = resize_and_crop(decode_row_image(row[self.image_column]), self.resolution, self.center_crop,
-                                generator)
+        image = resize_and_crop(decode_row_image(row[self.image_column]), self.target_size(position),
+                                self.center_crop, generator)
         return {"pixel_values": to_tensor(image, flip), "input_ids": self.tokenize(caption)}
 
     def pick_caption(self, caption_value, generator: torch.Generator) -> str:
@@ -282,8 +282,12 @@ class CaptionedImages(torch.utils.data.Dataset):
     def image_at(self, position: int, flip: bool) -> torch.Tensor:
         """The centre-cropped pixels of one example, as cached by --cache_latents."""
         row = self.rows[position]
-        image = resize_and_crop(decode_row_image(row[self.image_column]), self.resolution, True, None)
+        image = resize_and_crop(decode_row_image(row[self.image_column]), self.target_size(position), True, None)
         return to_tensor(image, flip)
+
+    def target_size(self, position: int) -> tuple[int, int]:
+        """The (width, height) an example is trained at: its bucket's, or a --resolution square."""
+        return self.buckets[position] if self.buckets is not None else (self.resolution, self.resolution)
 
     def all_captions(self) -> list[str]:
         """Every caption the training can draw, including '' when captions are dropped."""

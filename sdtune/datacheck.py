@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from statistics import median_low
 
+from sdtune.buckets import BucketSpec, assign_buckets, bucket_table
 from sdtune.data import EXAMPLE_NAMES, ScreenResult, inspect_rows, load_rows, usable_captions
 from sdtune.errors import SdtuneError
 from sdtune.image_folder import list_images
@@ -34,6 +35,7 @@ class DataReport:
     duplicates: list[list[str]]  # groups of rows whose images have the same decoded pixels, largest first
     caption_counts: Counter  # caption -> how many usable rows have it
     unlisted: list[str]  # image files of a --train_data_dir that no metadata row names (imagefolder leaves them out)
+    buckets: list[tuple[int, int]] | None = None  # under --enable_bucket: each usable image's (width, height)
 
     @property
     def shared_captions(self) -> list[tuple[str, int]]:
@@ -53,7 +55,8 @@ class DataReport:
         """The report as printed by --check_data and logged at the start of training."""
         unlisted = ([f"Not in the metadata, so left out: {len(self.unlisted)} image file(s), e.g. "
                      f"{', '.join(self.unlisted[:EXAMPLE_NAMES])}"] if self.unlisted else [])
-        return [*self._row_lines(), *unlisted, self._caption_line(), *self._size_lines(resolution),
+        buckets = bucket_table(self.buckets) if self.buckets is not None else []
+        return [*self._row_lines(), *unlisted, self._caption_line(), *self._size_lines(resolution), *buckets,
                 self._duplicate_line(), self._shared_caption_line()]
 
     def _row_lines(self) -> list[str]:
@@ -115,7 +118,10 @@ def build_report(rows, screened: ScreenResult, args, tokenizer) -> DataReport:
     # with --max_train_samples the rows left out on purpose would count as unlisted
     unlisted = (unlisted_images(rows[args.image_column], args.train_data_dir)
                 if args.train_data_dir is not None and args.max_train_samples is None else [])
-    return DataReport(screened, lengths, tokenizer.model_max_length, duplicate_groups(screened), counts, unlisted)
+    buckets = (assign_buckets([(image.width, image.height) for image in screened.images], BucketSpec.from_args(args))
+               if args.enable_bucket else None)
+    return DataReport(screened, lengths, tokenizer.model_max_length, duplicate_groups(screened), counts, unlisted,
+                      buckets)
 
 
 def unlisted_images(image_values, folder: str) -> list[str]:

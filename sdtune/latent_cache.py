@@ -2,7 +2,10 @@
 
 The cache holds the VAE's latent *distribution* (mean and std) of each image and of its mirror, not a sample, so the
 training step still draws a fresh latent every time and trains on the same distribution as without the cache.
+Each example's tensors are kept on their own: with --enable_bucket their shapes differ from bucket to bucket.
 """
+
+from collections import defaultdict
 
 import torch
 from tqdm.auto import tqdm
@@ -11,18 +14,18 @@ from tqdm.auto import tqdm
 class LatentCache:
     """Latent distributions by (example, flipped) and text embeddings by caption, kept in CPU memory."""
 
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor, text_embeddings: dict[str, torch.Tensor]):
-        self.means, self.stds, self.text_embeddings = means, stds, text_embeddings  # means: [N, flips, C, H, W]
+    def __init__(self, means, stds, text_embeddings: dict[str, torch.Tensor]):
+        self.means, self.stds, self.text_embeddings = means, stds, text_embeddings  # means[example]: [flips, C, H, W]
 
     def image_distribution(self, position: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
         index = 1 if flip else 0
-        return self.means[position, index], self.stds[position, index]
+        return self.means[position][index], self.stds[position][index]
 
     def text_embedding(self, caption: str) -> torch.Tensor:
         return self.text_embeddings[caption]
 
     def nbytes(self) -> int:
-        tensors = [self.means, self.stds, *self.text_embeddings.values()]
+        tensors = [*self.means, *self.stds, *self.text_embeddings.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -30,15 +33,23 @@ class LatentCache:
 def build_latent_cache(dataset, vae, text_encoder, device, batch_size: int, show_progress: bool) -> LatentCache:
     """Encode the dataset's images (both orientations when it flips) and every caption it can draw."""
     flips = [False, True] if dataset.random_flip else [False]
-    means, stds = [], []
-    positions = range(len(dataset))
-    for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents", disable=not show_progress):
-        batch = positions[start:start + batch_size]
+    means, stds = [None] * len(dataset), [None] * len(dataset)
+    for batch in tqdm(same_size_batches(dataset, batch_size), desc="caching latents", disable=not show_progress):
         per_flip = [_encode_images(dataset, batch, flip, vae, device) for flip in flips]
-        means.append(torch.stack([mean for mean, _ in per_flip], dim=1))
-        stds.append(torch.stack([std for _, std in per_flip], dim=1))
+        for index, position in enumerate(batch):
+            means[position] = torch.stack([mean[index] for mean, _ in per_flip])
+            stds[position] = torch.stack([std[index] for _, std in per_flip])
     text = _encode_captions(dataset, text_encoder, device, batch_size)
-    return LatentCache(torch.cat(means), torch.cat(stds), text)
+    return LatentCache(means, stds, text)
+
+
+def same_size_batches(dataset, batch_size: int) -> list[list[int]]:
+    """The dataset's positions in batches of at most `batch_size` whose examples share a size (a bucket)."""
+    by_size = defaultdict(list)
+    for position in range(len(dataset)):
+        by_size[dataset.target_size(position)].append(position)
+    return [positions[start:start + batch_size] for positions in by_size.values()
+            for start in range(0, len(positions), batch_size)]
 
 
 def _encode_images(dataset, positions, flip: bool, vae, device):

@@ -50,6 +50,11 @@ def shuffle_generator(seed: int, epoch: int) -> torch.Generator:
     return cpu_generator(derive_seed(seed, "shuffle", epoch))
 
 
+def batch_order_generator(seed: int, epoch: int) -> torch.Generator:
+    """The order of the aspect-ratio buckets' batches in one epoch."""
+    return cpu_generator(derive_seed(seed, "bucket batches", epoch))
+
+
 def validation_seed(seed: int, prompt_index: int, image_index: int = 0, prompts: int = 1) -> int:
     """Validation image `image_index` of prompt `prompt_index` during training: `--seed` + its place in the grid
     (the README says so), not the text-derived seed metrics.py gives the same prompt."""

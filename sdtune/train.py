@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from sdtune.buckets import BucketBatchSampler
 from sdtune.checkpoints import (Progress, load_checkpoint, register_checkpoint_hooks, resolve_resume_path,
                                 save_checkpoint)
 from sdtune.components import load_components, use_xformers
@@ -57,9 +58,7 @@ def main(args) -> Path:
                                            args.train_batch_size, accelerator.is_local_main_process)
         logger.info("Cached latents and text embeddings: %.1f MiB", dataset.cache.nbytes() / 2**20)
         move_frozen_parts(parts, "cpu")  # they only come back for validation
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size,
-                                             sampler=EpochShuffleSampler(len(dataset), args.seed),
-                                             num_workers=args.dataloader_num_workers)
+    dataloader = make_dataloader(dataset, args)
 
     batches_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
@@ -176,10 +175,21 @@ def make_dataset(args, tokenizer) -> CaptionedImages:
     """Load the rows, drop the unusable ones, log the data check's report and wrap them for training."""
     rows = load_rows(args)
     screened = screen_rows(rows, args.image_column, args.caption_column)
-    for line in build_report(rows, screened, args, tokenizer).lines(args.resolution):
+    report = build_report(rows, screened, args, tokenizer)
+    for line in report.lines(args.resolution):
         logger.info(line)
     rows = rows.select(screened.usable)
-    return CaptionedImages(rows, args, tokenizer)
+    return CaptionedImages(rows, args, tokenizer, buckets=report.buckets)
+
+
+def make_dataloader(dataset: CaptionedImages, args) -> torch.utils.data.DataLoader:
+    """Batches in an order fixed by (seed, epoch): of any rows, or with --enable_bucket of one bucket's rows each."""
+    rows = EpochShuffleSampler(len(dataset), args.seed)
+    if dataset.buckets is None:
+        order = {"batch_size": args.train_batch_size, "sampler": rows}
+    else:
+        order = {"batch_sampler": BucketBatchSampler(rows, dataset.buckets, args.train_batch_size, args.seed)}
+    return torch.utils.data.DataLoader(dataset, num_workers=args.dataloader_num_workers, **order)
 
 
 def move_frozen_parts(parts, device) -> None:

@@ -38,6 +38,27 @@ def train(tiny_pipeline, shapes_dataset):
     return run
 
 
+# The mixed-aspect dataset's image sizes and counts, and the bucket each gets at --resolution 64 (steps of 8): batches
+# of 4 make 3 + 2 + 1 = 6 an epoch, as the 24 square shapes do.
+MIXED_ASPECTS = {(96, 48): (12, (80, 40)), (48, 72): (8, (48, 72)), (64, 64): (4, (64, 64))}
+
+
+@pytest.fixture(scope="session")
+def mixed_aspect_dataset(tmp_path_factory) -> Path:
+    """24 shapes in three aspect ratios (2:1, 2:3, 1:1), for the runs with --enable_bucket."""
+    import random
+
+    from tinyworld.shapes import random_shape, write_imagefolder
+
+    rng = random.Random(1)
+    sizes = [size for size, (count, _) in MIXED_ASPECTS.items() for _ in range(count)]
+    examples = []
+    for size in sizes:
+        image, caption = random_shape(rng)
+        examples.append((image.resize(size), caption))
+    return write_imagefolder(tmp_path_factory.mktemp("data") / "mixed", examples)
+
+
 ODD_SKIPS = {"undecodable image": 1, "zero-byte file": 1, "missing caption": 1, "empty caption": 1}
 
 

@@ -76,6 +76,21 @@ def test_the_report_counts_what_an_unseen_dataset_holds(unseen_dataset, tiny_pip
     assert "Distinct captions: 10; shared by several images: 3 x 'a thing'" in printed
 
 
+def test_with_buckets_the_report_counts_the_images_of_each_bucket(unseen_dataset, tiny_pipeline, capsys):
+    flags = check_flags(tiny_pipeline, unseen_dataset, "--caption_column", "caption", "--enable_bucket")
+    report = check_data(parse_args(flags))
+    sizes = dict(zip([(i.width, i.height) for i in report.screened.images], report.buckets))
+    assert sizes[(4000, 300)] == (128, 32) and sizes[(1, 1)] == (64, 64)  # the widest bucket; a square
+    printed = capsys.readouterr().out
+    # the seven squares (1x1 to 30x30) in 64x64; 33x17, 60x80, 40x60 and 16x64 in 80x40, 56x72, 48x72 and 32x128
+    assert "Aspect-ratio buckets: 6 in use (width x height: images)\n  32x128: 1\n" in printed
+    assert "  64x64: 7\n" in printed and "  56x72: 1\n" in printed
+    report = check_data(parse_args([*flags, "--bucket_no_upscale"]))
+    sizes = dict(zip([(i.width, i.height) for i in report.screened.images], report.buckets))
+    assert sizes[(4000, 300)] == (128, 32) and sizes[(1, 1)] == (8, 8) and sizes[(60, 80)] == (56, 72)
+    assert sizes[(24, 24)] == (24, 24) and sizes[(33, 17)] == (32, 16)  # their own sizes, rounded down to the step
+
+
 def test_a_clean_dataset_reports_no_problems(shapes_dataset, tiny_pipeline, capsys):
     report = check_data(parse_args(check_flags(tiny_pipeline, shapes_dataset)))
     printed = capsys.readouterr().out

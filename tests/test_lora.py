@@ -144,7 +144,7 @@ def test_lora_resume_after_sigkill_gives_bit_identical_adapter_weights(tiny_pipe
     assert "Resumed from" in (interrupted / "train.log").read_text()
 
 
-def test_two_process_lora_run_saves_the_adapter_once(tiny_pipeline, shapes_dataset, tmp_path):
+def test_two_process_lora_run_saves_the_adapter_once(tiny_pipeline, mixed_aspect_dataset, tmp_path):
     import subprocess
     import sys
 
@@ -154,13 +154,14 @@ def test_two_process_lora_run_saves_the_adapter_once(tiny_pipeline, shapes_datas
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO / "train_text_to_image.py"),
-               *tiny_flags(tiny_pipeline, shapes_dataset, out, *LORA, "--use_ema", "--checkpointing_steps", "2",
-                           "--validation_prompts", PROMPT)]
+               *tiny_flags(tiny_pipeline, mixed_aspect_dataset, out, *LORA, "--use_ema", "--checkpointing_steps", "2",
+                           "--validation_prompts", PROMPT, "--enable_bucket")]
     result = subprocess.run(command, env=dict(subprocess_env(threads=1), ACCELERATE_USE_CPU="true"), cwd=REPO,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "2 process(es)" in log and log.count("Saved the LoRA adapter") == 1
+    assert "Aspect-ratio buckets: 3 in use" in log  # each process's batches from one bucket, of different sizes
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
     pipeline.load_lora_weights(out)
     assert np.isfinite(render(pipeline)).all()

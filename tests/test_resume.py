@@ -55,12 +55,15 @@ def straight_and_resumed(tiny_pipeline, data, tmp_path, *extra):
     return straight, interrupted
 
 
-def test_resume_after_sigkill_gives_the_same_weights(tiny_pipeline, shapes_dataset, tmp_path):
-    _, interrupted = straight_and_resumed(tiny_pipeline, shapes_dataset, tmp_path)
+def test_resume_after_sigkill_gives_the_same_weights(tiny_pipeline, mixed_aspect_dataset, tmp_path):
+    # with aspect-ratio buckets: 3 buckets, batches of 4 (the last of two buckets short), 6 batches an epoch as above
+    _, interrupted = straight_and_resumed(tiny_pipeline, mixed_aspect_dataset, tmp_path, "--enable_bucket")
 
     straight = load_file(str(tmp_path / "straight/unet/diffusion_pytorch_model.safetensors"))
     resumed = load_file(str(interrupted / "unet/diffusion_pytorch_model.safetensors"))
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert (straight[name] == resumed[name]).all(), name
-    assert f"Resumed from {interrupted / 'checkpoint-4'} at step 4" in (interrupted / "train.log").read_text()
+    log = (interrupted / "train.log").read_text()
+    assert f"Resumed from {interrupted / 'checkpoint-4'} at step 4" in log
+    assert "Aspect-ratio buckets: 3 in use" in log and "  80x40: 12" in log

@@ -57,11 +57,12 @@ def test_broken_and_odd_images_are_trained_through_with_the_skips_counted(train,
     assert (out / "model_index.json").is_file()
 
 
-def test_cached_latents_train_the_same_model_as_encoding_every_step(train, tmp_path):
-    # The cache stores the latent distribution (both orientations), not a sample: same draws, same training.
-    flags = ("--random_flip", "--max_train_steps", "5", "--proportion_empty_prompts", "0.3")
-    encoded = train(tmp_path / "encoded", *flags)
-    cached = train(tmp_path / "cached", *flags, "--cache_latents")
+def test_cached_latents_train_the_same_model_as_encoding_every_step(train, tmp_path, mixed_aspect_dataset):
+    # The cache stores the latent distribution (both orientations), not a sample: same draws, same training. With
+    # aspect-ratio buckets, so the cache holds three latent shapes.
+    flags = ("--random_flip", "--max_train_steps", "5", "--proportion_empty_prompts", "0.3", "--enable_bucket")
+    encoded = train(tmp_path / "encoded", *flags, data=mixed_aspect_dataset)
+    cached = train(tmp_path / "cached", *flags, "--cache_latents", data=mixed_aspect_dataset)
     assert max_difference(weights(encoded), weights(cached)) < 1e-3  # a frozen sample instead differs by ~1e-2
     assert "Cached latents and text embeddings" in (cached / "train.log").read_text()
 
