@@ -389,8 +389,9 @@ def expected_bytes(args, parts, trained, ema_on_device) -> dict:
 def print_recipe(recipe: str, result: dict) -> None:
     """One table: category, GiB at the peak, the analytic size where there is one, and how it was obtained."""
     args = result["args"]
+    ema = "none" if not args.use_ema else "CPU" if args.offload_ema else "device"
     print(f"{recipe}: fp16 autocast={args.mixed_precision == 'fp16'}, 8-bit AdamW={args.use_8bit_adam}, "
-          f"EMA={'none' if not args.use_ema else 'CPU' if args.offload_ema else 'device'}, cached latents={args.cache_latents}, gradient "
+          f"EMA={ema}, cached latents={args.cache_latents}, gradient "
           f"checkpointing={args.gradient_checkpointing}, {args.resolution} px, batch {args.train_batch_size}, "
           f"LoRA rank={args.lora_rank or 'none'}; UNet weights: {result['dtypes']}, {result['trained']:,} trained")
     print(f"  {'GiB at the peak':<30}{'measured':>10}{'computed':>10}")
