@@ -2,11 +2,13 @@
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_memory.py [--autocast_policy cpu]
 
-Two recipes, read from their YAML files through sdtune.config:
+Three recipes, read from their YAML files through sdtune.config:
   configs/pokemon.yaml         fp16 autocast with fp32 master weights, AdamW, EMA on the device, gradient
                                checkpointing, VAE + text encoder in fp16 on the device; target <= 20 GiB
   configs/pokemon-lowmem.yaml  the same with bitsandbytes' AdamW8bit, the EMA in CPU memory and cached latents
                                (VAE + text encoder off the device); target <= 12 GiB
+  configs/pokemon-lora.yaml    a rank-4 LoRA: the UNet frozen in fp16, the adapter's fp32 weights trained with
+                               AdamW, gradient checkpointing, VAE + text encoder in fp16 on the device; target <= 6 GiB
 
 How it measures: the models are built from SD v1-4's published configs (below; no download) with random weights
 under FakeTensorMode, so every tensor has its real shape and dtype but no storage: a step of the 860M-parameter UNet
@@ -16,7 +18,16 @@ EMAModel through sdtune.train.make_ema, sdtune.optim.update_offloaded_ema; aroun
 under fp16 (autocast around the UNet's forward, loss scaling, unscaling before clipping). One step is run first so
 that the optimizer state exists, as it does at every later step; the second step is measured. bitsandbytes' AdamW8bit
 runs under FakeTensorMode too: its own init_state makes its state tensors and its update op has a fake kernel; only
-its constructor runs outside (it builds its quantisation map from real numbers).
+its constructor runs outside (it builds its quantisation map from real numbers). The LoRA recipe's UNet is built in
+fp16, as sdtune.components.load_components loads it for --lora_rank, and gets its adapter from
+sdtune.lora.add_training_adapter itself (peft's layers through diffusers' add_adapter, then cast_training_params to
+fp32). peft moves each new layer to its base layer's device and dtype with Module.to, which cannot swap a parameter
+under FakeTensorMode (the fake mode holds weak references to its tensors); so the UNet is built on the meta device
+(shapes and dtypes, no storage), sdtune.train.configure_unet and add_training_adapter run on it unchanged, and then
+Module.to_empty gives every tensor fake CPU storage of the same shape and dtype. The output states the dtypes of the
+trained and frozen UNet weights. MemTracker hooks the gradient of every parameter of a module it sees run and torch
+refuses a hook on a frozen one, so frozen parameters are registered as already hooked (FrozenAwareMemTracker): they
+are still counted, and they never get a gradient to count.
 
 The GPU is emulated where the CPU differs: AdamW runs its foreach implementation (torch's default for CUDA tensors;
 the CPU default is a per-tensor loop with smaller temporaries), and fp16 autocast follows CUDA's casting rules (CPU
@@ -27,6 +38,7 @@ import argparse
 import os
 import platform
 import time
+from collections import OrderedDict
 from datetime import date
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: nothing may be downloaded
@@ -36,18 +48,20 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+from torch.utils.hooks import RemovableHandle  # noqa: E402
 from torch.utils._pytree import tree_map_only  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from sdtune.components import Components  # noqa: E402
 from sdtune.config import parse_args  # noqa: E402
+from sdtune.lora import add_training_adapter  # noqa: E402
 from sdtune.objective import diffusion_loss  # noqa: E402
 from sdtune.seeds import step_generator  # noqa: E402
 from sdtune.optim import make_optimizer, update_offloaded_ema  # noqa: E402
 from sdtune.train import configure_unet, make_ema  # noqa: E402
 
 GIB = 2**30
-TARGETS_GIB = {"configs/pokemon.yaml": 20, "configs/pokemon-lowmem.yaml": 12}
+TARGETS_GIB = {"configs/pokemon.yaml": 20, "configs/pokemon-lowmem.yaml": 12, "configs/pokemon-lora.yaml": 6}
 
 # CompVis/stable-diffusion-v1-4: unet/config.json, vae/config.json, text_encoder/config.json (as published)
 SD14_UNET = dict(
@@ -156,22 +170,46 @@ class AutocastForward:
         return tree_map_only(torch.Tensor, to_fp32, outputs)
 
 
-def build_parts(weight_dtype) -> Components:
-    """SD v1-4's UNet (fp32: the master weights) and its frozen VAE and text encoder (in the recipe's dtype)."""
+def build_parts(args, weight_dtype, fake: FakeTensorMode) -> Components:
+    """SD v1-4's UNet, set up as sdtune.train.main sets it up, and its frozen VAE and text encoder (in the recipe's
+    dtype), all with fake storage."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD14_UNET)
-    # built in their dtype: under FakeTensorMode, Module.to(dtype) cannot swap the parameters it converts
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(weight_dtype)
-    try:
-        vae = AutoencoderKL(**SD14_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT_ENCODER))
-    finally:
-        torch.set_default_dtype(default_dtype)
+    unet = build_unet(args, weight_dtype, fake)
+    with fake:
+        return build_frozen_parts(unet, weight_dtype)
+
+
+def build_unet(args, weight_dtype, fake: FakeTensorMode) -> UNet2DConditionModel:
+    """The UNet as load_components loads it (fp32: the master weights; with --lora_rank frozen in the recipe's
+    dtype), configured and given its adapter by sdtune on the meta device, then given fake CPU storage."""
+    with torch.device("meta"):
+        unet = build_in_dtype(lambda: UNet2DConditionModel(**SD14_UNET),
+                              weight_dtype if args.lora_rank else torch.float32)
+    unet.train()
+    configure_unet(unet, args)
+    if args.lora_rank:
+        add_training_adapter(unet, args)
+    with fake:
+        return unet.to_empty(device="cpu")
+
+
+def build_frozen_parts(unet, weight_dtype) -> Components:
+    vae = build_in_dtype(lambda: AutoencoderKL(**SD14_VAE), weight_dtype)
+    text_encoder = build_in_dtype(lambda: CLIPTextModel(CLIPTextConfig(**SD14_TEXT_ENCODER)), weight_dtype)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    unet.train()
     return Components(None, text_encoder, vae, unet, DDPMScheduler(**SD14_SCHEDULER))
+
+
+def build_in_dtype(build, dtype):
+    """A model built with `dtype` as the default: under FakeTensorMode, Module.to(dtype) cannot swap the parameters
+    it converts (see the module's docstring)."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return build()
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def make_batch(args, weight_dtype) -> dict:
@@ -187,20 +225,20 @@ def make_batch(args, weight_dtype) -> dict:
             "input_ids": torch.randint(0, SD14_TEXT_ENCODER["vocab_size"], (size, 77))}
 
 
-def make_step_optimizer(args, unet) -> torch.optim.Optimizer:
+def make_step_optimizer(args, trained) -> torch.optim.Optimizer:
     """sdtune's optimizer, made outside FakeTensorMode (AdamW8bit computes its quantisation map with .tolist()).
 
     torch's AdamW picks its foreach implementation for CUDA tensors and a per-tensor loop for CPU ones; foreach is
     set here so that its temporaries (a full fp32 copy of the second moments) are those of a GPU run.
     """
-    optimizer = make_optimizer(args, unet.parameters(), num_processes=1)
+    optimizer = make_optimizer(args, trained, num_processes=1)
     if isinstance(optimizer, torch.optim.AdamW):
         for group in optimizer.param_groups:
             group["foreach"] = True
     return optimizer
 
 
-def training_step(args, parts, unet_call, optimizer, ema, peaks, tracker=None) -> None:
+def training_step(args, parts, trained, unet_call, optimizer, ema, peaks, tracker=None) -> None:
     """One step in sdtune.train's order; appends (phase, the peak so far by category) after each phase if tracked."""
     weight_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
 
@@ -213,14 +251,14 @@ def training_step(args, parts, unet_call, optimizer, ema, peaks, tracker=None) -
     record("forward")
     (loss * LOSS_SCALE).backward()  # accelerator.backward: GradScaler.scale(loss).backward()
     record("backward")
-    grads = [p.grad for p in parts.unet.parameters() if p.grad is not None]
+    grads = [p.grad for p in trained if p.grad is not None]
     torch._foreach_mul_(grads, 1 / LOSS_SCALE)  # GradScaler.unscale_ in accelerator.clip_grad_norm_: in place
-    torch.nn.utils.clip_grad_norm_(parts.unet.parameters(), args.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     record("optimizer step")
     if ema is not None and not args.offload_ema:
-        ema.step(parts.unet.parameters())
+        ema.step(trained)
         record("EMA update")
 
 
@@ -244,46 +282,64 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
     return [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
 
 
+class FrozenAwareMemTracker(MemTracker):
+    """MemTracker for a model with frozen parameters: it hooks the gradient of every parameter of a module it sees
+    run, and torch refuses a hook on a tensor that needs no gradient. A frozen parameter is registered as hooked
+    already (with handles that remove nothing), so it is counted as a parameter and has no gradient to count."""
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        for param in module.parameters():
+            if not param.requires_grad and param not in self._param_to_grad_hook_handles:
+                no_hook = RemovableHandle(OrderedDict())  # removes nothing (it needs a weak-referenceable dict)
+                self._param_to_grad_hook_handles[param] = (no_hook, no_hook)
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+
 def measure_recipe(recipe: str) -> dict:
     """Build the recipe's parts under FakeTensorMode, run a warm-up step, then track the second step's memory."""
     args = parse_args(["--config", recipe])
     weight_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the scheduler's tables and AdamW8bit's map stay real
+    parts = build_parts(args, weight_dtype, fake)
+    trained = [p for p in parts.unet.parameters() if p.requires_grad]
     with fake:
-        parts = build_parts(weight_dtype)
-        configure_unet(parts.unet, args)
-        ema = make_ema(args, parts.unet, "cpu")
-    optimizer = make_step_optimizer(args, parts.unet)
+        ema = make_ema(args, parts.unet, trained, "cpu")
+    optimizer = make_step_optimizer(args, trained)
     unet_call = AutocastForward(parts.unet, weight_dtype) if args.mixed_precision == "fp16" else parts.unet
 
     peaks = []
     with fake:
-        warm_up(args, parts, unet_call, optimizer, ema)
-        tracker = MemTracker()
+        warm_up(args, parts, trained, unet_call, optimizer, ema)
+        tracker = FrozenAwareMemTracker()
         tracker.track_external(parts.unet, optimizer)
         if ema is not None and not args.offload_ema:
             tracker.track_external(*ema.shadow_params)  # counted as "Other": nothing else is
         if not args.cache_latents:
-            # MemTracker hooks the gradient of every parameter of a module it sees run, and torch refuses hooks on
-            # frozen ones; sdtune runs these two under no_grad, where requires_grad creates nothing.
-            parts.vae.requires_grad_(True)
-            parts.text_encoder.requires_grad_(True)
             tracker.track_external(parts.vae, parts.text_encoder)
         with tracker:
-            training_step(args, parts, unet_call, optimizer, ema, peaks, tracker)
+            training_step(args, parts, trained, unet_call, optimizer, ema, peaks, tracker)
         if ema is not None and args.offload_ema:
-            update_offloaded_ema(ema, parts.unet.parameters())  # in CPU memory: outside the tracked device
-    return summarise(args, parts, optimizer, ema, tracker, peaks)
+            update_offloaded_ema(ema, trained)  # in CPU memory: outside the tracked device
+    return summarise(args, parts, trained, optimizer, ema, tracker, peaks)
 
 
-def warm_up(args, parts, unet_call, optimizer, ema) -> None:
+def warm_up(args, parts, trained, unet_call, optimizer, ema) -> None:
     """A first, untracked step: creates the optimizer state that every later step carries."""
-    training_step(args, parts, unet_call, optimizer, ema, [])
+    training_step(args, parts, trained, unet_call, optimizer, ema, [])
     if ema is not None and args.offload_ema:
-        update_offloaded_ema(ema, parts.unet.parameters())
+        update_offloaded_ema(ema, trained)
 
 
-def summarise(args, parts, optimizer, ema, tracker, peaks) -> dict:
+def weight_dtypes(parts, trained) -> str:
+    """The dtypes the UNet's trained and frozen parameters are held in, e.g. 'trained fp32, frozen fp16'."""
+    trained_ids = {id(p) for p in trained}
+    frozen = [p for p in parts.unet.parameters() if id(p) not in trained_ids]
+    names = {name: sorted({str(p.dtype).removeprefix("torch.") for p in group})
+             for name, group in (("trained", trained), ("frozen", frozen)) if group}
+    return ", ".join(f"{name} {'/'.join(dtypes)}" for name, dtypes in names.items())
+
+
+def summarise(args, parts, trained, optimizer, ema, tracker, peaks) -> dict:
     """The peak snapshot split into the benchmark's categories, with the analytic size of each where there is one."""
     by_type = by_category(tracker.get_tracker_snapshot("peak"))
     frozen = 0 if args.cache_latents else tensor_bytes(
@@ -291,33 +347,39 @@ def summarise(args, parts, optimizer, ema, tracker, peaks) -> dict:
          *parts.text_encoder.buffers()])
     state = tensor_bytes(optimizer_state_tensors(optimizer))
     ema_on_device = ema is not None and not args.offload_ema
+    unet = by_type["Parameter"] + by_type["Buffer"] - frozen
+    adapter = tensor_bytes(trained)
     rows = {
-        "parameters (UNet, fp32)": by_type["Parameter"] + by_type["Buffer"] - frozen,
+        **({"frozen UNet (fp16)": unet - adapter, "adapter (fp32)": adapter} if args.lora_rank
+           else {"parameters (UNet, fp32)": unet}),
         "gradients (fp32)": by_type["Gradient"],
         "optimizer state": min(state, by_type["Optstate"]),
         "optimizer-step temporaries": max(by_type["Optstate"] - state, 0),
-        "EMA weights": by_type["Other"] if ema_on_device else None,
+        **({"EMA weights": by_type["Other"] if ema_on_device else None} if args.use_ema else {}),
         "activations (forward)": by_type["Activation"],
         "backward temporaries": by_type["Temp"],
         "frozen VAE + text encoder": frozen if not args.cache_latents else None,
     }
     peak_phase = next(phase for phase, peak in peaks if peak["Total"] == by_type["Total"])
     return {"args": args, "rows": rows, "total": by_type["Total"], "peak_phase": peak_phase, "phases": peaks,
-            "expected": expected_bytes(args, parts, ema_on_device)}
+            "expected": expected_bytes(args, parts, trained, ema_on_device), "dtypes": weight_dtypes(parts, trained),
+            "trained": sum(p.numel() for p in trained)}
 
 
-def expected_bytes(args, parts, ema_on_device) -> dict:
+def expected_bytes(args, parts, trained, ema_on_device) -> dict:
     """Sizes that follow from the parameter counts alone, to check the tracked ones against."""
-    unet = sum(p.numel() for p in parts.unet.parameters())
-    expected = {"parameters (UNet, fp32)": 4 * unet, "gradients (fp32)": 4 * unet,
-                "EMA weights": 4 * unet if ema_on_device else None}
+    count = sum(p.numel() for p in trained)
+    frozen_unet = sum(p.numel() for p in parts.unet.parameters()) - count
+    expected = {"parameters (UNet, fp32)": 4 * count, "adapter (fp32)": 4 * count,
+                "frozen UNet (fp16)": 2 * frozen_unet, "gradients (fp32)": 4 * count,
+                "EMA weights": 4 * count if ema_on_device else None}
     if args.use_8bit_adam:
         # AdamW8bit: two uint8 moments plus an fp32 absmax per 256-value block; tensors under 4096 values stay fp32
         expected["optimizer state"] = sum(8 * p.numel() if p.numel() < 4096 else
-                                          2 * p.numel() + 8 * -(-p.numel() // 256) for p in parts.unet.parameters())
+                                          2 * p.numel() + 8 * -(-p.numel() // 256) for p in trained)
     else:
-        expected["optimizer state"] = 8 * unet  # two fp32 moments (+ a CPU-side step count per tensor)
-        expected["optimizer-step temporaries"] = 4 * unet  # foreach AdamW's sqrt(v) for every tensor at once
+        expected["optimizer state"] = 8 * count  # two fp32 moments (+ a CPU-side step count per tensor)
+        expected["optimizer-step temporaries"] = 4 * count  # foreach AdamW's sqrt(v) for every tensor at once
     if not args.cache_latents:
         frozen = sum(p.numel() for m in (parts.vae, parts.text_encoder) for p in m.parameters())
         expected["frozen VAE + text encoder"] = frozen * torch.finfo(parts.vae.dtype).bits // 8
@@ -327,9 +389,11 @@ def expected_bytes(args, parts, ema_on_device) -> dict:
 def print_recipe(recipe: str, result: dict) -> None:
     """One table: category, GiB at the peak, the analytic size where there is one, and how it was obtained."""
     args = result["args"]
+    ema = "none" if not args.use_ema else "CPU" if args.offload_ema else "device"
     print(f"{recipe}: fp16 autocast={args.mixed_precision == 'fp16'}, 8-bit AdamW={args.use_8bit_adam}, "
-          f"EMA={'CPU' if args.offload_ema else 'device'}, cached latents={args.cache_latents}, gradient "
-          f"checkpointing={args.gradient_checkpointing}, {args.resolution} px, batch {args.train_batch_size}")
+          f"EMA={ema}, cached latents={args.cache_latents}, gradient "
+          f"checkpointing={args.gradient_checkpointing}, {args.resolution} px, batch {args.train_batch_size}, "
+          f"LoRA rank={args.lora_rank or 'none'}; UNet weights: {result['dtypes']}, {result['trained']:,} trained")
     print(f"  {'GiB at the peak':<30}{'measured':>10}{'computed':>10}")
     for name, value in result["rows"].items():
         expected = result["expected"].get(name)

@@ -9,11 +9,14 @@ the dataset (sdtune.data.CaptionedImages), the latent cache (sdtune.latent_cache
 loop, in its order, through the same accelerate Accelerator. Only timers are added around them: the VAE encode, the
 text encoder and the UNet forward are timed from inside sdtune.objective.diffusion_loss by hooks on those modules.
 
-It runs twice, with and without --cache_latents, and checks the target: with the cache, a whole step takes at most
-15% longer than the UNet's own forward + backward + optimizer step. With --buckets it compares instead square batches
-(r x r) against --enable_bucket batches of the same pixel count (images of 4:1 and 1:4 in the 2r x r/2 and r/2 x 2r
-buckets), both encoding every step, taking turns; target: a bucketed step at most 5% slower. Absolute times on a
-shared 2-core machine mean little; compare the ratios of one run.
+It runs three times: without and with --cache_latents, then a LoRA step with the cache (--lora_rank, the adapter added
+by sdtune.lora.add_training_adapter; the optimizer, clipping and EMA take the adapter's weights only, as in
+sdtune.train.main). It checks the target for both cached modes: a whole step takes at most 15% longer than the UNet's
+own forward + backward + optimizer step; and it compares the steps/s of the full fine-tune and the LoRA step.
+With --buckets it compares instead square batches (r x r) against --enable_bucket batches of the same pixel
+count (images of 4:1 and 1:4 in the 2r x r/2 and r/2 x 2r buckets), both encoding every step, taking turns; target:
+a bucketed step at most 5% slower. Absolute times on a shared 2-core machine mean little; compare the ratios of one
+run.
 """
 
 import argparse
@@ -39,6 +42,7 @@ from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 from sdtune.components import Components  # noqa: E402
 from sdtune.config import parse_args  # noqa: E402
 from sdtune.latent_cache import build_latent_cache  # noqa: E402
+from sdtune.lora import add_training_adapter  # noqa: E402
 from sdtune.objective import diffusion_loss  # noqa: E402
 from sdtune.seeds import step_generator  # noqa: E402
 from sdtune.optim import make_lr_scheduler, make_optimizer  # noqa: E402
@@ -51,6 +55,8 @@ from sdtune.train import (configure_unet, make_accelerator, make_dataloader, mak
 PHASES = ["data loading", "VAE encode", "text encoder", "UNet forward", "UNet backward", "optimizer step",
           "EMA update", "other"]
 UNET_OWN = ["UNet forward", "UNet backward", "optimizer step"]  # the work no data path can avoid
+LORA_MODE = "LoRA, --cache_latents"
+MODES = [("encode every step", False, False), ("--cache_latents", True, False), (LORA_MODE, True, True)]  # cache, LoRA
 TARGET_OVERHEAD = 0.15  # with --cache_latents: step time <= (1 + this) x the UNet's own time
 TARGET_BUCKET_SLOWDOWN = 0.05  # --buckets: a bucketed step <= (1 + this) x a square one of the same pixel count
 BUCKET_ROUNDS = 5  # --buckets: the two modes take turns, this many rounds each
@@ -71,6 +77,7 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
                         help="As the GPU recipes; off by default, which makes the UNet's own time smaller and so "
                              "the overhead target harder to meet.")
     parser.add_argument("--no_ema", action="store_true", help="Train without --use_ema.")
+    parser.add_argument("--lora_rank", type=int, default=4, help="The LoRA mode's rank (configs/pokemon-lora.yaml's).")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the machine has 2 cores).")
     parser.add_argument("--buckets", action="store_true",
                         help="Compare square batches with --enable_bucket batches of the same pixel count instead.")
@@ -93,7 +100,8 @@ def small_components(tokenizer, resolution: int) -> Components:
     return Components(tokenizer, text_encoder, vae, unet, scheduler)
 
 
-def training_flags(bench, folders: dict, cache_latents: bool, buckets: bool = False) -> list[str]:
+def training_flags(bench, folders: dict, cache_latents: bool, lora: bool = False,
+                   buckets: bool = False) -> list[str]:
     """train_text_to_image.py flags for this benchmark: fp32 on the CPU, no accumulation, no logging."""
     flags = [
         "--pretrained_model_name_or_path", "bench-small-sd",  # never loaded: the parts are built in memory
@@ -105,6 +113,7 @@ def training_flags(bench, folders: dict, cache_latents: bool, buckets: bool = Fa
     flags += [] if bench.no_ema else ["--use_ema"]
     flags += ["--gradient_checkpointing"] if bench.gradient_checkpointing else []
     flags += ["--cache_latents"] if cache_latents else []
+    flags += ["--lora_rank", str(bench.lora_rank)] if lora else []
     flags += ["--enable_bucket"] if buckets else []
     return flags
 
@@ -165,16 +174,16 @@ def mixed_aspect_shapes(bench) -> list:
     return examples
 
 
-def run_mode(bench, folders: dict, accelerator, cache_latents: bool) -> dict:
+def run_mode(bench, folders: dict, accelerator, cache_latents: bool, lora: bool) -> dict:
     """Set up, time the steps, and return seconds per phase and in total."""
-    loop, timer, facts = timed_loop(bench, folders, accelerator, cache_latents)
+    loop, timer, facts = timed_loop(bench, folders, accelerator, cache_latents, lora)
     total = run_steps(loop, bench.warmup_steps, bench.steps, timer)
     return phase_result(timer, total, bench.steps, facts)
 
 
-def timed_loop(bench, folders: dict, accelerator, cache_latents: bool, buckets: bool = False):
+def timed_loop(bench, folders: dict, accelerator, cache_latents: bool, lora: bool = False, buckets: bool = False):
     """The loop of one mode, with a timer hooked to its VAE, text encoder and UNet."""
-    loop, facts = set_up(bench, folders, accelerator, cache_latents, buckets)
+    loop, facts = set_up(bench, folders, accelerator, cache_latents, lora, buckets)
     timer = PhaseTimer()
     timer.around_method(loop.parts.vae, "encode", "VAE encode")
     timer.around_module(loop.parts.text_encoder, "text encoder")
@@ -188,11 +197,14 @@ def phase_result(timer: PhaseTimer, total: float, steps: int, facts: dict) -> di
     return {"seconds": seconds, "total": total, "steps": steps, **facts}
 
 
-def set_up(bench, folders: dict, accelerator, cache_latents: bool, buckets: bool):
+def set_up(bench, folders: dict, accelerator, cache_latents: bool, lora: bool, buckets: bool):
     """Everything sdtune.train.main builds before its loop, in its order, with the small model's parts."""
-    args = parse_args(training_flags(bench, folders, cache_latents, buckets))
+    args = parse_args(training_flags(bench, folders, cache_latents, lora, buckets))
     parts = small_components(CLIPTokenizer.from_pretrained(folders["tokenizer"]), bench.resolution)
     configure_unet(parts.unet, args)
+    if args.lora_rank:
+        add_training_adapter(parts.unet, args)
+    trained = [p for p in parts.unet.parameters() if p.requires_grad]
     dataset = make_dataset(args, parts.tokenizer)
     start = time.perf_counter()
     if args.cache_latents:
@@ -200,13 +212,14 @@ def set_up(bench, folders: dict, accelerator, cache_latents: bool, buckets: bool
                                            args.train_batch_size, show_progress=False)
     caching_seconds = time.perf_counter() - start
     dataloader = make_dataloader(dataset, args)
-    ema = make_ema(args, parts.unet, list(parts.unet.parameters()), accelerator.device)
-    optimizer = make_optimizer(args, parts.unet.parameters(), accelerator.num_processes)
+    ema = make_ema(args, parts.unet, trained, accelerator.device)
+    optimizer = make_optimizer(args, trained, accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
     facts = {"rows": len(dataset), "caching": caching_seconds,
-             "unet_parameters": sum(p.numel() for p in unet.parameters())}
-    return Loop(args, accelerator, parts, unet, optimizer, lr_scheduler, dataloader, ema), facts
+             "unet_parameters": sum(p.numel() for p in unet.parameters()),
+             "trained_parameters": sum(p.numel() for p in trained)}
+    return Loop(args, accelerator, parts, unet, trained, optimizer, lr_scheduler, dataloader, ema), facts
 
 
 @dataclass
@@ -216,6 +229,7 @@ class Loop:
     accelerator: object
     parts: Components
     unet: torch.nn.Module
+    trained: list  # the parameters the optimizer updates: the UNet's, or its adapter's
     optimizer: object
     lr_scheduler: object
     dataloader: object
@@ -242,12 +256,12 @@ def run_steps(loop: Loop, warmup_steps: int, steps: int, timer: PhaseTimer) -> f
                     accelerator.backward(loss)
                 with timer.phase("optimizer step"):
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                        accelerator.clip_grad_norm_(loop.trained, args.max_grad_norm)
                     optimizer.step()
                     loop.lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             with timer.phase("EMA update"):
-                update_ema(loop.ema, unet, args)
+                update_ema(loop.ema, loop.trained, args)
             done += 1
             if done == warmup_steps:
                 timer.reset()
@@ -295,19 +309,23 @@ def main(argv=None) -> None:
         if bench.buckets:
             return compare_buckets(bench, folders, accelerator)
         results = {}
-        for cache_latents in (False, True):
-            name = "--cache_latents" if cache_latents else "encode every step"
-            results[name] = run_mode(bench, folders, accelerator, cache_latents)
-    cached = results["--cache_latents"]
-    print(f"UNet parameters: {cached['unet_parameters']:,}; dataset rows: {cached['rows']}; building the cache took "
+        for name, cache_latents, lora in MODES:
+            results[name] = run_mode(bench, folders, accelerator, cache_latents, lora)
+    cached, lora = results["--cache_latents"], results[LORA_MODE]
+    print(f"UNet parameters: {cached['unet_parameters']:,} (LoRA rank {bench.lora_rank}: "
+          f"{lora['trained_parameters']:,} trained); dataset rows: {cached['rows']}; building the cache took "
           f"{cached['caching']:.1f} s once")
     print()
     print_table(results)
     print()
-    ratio = overhead_ratio(cached)
-    verdict = "met" if ratio <= 1 + TARGET_OVERHEAD else "MISSED"
-    print(f"Target (--cache_latents: whole step <= {1 + TARGET_OVERHEAD:.2f} x UNet forward + backward + optimizer "
-          f"step): {ratio:.3f} -> {verdict}")
+    for name in ("--cache_latents", LORA_MODE):
+        ratio = overhead_ratio(results[name])
+        verdict = "met" if ratio <= 1 + TARGET_OVERHEAD else "MISSED"
+        print(f"Target ({name}: whole step <= {1 + TARGET_OVERHEAD:.2f} x UNet forward + backward + optimizer "
+              f"step): {ratio:.3f} -> {verdict}")
+    speed_up = (lora["steps"] / lora["total"]) / (cached["steps"] / cached["total"])
+    print(f"steps/s, full fine-tune {cached['steps'] / cached['total']:.2f} against LoRA "
+          f"{lora['steps'] / lora['total']:.2f} (both with the cache): LoRA {speed_up:.2f}x")
     print("Phases: 'data loading' is the DataLoader's next batch (dataset, collate, device move); VAE encode, text "
           "encoder and UNet forward are timed inside sdtune.objective.diffusion_loss; 'optimizer step' is gradient "
           "clipping + step + LR schedule + zero_grad; 'other' is the rest of the step (noise and timestep draws, "
