@@ -37,7 +37,8 @@ $(TINY_MODEL): $(TINY_DATA)
 # metrics.py writes its report under a temporary name and renames it when complete
 $(TINY_REPORT): $(TINY_MODEL)
 	$(BIN)/python metrics.py --models configs/models-tiny.yaml --prompts configs/tiny_prompts.txt \
-	  --clip_model_name_or_path tinyworld/clip --num_images_per_prompt 12 --output_dir outputs/tiny-metrics
+	  --clip_model_name_or_path tinyworld/clip --num_images_per_prompt 12 --output_dir outputs/tiny-metrics \
+	  --reference_images data/tinyworld/pokemon/heldout
 
 demo: setup $(TINY_REPORT)
 	$(BIN)/python gradio_app.py --models configs/models-tiny.yaml

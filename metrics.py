@@ -1,4 +1,5 @@
-"""CLIP score of the stock and fine-tuned models on fixed prompts and seeds. Flags: python metrics.py --help"""
+"""CLIP score of the stock and fine-tuned models on fixed prompts and seeds, and with --reference_images their CMMD
+to a target domain. Flags: python metrics.py --help"""
 
 from sdtune.cli import parse_metrics_args
 from sdtune.errors import exit_on_error

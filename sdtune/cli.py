@@ -26,7 +26,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 def metrics_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metrics.py", description="Score models by CLIP score on fixed prompts "
-                                     "and seeds.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "and seeds (and by CMMD to --reference_images).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["stock=CompVis/stable-diffusion-v1-4",
                                                         "pokemon=./sd-pokemon-model"],
                         help="name=path_or_hub_id pairs, or one models YAML (configs/models.yaml); the first is "
@@ -43,6 +44,10 @@ def metrics_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init_images", default=None,
                         help="A folder of images: score image-to-image edits toward --edit_prompt instead.")
     parser.add_argument("--edit_prompt", default=None, help="The edit applied to every --init_images image.")
+    parser.add_argument("--reference_images", default=None,
+                        help="A folder of target-domain images (a datasets imagefolder folder as it is): also "
+                             "report each model's CMMD to them, the distance between the CLIP embeddings of its "
+                             "images and theirs (lower is closer), with bootstrap intervals.")
     add_sampling_flags(parser)
     return parser
 

@@ -2,7 +2,7 @@
 
 Every model renders every prompt from the same seeds (one CPU generator per (prompt, image), re-created for every
 model), so differences between models are not differences in noise. Differences to the first model get a paired
-bootstrap interval over prompts.
+bootstrap interval over prompts. With --reference_images, the same images are also scored by CMMD (sdtune/cmmd.py).
 """
 
 import logging
@@ -13,12 +13,14 @@ import torch
 
 from sdtune.cli import parse_metrics_args
 from sdtune.clip_scoring import ClipScorer
+from sdtune.cmmd import compare_to_reference
 from sdtune.errors import SdtuneError, exit_on_error
 from sdtune.generate import GenerationError, GenerationSettings, image_to_image, text_to_images
 from sdtune.image_folder import list_images, printable
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.logs import setup_logging
 from sdtune.prompts import prompt_from_filename, read_prompts
+from sdtune.reference import embed_images, embed_reference, list_reference
 from sdtune.seeds import prompt_seed
 from sdtune.registry import ModelRegistry, parse_model_flags, pick_device
 from sdtune.report import print_table, write_report
@@ -97,6 +99,15 @@ def scores_by_prompt(rows) -> dict[str, list[float]]:
     return grouped
 
 
+def add_cmmd(results: dict, grids: dict, reference, scorer, seed: int) -> None:
+    """Each model's CMMD to the reference images, from the images it rendered for the CLIP scores."""
+    # grids hold every model's images in the same (prompt, seed) order, which the paired bootstrap relies on
+    generated = {name: embed_images(scorer, [image for row in grids[name].values() for image in row])
+                 for name in results}
+    for name, summary in compare_to_reference(generated, reference.embeddings, seed=seed).items():
+        results[name]["cmmd"] = dict(summary, reference_skipped=reference.skipped)
+
+
 @exit_on_error()
 def main(argv=None) -> dict:
     """metrics.py with these flags; a problem the user can fix exits with its message."""
@@ -108,8 +119,11 @@ def run(args) -> dict:
     setup_logging()
     specs = parse_model_flags(args.models)
     inputs = read_init_images(args.init_images) if args.init_images else read_prompts(args.prompts)
+    reference = list_reference(args.reference_images) if args.reference_images else None
     device = pick_device(args.device)
     scorer = ClipScorer(args.clip_model_name_or_path, device, cache_dir=args.cache_dir)  # small: fail early
+    if reference:
+        embed_reference(reference, scorer)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     registry = ModelRegistry(specs, device=device, dtype=dtype, cache_dir=args.cache_dir)
     if registry.errors:
@@ -131,6 +145,8 @@ def run(args) -> dict:
             raise SdtuneError(f"Cannot generate with '{spec.name}': {error}") from error
         results[spec.name] = dict(model_summary(rows, baseline, args.seed), path=spec.path)
         baseline = rows if baseline is None else baseline
+    if reference:
+        add_cmmd(results, grids, reference, scorer, args.seed)
     write_report(args, results, grids)
     print_table(results, specs[0].name, sys.stdout)
     return results

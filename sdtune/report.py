@@ -1,4 +1,5 @@
-"""metrics.py's outputs: report.json, scores.csv and one image grid per model, published only when complete."""
+"""metrics.py's outputs: report.json, scores.csv and one image grid per model, published only when complete; the
+tables it prints."""
 
 import csv
 import json
@@ -63,4 +64,22 @@ def print_table(results: dict, baseline: str, stream) -> None:
         for key in ("directional_similarity_mean", "preservation_mean"):
             if key in result:
                 line += f"   {key.removesuffix('_mean')}: {result[key]:.3f}"
+        print(line, file=stream)
+    if all("cmmd" in result for result in results.values()):
+        print_cmmd_table(results, baseline, stream)
+
+
+def print_cmmd_table(results: dict, baseline: str, stream) -> None:
+    """model | CMMD to the reference images [95% interval] | difference to the baseline [95% interval]."""
+    first = next(iter(results.values()))["cmmd"]
+    skipped = f", {len(first['reference_skipped'])} unreadable skipped" if first["reference_skipped"] else ""
+    print(f"\nCMMD to {first['reference_images']} reference images{skipped} (lower is closer)", file=stream)
+    print(f"{'model':<16} {'CMMD [95% CI]':>24}   difference to {baseline} [95% CI]", file=stream)
+    for name, result in results.items():
+        cmmd = result["cmmd"]
+        value = f"{cmmd['value']:.3f} [{cmmd['ci95'][0]:.3f}, {cmmd['ci95'][1]:.3f}]"
+        line = f"{name:<16} {value:>24}"
+        if "difference_to_first" in cmmd:
+            diff = cmmd["difference_to_first"]
+            line += f"   {diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]"
         print(line, file=stream)

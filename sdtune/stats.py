@@ -1,4 +1,4 @@
-"""Summaries of per-image scores: spread, and paired bootstrap intervals over prompts."""
+"""Summaries of per-image scores: spread, and bootstrap intervals (paired over prompts for CLIP scores)."""
 
 import numpy as np
 
@@ -13,9 +13,14 @@ def paired_bootstrap(differences, seed: int = 0, resamples: int = 10_000, level:
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(differences), size=(resamples, len(differences)))
     means = differences[picks].mean(axis=1)
+    return float(differences.mean()), percentile_interval(means, level)
+
+
+def percentile_interval(replicates, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` of bootstrap replicates: the percentile interval."""
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(differences.mean()), (float(low), float(high))
+    low, high = np.percentile(replicates, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def summarise(per_prompt: dict[str, list[float]]) -> dict:

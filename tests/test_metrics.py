@@ -12,6 +12,7 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from sdtune.clip_scoring import ClipScorer
+from sdtune.cmmd import cmmd
 from helpers import REPO, subprocess_env
 from sdtune.evaluate import main
 from sdtune.prompts import read_prompts
@@ -73,8 +74,21 @@ def test_shuffling_the_prompt_file_changes_no_per_prompt_score(tmp_path, tiny_pi
     assert ordered["m"]["per_prompt"] == shuffled["m"]["per_prompt"]
 
 
+def reference_folder(tmp_path):
+    """Three images and a broken file (skipped and counted); a metadata.jsonl as in a datasets imagefolder."""
+    folder = tmp_path / "reference"
+    (folder / "more").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "red.png")
+    Image.new("RGB", (48, 80), "blue").save(folder / "blue.jpg")
+    Image.new("L", (64, 64), 128).save(folder / "more" / "gray.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "red.png", "text": "red"}\n')
+    return folder
+
+
 def test_report_schema_and_files(tmp_path, tiny_pipeline, finetuned_pipeline, tiny_clip, capsys):
-    results, out = run_metrics(tmp_path, [f"stock={tiny_pipeline}", f"tuned={finetuned_pipeline}"], tiny_clip)
+    results, out = run_metrics(tmp_path, [f"stock={tiny_pipeline}", f"tuned={finetuned_pipeline}"], tiny_clip,
+                               PROMPTS, "--reference_images", str(reference_folder(tmp_path)))
     report = json.loads((out / "report.json").read_text())
     assert set(report) == {"settings", "versions", "models"}
     assert report["settings"]["num_images_per_prompt"] == 2 and report["versions"]["torchmetrics"]
@@ -91,6 +105,37 @@ def test_report_schema_and_files(tmp_path, tiny_pipeline, finetuned_pipeline, ti
     assert lines[0].startswith("model,prompt,index,seed,clip_score") and len(lines) == 1 + 2 * len(PROMPTS) * 2
     table = capsys.readouterr().out
     assert "difference to stock" in table and "tuned" in table
+    assert "CMMD to 3 reference images, 1 unreadable skipped" in table
+    check_cmmd_of_the_scored_images(report, out, tmp_path / "reference", tiny_clip)
+
+
+def check_cmmd_of_the_scored_images(report, out, reference, tiny_clip):
+    """CMMD is computed on the very images the CLIP scores came from (the grids) and on the readable references."""
+    scorer = ClipScorer(str(tiny_clip))
+    references = [Image.open(reference / name) for name in ("red.png", "blue.jpg", "more/gray.png")]
+    reference_embeddings = scorer.image_embeddings(references).double().numpy()
+    for name, model in report["models"].items():
+        grid = Image.open(out / f"grid-{name}.png")
+        tiles = [grid.crop((x, y, x + 64, y + 64)) for y in range(0, grid.height, 64) for x in range(0, grid.width, 64)]
+        expected = cmmd(scorer.image_embeddings(tiles).double().numpy(), reference_embeddings)
+        assert model["cmmd"]["value"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert model["cmmd"]["reference_images"] == 3 and model["cmmd"]["reference_skipped"] == ["broken.png"]
+        assert model["cmmd"]["ci95"][0] <= model["cmmd"]["value"] <= model["cmmd"]["ci95"][1]
+    difference = report["models"]["tuned"]["cmmd"]["difference_to_first"]
+    tuned, stock = report["models"]["tuned"]["cmmd"]["value"], report["models"]["stock"]["cmmd"]["value"]
+    assert difference["mean"] == pytest.approx(tuned - stock)
+    assert "difference_to_first" not in report["models"]["stock"]["cmmd"]
+
+
+def test_an_empty_or_missing_reference_folder_fails_before_any_model_loads(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="--reference_images .*empty: no images found"):
+        main(["--models", f"m={tmp_path / 'no-model'}", "--prompts", str(prompts),
+              "--reference_images", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="--reference_images .*nowhere: not a folder"):
+        main(["--models", "m=x", "--prompts", str(prompts), "--reference_images", str(tmp_path / "nowhere")])
 
 
 def test_same_noise_for_every_model(tmp_path, tiny_pipeline, finetuned_pipeline, tiny_clip):
