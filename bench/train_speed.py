@@ -162,7 +162,7 @@ def set_up(bench, folders: dict, accelerator, cache_latents: bool):
     args = parse_args(training_flags(bench, folders, cache_latents))
     parts = small_components(CLIPTokenizer.from_pretrained(folders["tokenizer"]), bench.resolution)
     configure_unet(parts.unet, args)
-    dataset = make_dataset(args, parts.tokenizer)
+    dataset, _ = make_dataset(args, parts.tokenizer)
     start = time.perf_counter()
     if args.cache_latents:
         dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,

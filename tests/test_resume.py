@@ -55,8 +55,9 @@ def straight_and_resumed(tiny_pipeline, data, tmp_path, *extra):
     return straight, interrupted
 
 
-def test_resume_after_sigkill_gives_the_same_weights(tiny_pipeline, shapes_dataset, tmp_path):
-    _, interrupted = straight_and_resumed(tiny_pipeline, shapes_dataset, tmp_path)
+def test_resume_after_sigkill_gives_the_same_weights_and_loss_curve(tiny_pipeline, shapes_dataset, tmp_path):
+    _, interrupted = straight_and_resumed(tiny_pipeline, shapes_dataset, tmp_path, "--validation_split", "0.25",
+                                          "--validation_steps", "3")
 
     straight = load_file(str(tmp_path / "straight/unet/diffusion_pytorch_model.safetensors"))
     resumed = load_file(str(interrupted / "unet/diffusion_pytorch_model.safetensors"))
@@ -64,3 +65,8 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny_pipeline, shapes_datas
     for name in straight:
         assert (straight[name] == resumed[name]).all(), name
     assert f"Resumed from {interrupted / 'checkpoint-4'} at step 4" in (interrupted / "train.log").read_text()
+    # every step's train loss and the validation losses at steps 3, 6, 9, 12 and 14 (EMA weights), before and
+    # after the checkpoint
+    history = (tmp_path / "straight/loss_history.jsonl").read_text()
+    assert history.count("validation_loss") == 5
+    assert (interrupted / "loss_history.jsonl").read_text() == history
