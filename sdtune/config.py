@@ -256,15 +256,13 @@ def check_validation_args(args: argparse.Namespace) -> None:
 
 
 def _check_validation_loss_args(args: argparse.Namespace) -> None:
-    """The held-out rows' flags; that both sets keep a row is checked once the rows are screened (data.py)."""
+    """The held-out rows' flags; the folder and that both sets keep a row are checked when the data is read
+    (validation_loss.py), before any model loads."""
     if args.validation_split is not None and args.validation_data_dir is not None:
         raise SdtuneError("--validation_split and --validation_data_dir both choose the validation rows: give one.")
     if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:
         raise SdtuneError(f"--validation_split {args.validation_split} must be a fraction between 0 and 1 "
                           "(0.1 holds out a tenth of the rows).")
-    if args.validation_data_dir is not None and not os.path.isdir(args.validation_data_dir):
-        raise SdtuneError(f"--validation_data_dir {args.validation_data_dir}: no such folder (an imagefolder like "
-                          "--train_data_dir's: images plus metadata.jsonl).")
 
 
 def _check_lora_args(args: argparse.Namespace) -> None:

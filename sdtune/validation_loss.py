@@ -13,12 +13,14 @@ processes records the same figures as on one.
 import argparse
 import json
 import logging
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sdtune.data import CaptionedImages, hold_out, load_rows, screen_rows, usable_captions
+from sdtune.errors import SdtuneError
 from sdtune.objective import latent_distribution, prediction_target, text_conditioning, weighted_mse
 from sdtune.seeds import validation_loss_generator
 
@@ -38,12 +40,20 @@ def split_validation_rows(args, rows):
         return rows.select(training), rows.select(held)
     if args.validation_data_dir is None:
         return rows, None
+    return rows, load_validation_folder(args)
+
+
+def load_validation_folder(args):
+    """The usable rows of --validation_data_dir, read and screened as --train_data_dir's are."""
+    if not os.path.isdir(args.validation_data_dir):
+        raise SdtuneError(f"--validation_data_dir {args.validation_data_dir}: no such folder (give an imagefolder "
+                          "laid out like --train_data_dir's: images plus metadata.jsonl).")
     folder_args = argparse.Namespace(**{**vars(args), "train_data_dir": args.validation_data_dir,
                                         "dataset_name": None, "max_train_samples": None})
     held = load_rows(folder_args)
     screened = screen_rows(held, args.image_column, args.caption_column)
     logger.info("Validation loss on %s: %s", args.validation_data_dir, screened.summary())
-    return rows, held.select(screened.usable)
+    return held.select(screened.usable)
 
 
 @dataclass
@@ -87,19 +97,25 @@ def held_out_loss(model, examples: HeldOutExamples, scheduler, snr_gamma, batch_
     model.eval()
     timesteps = fixed_timesteps(scheduler.config.num_train_timesteps)
     rows_per_batch = -(-batch_size // TIMESTEPS)  # about a training batch of (row, timestep) pairs, without grads
-    total = 0.0
-    for start in range(0, len(examples), rows_per_batch):
-        rows = range(start, min(start + rows_per_batch, len(examples)))
-        latents = examples.latents[start:rows.stop].repeat_interleave(TIMESTEPS, dim=0).to(device)
-        text = examples.text[start:rows.stop].repeat_interleave(TIMESTEPS, dim=0).to(device, model.dtype)
-        noise = torch.cat([torch.randn((TIMESTEPS, *latents.shape[1:]), generator=validation_loss_generator(row))
-                           for row in rows]).to(device)
-        steps = timesteps.repeat(len(rows)).to(device)
-        target = prediction_target(scheduler, latents, noise, steps)
-        prediction = model(scheduler.add_noise(latents, noise, steps), steps, text, return_dict=False)[0]
-        total += weighted_mse(prediction.float(), target.float(), scheduler, steps, snr_gamma).item() * len(steps)
-    model.train(was_training)
+    try:
+        total = sum(summed_loss(model, examples, range(start, min(start + rows_per_batch, len(examples))),
+                                timesteps, scheduler, snr_gamma, device)
+                    for start in range(0, len(examples), rows_per_batch))
+    finally:
+        model.train(was_training)
     return total / (len(examples) * TIMESTEPS)
+
+
+def summed_loss(model, examples: HeldOutExamples, rows: range, timesteps, scheduler, snr_gamma, device) -> float:
+    """The objective summed over `rows`, each at every one of `timesteps` with its row's own fixed noise."""
+    latents = examples.latents[rows.start:rows.stop].repeat_interleave(len(timesteps), dim=0).to(device)
+    text = examples.text[rows.start:rows.stop].repeat_interleave(len(timesteps), dim=0).to(device, model.dtype)
+    noise = torch.cat([torch.randn((len(timesteps), *latents.shape[1:]), generator=validation_loss_generator(row))
+                       for row in rows]).to(device)
+    steps = timesteps.repeat(len(rows)).to(device)
+    target = prediction_target(scheduler, latents, noise, steps)
+    prediction = model(scheduler.add_noise(latents, noise, steps), steps, text, return_dict=False)[0]
+    return weighted_mse(prediction.float(), target.float(), scheduler, steps, snr_gamma).item() * len(steps)
 
 
 @dataclass

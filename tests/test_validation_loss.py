@@ -7,10 +7,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
+from sdtune.config import parse_args
 from sdtune.data import hold_out
 from sdtune.errors import SdtuneError
 from sdtune.loss_plot import TRAIN_COLOUR, VALIDATION_COLOUR, draw_loss_curve, loss_curve_section
-from sdtune.validation_loss import HeldOutExamples, LossHistory, LossPoint, fixed_timesteps, held_out_loss
+from sdtune.validation_loss import (HeldOutExamples, LossHistory, LossPoint, fixed_timesteps, held_out_loss,
+                                   split_validation_rows)
 
 
 def test_hold_out_is_deterministic_disjoint_and_covers_every_row():
@@ -26,6 +28,13 @@ def test_hold_out_is_deterministic_disjoint_and_covers_every_row():
 def test_hold_out_refuses_to_leave_no_training_row(rows, fraction):
     with pytest.raises(SdtuneError, match="--validation_split"):
         hold_out(rows, fraction, seed=0)
+
+
+def test_a_missing_validation_folder_is_refused_naming_the_flag(tmp_path):
+    args = parse_args(["--pretrained_model_name_or_path", "model", "--train_data_dir", "data",
+                       "--validation_data_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(SdtuneError, match="--validation_data_dir .*nowhere: no such folder"):
+        split_validation_rows(args, rows=None)
 
 
 def test_timesteps_are_the_centres_of_equal_slices_of_the_schedule():
