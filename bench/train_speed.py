@@ -205,7 +205,7 @@ def set_up(bench, folders: dict, accelerator, cache_latents: bool, lora: bool, b
     if args.lora_rank:
         add_training_adapter(parts.unet, args)
     trained = [p for p in parts.unet.parameters() if p.requires_grad]
-    dataset = make_dataset(args, parts.tokenizer)
+    dataset, _ = make_dataset(args, parts.tokenizer)
     start = time.perf_counter()
     if args.cache_latents:
         dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,

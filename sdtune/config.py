@@ -140,6 +140,12 @@ def _add_validation_flags(group):
                        help="Validate every N optimizer steps (in addition to --validation_epochs).")
     group.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps per image.")
     group.add_argument("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance.")
+    group.add_argument("--validation_split", type=float, default=None,
+                       help="Hold out this fraction of the training rows (drawn from --seed) for the validation "
+                            "loss, computed at every validation.")
+    group.add_argument("--validation_data_dir", type=str, default=None,
+                       help="An imagefolder laid out like --train_data_dir whose rows give the validation loss "
+                            "(instead of --validation_split).")
 
 
 def _add_output_flags(group):
@@ -273,6 +279,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise SdtuneError(f"--resolution {args.resolution} must be a multiple of 8.")
     if args.validation_prompts:
         check_validation_args(args)
+    _check_validation_loss_args(args)
     _check_lora_args(args)
     _check_caption_args(args)
     _check_bucket_args(args)
@@ -290,6 +297,16 @@ def check_validation_args(args: argparse.Namespace) -> None:
     if args.resolution > MAX_SIDE:
         raise SdtuneError(f"Validation renders at --resolution, at most {MAX_SIDE}: lower --resolution or leave out "
                           "--validation_prompts.")
+
+
+def _check_validation_loss_args(args: argparse.Namespace) -> None:
+    """The held-out rows' flags; the folder and that both sets keep a row are checked when the data is read
+    (validation_loss.py), before any model loads."""
+    if args.validation_split is not None and args.validation_data_dir is not None:
+        raise SdtuneError("--validation_split and --validation_data_dir both choose the validation rows: give one.")
+    if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:
+        raise SdtuneError(f"--validation_split {args.validation_split} must be a fraction between 0 and 1 "
+                          "(0.1 holds out a tenth of the rows).")
 
 
 def _check_lora_args(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from sdtune.buckets import cover_size
 from sdtune.errors import SdtuneError
 from sdtune.images import BadImageError, open_image, to_rgb
-from sdtune.seeds import example_generator, shuffle_generator
+from sdtune.seeds import example_generator, shuffle_generator, split_generator
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +185,17 @@ def screen_rows(rows, image_column: str, caption_column: str) -> ScreenResult:
     result = inspect_rows(rows, image_column, caption_column)
     result.require_usable()
     return result
+
+
+def hold_out(num_rows: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """--validation_split: the (training, held-out) row positions, a `fraction` of the rows drawn from `seed`, each
+    list in row order. Both keep at least one row."""
+    held = max(1, round(num_rows * fraction))
+    if held >= num_rows:
+        raise SdtuneError(f"--validation_split {fraction} of {num_rows} usable rows leaves no row to train on: "
+                          "lower it or add rows.")
+    order = torch.randperm(num_rows, generator=split_generator(seed)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
 
 
 def uniform(generator: torch.Generator) -> float:

@@ -7,6 +7,7 @@ from diffusers import StableDiffusionPipeline
 
 from sdtune import lora
 from sdtune.errors import SdtuneError
+from sdtune.loss_plot import loss_curve_section
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +29,15 @@ def save_pipeline(args, unet) -> StableDiffusionPipeline:
     return pipeline
 
 
-def write_model_card(args, trainable_parameters: int, validation_grid: Path | None) -> Path:
-    """README.md of the output: base model, data, hyperparameters, the last validation grid, how to use it."""
+def write_model_card(args, trainable_parameters: int, validation_grid: Path | None, loss_history=None) -> Path:
+    """README.md of the output: base model, data, hyperparameters, the last validation grid, the loss curve (with a
+    validation loss: `loss_history`, a validation_loss.LossHistory), how to use it."""
     dataset = args.dataset_name or args.train_data_dir
     sections = lora.card_sections if args.lora_rank else full_fine_tune_sections
     title, summary, usage = sections(args, trainable_parameters, dataset)
     grid = f"![validation]({validation_grid.relative_to(args.output_dir)})\n" if validation_grid else ""
     prompts = "".join(f"- {p}\n" for p in args.validation_prompts or [])
+    curve = loss_curve_section(loss_history, args.output_dir) if loss_history else ""
     card = f"""---
 license: creativeml-openrail-m
 base_model: {args.pretrained_model_name_or_path}
@@ -58,7 +61,7 @@ library_name: diffusers
 The complete configuration is in `training_config.yaml`.
 
 ## Validation
-{grid}{prompts}
+{grid}{prompts}{curve}
 ## Use
 {usage}"""
     path = Path(args.output_dir) / "README.md"

@@ -55,6 +55,17 @@ def batch_order_generator(seed: int, epoch: int) -> torch.Generator:
     return cpu_generator(derive_seed(seed, "bucket batches", epoch))
 
 
+def split_generator(seed: int) -> torch.Generator:
+    """Which rows --validation_split holds out of training."""
+    return cpu_generator(derive_seed(seed, "validation split"))
+
+
+def validation_loss_generator(row: int) -> torch.Generator:
+    """The fixed noise of held-out row `row` in the validation loss. Not derived from --seed: runs with different
+    seeds are scored on the same draws, so their validation losses compare."""
+    return cpu_generator(derive_seed("validation loss", row))
+
+
 def validation_seed(seed: int, prompt_index: int, image_index: int = 0, prompts: int = 1) -> int:
     """Validation image `image_index` of prompt `prompt_index` during training: `--seed` + its place in the grid
     (the README says so), not the text-derived seed metrics.py gives the same prompt."""

@@ -27,6 +27,7 @@ from sdtune.objective import diffusion_loss
 from sdtune.optim import make_lr_scheduler, make_optimizer, update_offloaded_ema
 from sdtune.seeds import step_generator
 from sdtune.validation import log_grid_to_trackers, render_validation, validation_pipeline
+from sdtune.validation_loss import ValidationLoss, split_validation_rows
 
 logger = logging.getLogger("sdtune.train")
 
@@ -41,7 +42,8 @@ def main(args) -> Path:
                   Path(args.output_dir) / "train.log" if main_process else None)
     check_hub_reachable(args)
     set_seed(args.seed)
-    dataset = make_dataset(args, load_tokenizer(args))  # the data check: a bad dataset stops before any model loads
+    # the data check: a bad dataset stops before any model loads
+    dataset, held_out_rows = make_dataset(args, load_tokenizer(args))
 
     # The frozen parts run in the mixed-precision dtype; the trained weights (the UNet, or with --lora_rank only its
     # adapter) are fp32 master weights.
@@ -52,6 +54,8 @@ def main(args) -> Path:
         add_training_adapter(parts.unet, args)
     trained = [p for p in parts.unet.parameters() if p.requires_grad]
     move_frozen_parts(parts, accelerator.device)
+    held_out = (ValidationLoss.from_rows(held_out_rows, parts, args, accelerator.device, weight_dtype)
+                if held_out_rows is not None and accelerator.is_main_process else None)
 
     if args.cache_latents:
         dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,
@@ -81,6 +85,8 @@ def main(args) -> Path:
         progress = load_checkpoint(accelerator, resume_path)
         if ema is not None and not args.offload_ema:
             ema.to(accelerator.device)  # the checkpoint's EMA is loaded onto the CPU
+    if held_out is not None:
+        held_out.continue_from(progress.global_step)
 
     trainable = sum(p.numel() for p in trained)
     logger.info("Training %s UNet parameters on %d rows for %d optimizer steps (%d epochs), %d process(es).",
@@ -113,6 +119,8 @@ def main(args) -> Path:
             progress = next_position(progress, epoch, batch_index, len(dataloader))
             learning_rate = lr_scheduler.get_last_lr()[0]
             accelerator.log({"train_loss": accumulated_loss, "lr": learning_rate}, step=progress.global_step)
+            if held_out is not None:
+                held_out.record_train(progress.global_step, accumulated_loss)
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{accumulated_loss:.4f}", lr=f"{learning_rate:.2e}")
             window_steps += 1
@@ -126,11 +134,13 @@ def main(args) -> Path:
             if progress.global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, progress)
             if args.validation_steps and progress.global_step % args.validation_steps == 0:
-                last_grid, validated_at = validate(accelerator, parts, unet, ema, trained, args, progress.global_step)
+                last_grid, validated_at = validate(accelerator, parts, unet, ema, trained, args, progress.global_step,
+                                                   held_out)
             if progress.global_step >= args.max_train_steps:
                 break
         if (epoch + 1) % args.validation_epochs == 0 and validated_at != progress.global_step:
-            last_grid, validated_at = validate(accelerator, parts, unet, ema, trained, args, progress.global_step)
+            last_grid, validated_at = validate(accelerator, parts, unet, ema, trained, args, progress.global_step,
+                                               held_out)
         if progress.global_step >= args.max_train_steps:
             break
     progress_bar.close()
@@ -146,8 +156,10 @@ def main(args) -> Path:
             save_pipeline(args, final_unet)
         if args.validation_prompts and validated_at != progress.global_step:
             last_grid = render_with(accelerator, parts, final_unet, args, progress.global_step)
+        if held_out is not None and validated_at != progress.global_step:
+            held_out.evaluate(accelerator, final_unet, progress.global_step)
         save_resolved_config(args, args.output_dir)
-        write_model_card(args, trainable, last_grid)
+        write_model_card(args, trainable, last_grid, held_out.history if held_out is not None else None)
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()
@@ -171,15 +183,18 @@ def configure_unet(unet, args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
-def make_dataset(args, tokenizer) -> CaptionedImages:
-    """Load the rows, drop the unusable ones, log the data check's report and wrap them for training."""
+def make_dataset(args, tokenizer):
+    """Load the rows, drop the unusable ones, log the data check's report and wrap them for training; with a
+    validation loss, also the held-out rows (split_validation_rows), else None."""
     rows = load_rows(args)
     screened = screen_rows(rows, args.image_column, args.caption_column)
     report = build_report(rows, screened, args, tokenizer)
     for line in report.lines(args.resolution):
         logger.info(line)
-    rows = rows.select(screened.usable)
-    return CaptionedImages(rows, args, tokenizer, buckets=report.buckets)
+    usable = rows.select(screened.usable)
+    training, held_out_rows = split_validation_rows(args, usable)
+    buckets = None if report.buckets is None else [report.buckets[position] for position in training]
+    return CaptionedImages(usable.select(training), args, tokenizer, buckets=buckets), held_out_rows
 
 
 def make_dataloader(dataset: CaptionedImages, args) -> torch.utils.data.DataLoader:
@@ -225,15 +240,19 @@ def next_position(progress: Progress, epoch: int, batch_index: int, batches_in_e
     return Progress(progress.global_step + 1, epoch, batch_index + 1)
 
 
-def validate(accelerator, parts, unet, ema, trained, args, global_step):
-    """Render the validation prompts on the main process, with the EMA of the `trained` weights when there is one."""
+def validate(accelerator, parts, unet, ema, trained, args, global_step, held_out=None):
+    """Render the validation prompts and compute the validation loss (`held_out`, a ValidationLoss) on the main
+    process, with the EMA of the `trained` weights when there is one."""
     grid = None
-    if args.validation_prompts and accelerator.is_main_process:
+    if (args.validation_prompts or held_out is not None) and accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.store(trained)
             ema.copy_to(trained)
-        grid = render_with(accelerator, parts, model, args, global_step)
+        if args.validation_prompts:
+            grid = render_with(accelerator, parts, model, args, global_step)
+        if held_out is not None:
+            held_out.evaluate(accelerator, model, global_step)
         if ema is not None:
             ema.restore(trained)
     accelerator.wait_for_everyone()

@@ -34,6 +34,9 @@ def test_missing_recipe_file_names_the_folder():
     (["--offload_ema"], "use_ema"),
     (["--resolution", "100"], "multiple of 8"),
     (["--proportion_empty_prompts", "2"], "between 0 and 1"),
+    (["--validation_split", "0"], "fraction between 0 and 1"),
+    (["--validation_split", "1"], "fraction between 0 and 1"),
+    (["--validation_split", "0.1", "--validation_data_dir", "."], "give one"),
 ])
 def test_impossible_combinations_are_refused(extra, message):
     with pytest.raises(SdtuneError, match=message):

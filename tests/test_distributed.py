@@ -19,7 +19,7 @@ def test_two_process_run_saves_one_loadable_pipeline(tiny_pipeline, shapes_datas
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO / "train_text_to_image.py"),
                *tiny_flags(tiny_pipeline, shapes_dataset, out, "--checkpointing_steps", "2", "--use_ema",
-                           "--validation_prompts", "a red circle on a white background")]
+                           "--validation_prompts", "a red circle on a white background", "--validation_split", "0.25")]
     result = subprocess.run(command, env=dict(subprocess_env(threads=1), ACCELERATE_USE_CPU="true"), cwd=REPO, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -27,6 +27,7 @@ def test_two_process_run_saves_one_loadable_pipeline(tiny_pipeline, shapes_datas
     log = (out / "train.log").read_text()
     assert "2 process(es)" in log
     assert log.count("Saved the fine-tuned pipeline") == 1
+    assert log.count("Validation Loss") == 1  # on the main process, at the end
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     # accelerate keeps one RNG state per process in each checkpoint
     assert sorted(p.name for p in (out / "checkpoint-4").glob("random_states_*")) == \

@@ -105,15 +105,22 @@ def test_gradient_checkpointing_trains_the_same_adapter(train, tmp_path):
 
 def test_every_memory_and_objective_flag_runs_with_lora_and_the_ema_covers_the_adapter_only(train, tmp_path):
     flags = (*LORA, "--mixed_precision", "bf16", "--gradient_checkpointing", "--use_8bit_adam", "--cache_latents",
-             "--snr_gamma", "5", "--checkpointing_steps", "4")
+             "--snr_gamma", "5", "--checkpointing_steps", "4", "--validation_split", "0.05")  # 1 held-out row
     raw = train(tmp_path / "raw", *flags)
     averaged = train(tmp_path / "ema", *flags, "--use_ema")
     raw_weights, ema_weights = adapter_weights(raw), adapter_weights(averaged)
+    # the validation loss scores the weights validation images use: with --use_ema the averaged adapter, which
+    # differs from the raw one that both runs train alike
+    assert final_validation_loss(raw) != final_validation_loss(averaged)
     assert all(value.dtype == torch.float32 for value in ema_weights.values())
     assert max((raw_weights[key] - ema_weights[key]).abs().max() for key in raw_weights) > 0
     checkpoint = next(averaged.glob("checkpoint-*"))
     assert len(load_file(checkpoint / "unet_lora_ema.safetensors")) == len(raw_weights)  # adapter only, no UNet
     assert not (checkpoint / "unet").exists()  # the frozen base is not saved: it comes from the pretrained model
+
+
+def final_validation_loss(output_dir) -> str:
+    return (output_dir / "train.log").read_text().split("Validation Loss: ")[-1].split()[0]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -55,9 +55,10 @@ def straight_and_resumed(tiny_pipeline, data, tmp_path, *extra):
     return straight, interrupted
 
 
-def test_resume_after_sigkill_gives_the_same_weights(tiny_pipeline, mixed_aspect_dataset, tmp_path):
-    # with aspect-ratio buckets: 3 buckets, batches of 4 (the last of two buckets short), 6 batches an epoch as above
-    _, interrupted = straight_and_resumed(tiny_pipeline, mixed_aspect_dataset, tmp_path, "--enable_bucket")
+def test_resume_after_sigkill_gives_the_same_weights_and_loss_curve(tiny_pipeline, mixed_aspect_dataset, tmp_path):
+    # with aspect-ratio buckets (3 of them; batches of 4, the last of a bucket may be short) and a validation split
+    _, interrupted = straight_and_resumed(tiny_pipeline, mixed_aspect_dataset, tmp_path, "--enable_bucket",
+                                          "--validation_split", "0.25", "--validation_steps", "3")
 
     straight = load_file(str(tmp_path / "straight/unet/diffusion_pytorch_model.safetensors"))
     resumed = load_file(str(interrupted / "unet/diffusion_pytorch_model.safetensors"))
@@ -67,3 +68,8 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny_pipeline, mixed_aspect
     log = (interrupted / "train.log").read_text()
     assert f"Resumed from {interrupted / 'checkpoint-4'} at step 4" in log
     assert "Aspect-ratio buckets: 3 in use" in log and "  80x40: 12" in log
+    # every step's train loss and the validation losses at steps 3, 6, 9, 12 and 14 (EMA weights), before and
+    # after the checkpoint
+    history = (tmp_path / "straight/loss_history.jsonl").read_text()
+    assert history.count("validation_loss") == 5
+    assert (interrupted / "loss_history.jsonl").read_text() == history

@@ -57,14 +57,24 @@ def test_broken_and_odd_images_are_trained_through_with_the_skips_counted(train,
     assert (out / "model_index.json").is_file()
 
 
-def test_cached_latents_train_the_same_model_as_encoding_every_step(train, tmp_path, mixed_aspect_dataset):
+def test_cached_latents_train_the_same_model_as_encoding_every_step(train, tmp_path, mixed_aspect_dataset, odd_dataset):
     # The cache stores the latent distribution (both orientations), not a sample: same draws, same training. With
-    # aspect-ratio buckets, so the cache holds three latent shapes.
-    flags = ("--random_flip", "--max_train_steps", "5", "--proportion_empty_prompts", "0.3", "--enable_bucket")
+    # aspect-ratio buckets, so the cache holds three latent shapes, and a validation folder.
+    flags = ("--random_flip", "--max_train_steps", "5", "--proportion_empty_prompts", "0.3", "--enable_bucket",
+             "--validation_data_dir", str(odd_dataset))
     encoded = train(tmp_path / "encoded", *flags, data=mixed_aspect_dataset)
     cached = train(tmp_path / "cached", *flags, "--cache_latents", data=mixed_aspect_dataset)
     assert max_difference(weights(encoded), weights(cached)) < 1e-3  # a frozen sample instead differs by ~1e-2
-    assert "Cached latents and text embeddings" in (cached / "train.log").read_text()
+    log = (cached / "train.log").read_text()
+    assert "Cached latents and text embeddings" in log
+    assert f"Validation loss on {odd_dataset}: Skipped 4 of 18 rows" in log  # screened as training rows are
+    # the held-out rows are encoded before the VAE leaves the device: the same figure either way
+    assert validation_losses(cached) == pytest.approx(validation_losses(encoded), rel=1e-3)
+
+
+def validation_losses(output_dir) -> list[float]:
+    lines = (output_dir / "loss_history.jsonl").read_text().splitlines()
+    return [record["validation_loss"] for record in map(json.loads, lines) if "validation_loss" in record]
 
 
 def test_data_loader_workers_do_not_change_the_result(train, tmp_path):
@@ -196,13 +206,29 @@ def test_diffusion_objective_flags(train, tmp_path):
     assert scheduler["prediction_type"] == "v_prediction"  # the saved pipeline samples what it was trained on
 
 
-def test_validation_grids_and_tensorboard(train, tmp_path):
+def test_validation_grids_loss_and_tensorboard(train, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = train(tmp_path / "run", "--validation_steps", "2", "--validation_prompts", "a red circle on a white "
-                "background", "a blue square on a black background", "--report_to", "tensorboard")
+                "background", "a blue square on a black background", "--report_to", "tensorboard",
+                "--validation_split", "0.25")
     grids = sorted(p.name for p in (out / "validation").iterdir())
     assert grids == ["step-000002.png", "step-000004.png"]
     assert Image.open(out / "validation/step-000004.png").size == (128, 64)  # two 64 px images side by side
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+    log = (out / "train.log").read_text()
+    assert "6 of 24 usable rows held out of training" in log and "on 18 rows" in log
+    logged = [float(line.split("Validation Loss: ")[1].split()[0]) for line in log.splitlines()
+              if "Validation Loss" in line]
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    scalars = [(event.step, event.value) for event in events.Scalars("validation_loss")]
+    assert [step for step, _ in scalars] == [2, 4]
+    assert [value for _, value in scalars] == pytest.approx(logged, abs=1e-4)  # train.log has 4 decimals
+    card = (out / "README.md").read_text()
+    assert "![train and validation loss](loss_curve.png)" in card and (out / "loss_curve.png").is_file()
+    lowest_step = min(scalars, key=lambda scalar: scalar[1])[0]
+    assert f"Lowest validation loss: {min(validation_losses(out)):.4f} at step {lowest_step}" in card
 
 
 def test_validation_images_are_reproducible(train, tmp_path):
