@@ -34,7 +34,7 @@ def test_a_missing_validation_folder_is_refused_naming_the_flag(tmp_path):
     args = parse_args(["--pretrained_model_name_or_path", "model", "--train_data_dir", "data",
                        "--validation_data_dir", str(tmp_path / "nowhere")])
     with pytest.raises(SdtuneError, match="--validation_data_dir .*nowhere: no such folder"):
-        split_validation_rows(args, rows=None)
+        split_validation_rows(args, rows=[])
 
 
 def test_timesteps_are_the_centres_of_equal_slices_of_the_schedule():
