@@ -200,8 +200,6 @@ def _add_bucket_flags(group):
 
 def _check_bucket_args(args: argparse.Namespace) -> None:
     """Fill the bucket sizes left unset from --resolution, then refuse sizes no bucket can have."""
-    from sdtune.buckets import VAE_FACTOR, default_bucket_settings  # imports torch: not for --help
-
     names = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
     given = [f"--{name}" for name in names if getattr(args, name) is not None]
     if not args.enable_bucket:
@@ -210,6 +208,8 @@ def _check_bucket_args(args: argparse.Namespace) -> None:
             raise SdtuneError(f"{', '.join(given)}: bucket settings, but buckets are off: add --enable_bucket, or "
                               "drop them.")
         return
+    from sdtune.buckets import VAE_FACTOR, default_bucket_settings  # imports torch: only once buckets are asked for
+
     for name, default in zip(names, default_bucket_settings(args.resolution)):
         if getattr(args, name) is None:
             setattr(args, name, default)

@@ -202,17 +202,26 @@ def uniform(generator: torch.Generator) -> float:
     return float(torch.rand((), generator=generator))
 
 
+# Beyond this many times the target's pixels the whole resized image is never made: a 1x4000 image covering a
+# 256x1024 bucket would be 256x1,024,000 pixels (786 MB) at every step.
+MAX_COVER_FACTOR = 4
+
+
 def resize_and_crop(image: Image.Image, size: tuple[int, int], center_crop: bool, generator: torch.Generator):
     """Resize to cover `size` (width, height), the aspect ratio kept, and crop that, centred or at a random offset."""
     covered = cover_size(image.size, size)
-    image = image.resize(covered, Image.Resampling.BILINEAR)
     spare_x, spare_y = covered[0] - size[0], covered[1] - size[1]
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
     else:
         left = int(torch.randint(spare_x + 1, (), generator=generator))
         top = int(torch.randint(spare_y + 1, (), generator=generator))
-    return image.crop((left, top, left + size[0], top + size[1]))
+    if covered[0] * covered[1] <= MAX_COVER_FACTOR * size[0] * size[1]:
+        return image.resize(covered, Image.Resampling.BILINEAR).crop((left, top, left + size[0], top + size[1]))
+    # an extreme aspect ratio: resize only the window kept, mapped back onto the source image
+    scale_x, scale_y = image.width / covered[0], image.height / covered[1]
+    box = (left * scale_x, top * scale_y, (left + size[0]) * scale_x, (top + size[1]) * scale_y)
+    return image.resize(size, Image.Resampling.BILINEAR, box=box)
 
 
 def to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:

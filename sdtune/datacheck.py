@@ -17,6 +17,7 @@ from sdtune.buckets import BucketSpec, assign_buckets, bucket_table
 from sdtune.data import EXAMPLE_NAMES, ScreenResult, inspect_rows, load_rows, usable_captions
 from sdtune.errors import SdtuneError
 from sdtune.image_folder import list_images
+from sdtune.validation_rows import split_validation_rows
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,18 @@ class DataReport:
         if not images:
             return ["Image sizes: no usable image."]
         widths, heights = spread([i.width for i in images]), spread([i.height for i in images])
-        small = sum(min(i.width, i.height) < resolution for i in images)
         bins = ", ".join(f"{name}: {count}" for name, count in self.aspect_histogram().items())
         return [f"Image sizes: width min {widths[0]}, median {widths[1]}, max {widths[2]}; height min {heights[0]}, "
-                f"median {heights[1]}, max {heights[2]}; {small} smaller than --resolution {resolution} on the "
-                "short side (upscaled).",
+                f"median {heights[1]}, max {heights[2]}; {self._upscaled_text(resolution)}.",
                 f"Aspect ratios (width:height): {bins}."]
+
+    def _upscaled_text(self, resolution: int) -> str:
+        images = self.screened.images
+        if self.buckets is None:
+            small = sum(min(i.width, i.height) < resolution for i in images)
+            return f"{small} smaller than --resolution {resolution} on the short side (upscaled)"
+        small = sum(width > i.width or height > i.height for i, (width, height) in zip(images, self.buckets))
+        return f"{small} smaller than their bucket on a side (upscaled)"
 
     def _duplicate_line(self) -> str:
         if not self.duplicates:
@@ -157,4 +164,7 @@ def main(args) -> DataReport:
     report = build_report(rows, screened, args, load_tokenizer(args))
     print("\n".join(report.lines(args.resolution)))
     screened.require_usable()
+    training, held_out = split_validation_rows(args, rows.select(screened.usable))  # its errors, before training
+    if held_out is not None:
+        print(f"Validation loss: {len(held_out)} held-out rows; {len(training)} rows to train on.")
     return report

@@ -27,7 +27,8 @@ from sdtune.objective import diffusion_loss
 from sdtune.optim import make_lr_scheduler, make_optimizer, update_offloaded_ema
 from sdtune.seeds import step_generator
 from sdtune.validation import log_grid_to_trackers, render_validation, validation_pipeline
-from sdtune.validation_loss import ValidationLoss, split_validation_rows
+from sdtune.validation_loss import ValidationLoss
+from sdtune.validation_rows import split_validation_rows
 
 logger = logging.getLogger("sdtune.train")
 
@@ -131,16 +132,15 @@ def main(args) -> Path:
                 window_start, window_steps = time.perf_counter(), 0
             accumulated_loss = 0.0
 
-            if progress.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, progress)
-            if args.validation_steps and progress.global_step % args.validation_steps == 0:
+            # validate before the checkpoint of the same step: a run killed between the two then validates that
+            # step again when resumed, and the loss curve misses no point
+            if validation_due(args, progress, epoch):
                 last_grid, validated_at = validate(accelerator, parts, unet, ema, trained, args, progress.global_step,
                                                    held_out)
+            if progress.global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, progress)
             if progress.global_step >= args.max_train_steps:
                 break
-        if (epoch + 1) % args.validation_epochs == 0 and validated_at != progress.global_step:
-            last_grid, validated_at = validate(accelerator, parts, unet, ema, trained, args, progress.global_step,
-                                               held_out)
         if progress.global_step >= args.max_train_steps:
             break
     progress_bar.close()
@@ -238,6 +238,15 @@ def next_position(progress: Progress, epoch: int, batch_index: int, batches_in_e
     if batch_index + 1 >= batches_in_epoch:
         return Progress(progress.global_step + 1, epoch + 1, 0)
     return Progress(progress.global_step + 1, epoch, batch_index + 1)
+
+
+def validation_due(args, progress: Progress, epoch: int) -> bool:
+    """After the optimizer step that brought training to `progress`: every --validation_steps steps, and at the end
+    of every --validation_epochs-th epoch (`progress` then starts the next one)."""
+    if args.validation_steps and progress.global_step % args.validation_steps == 0:
+        return True
+    ended_epoch = progress.epoch == epoch + 1 and progress.batches_in_epoch == 0
+    return ended_epoch and (epoch + 1) % args.validation_epochs == 0
 
 
 def validate(accelerator, parts, unet, ema, trained, args, global_step, held_out=None):

@@ -10,17 +10,14 @@ It is computed on the main process only (the other processes wait at the validat
 processes records the same figures as on one.
 """
 
-import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sdtune.data import CaptionedImages, hold_out, load_rows, screen_rows, usable_captions
-from sdtune.errors import SdtuneError
+from sdtune.data import CaptionedImages, usable_captions
 from sdtune.objective import latent_distribution, prediction_target, text_conditioning, weighted_mse
 from sdtune.seeds import validation_loss_generator
 
@@ -28,33 +25,6 @@ logger = logging.getLogger(__name__)
 
 TIMESTEPS = 5  # per row: 100, 300, 500, 700 and 900 of a 1000-step schedule
 HISTORY_FILE = "loss_history.jsonl"
-
-
-def split_validation_rows(args, rows):
-    """(the positions in screened `rows` to train on, the held-out rows or None), as --validation_split or
-    --validation_data_dir ask. The rows of --validation_data_dir are screened as the training rows are."""
-    if args.validation_split is not None:
-        training, held = hold_out(len(rows), args.validation_split, args.seed)
-        logger.info("Validation loss: %d of %d usable rows held out of training (--validation_split %g).",
-                    len(held), len(rows), args.validation_split)
-        return training, rows.select(held)
-    everything = list(range(len(rows)))
-    if args.validation_data_dir is None:
-        return everything, None
-    return everything, load_validation_folder(args)
-
-
-def load_validation_folder(args):
-    """The usable rows of --validation_data_dir, read and screened as --train_data_dir's are."""
-    if not os.path.isdir(args.validation_data_dir):
-        raise SdtuneError(f"--validation_data_dir {args.validation_data_dir}: no such folder (give an imagefolder "
-                          "laid out like --train_data_dir's: images plus metadata.jsonl).")
-    folder_args = argparse.Namespace(**{**vars(args), "train_data_dir": args.validation_data_dir,
-                                        "dataset_name": None, "max_train_samples": None})
-    held = load_rows(folder_args)
-    screened = screen_rows(held, args.image_column, args.caption_column)
-    logger.info("Validation loss on %s: %s", args.validation_data_dir, screened.summary())
-    return held.select(screened.usable)
 
 
 @dataclass

@@ -4,17 +4,19 @@ shards it for several processes), and the dataset's examples at bucket sizes wit
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from accelerate.data_loader import BatchSamplerShard
 from transformers import CLIPTokenizer
 
 from conftest import MIXED_ASPECTS
 from test_data import data_args
-from sdtune.buckets import (BucketBatchSampler, BucketSpec, assign_buckets, bucket_sizes, bucket_table, crop_of,
-                            default_bucket_settings)
+from sdtune.buckets import (BucketBatchSampler, BucketSpec, assign_buckets, bucket_sizes, bucket_table, cover_size,
+                            crop_of, default_bucket_settings)
 from sdtune.config import parse_args
-from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows
+from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, resize_and_crop, screen_rows
 from sdtune.errors import SdtuneError
 from sdtune.latent_cache import build_latent_cache
 
@@ -178,3 +180,18 @@ def test_the_latent_cache_keeps_each_bucket_shape_and_each_examples_own_latents(
             assert torch.allclose(mean, expected, atol=1e-6)
         example = dataset[(0, position)]
         assert example["latent_mean"].shape == (3, height // 8, width // 8)
+
+
+@pytest.mark.parametrize("center_crop", [True, False])
+def test_an_extreme_image_is_resized_within_its_kept_window_only(center_crop):
+    # 1x400, a vertical ramp, into an 8x32 bucket: covering it whole would take 100 times the bucket's pixels (a
+    # 1x4000 image in a 256x1024 bucket: 786 MB), so only the window kept is resized; same pixels as the long way
+    ramp = Image.fromarray(np.linspace(0, 255, 400).astype(np.uint8)[:, None]).convert("RGB")
+    out = resize_and_crop(ramp, (8, 32), center_crop, torch.Generator().manual_seed(3))
+    covered = ramp.resize(cover_size(ramp.size, (8, 32)), Image.Resampling.BILINEAR)  # 8x3200
+    offsets = torch.Generator().manual_seed(3)  # drawn as resize_and_crop draws them: left, then top
+    left = 0 if center_crop else int(torch.randint(1, (), generator=offsets))
+    top = (3200 - 32) // 2 if center_crop else int(torch.randint(3200 - 32 + 1, (), generator=offsets))
+    expected = covered.crop((left, top, left + 8, top + 32))
+    assert out.size == (8, 32)
+    assert np.abs(np.asarray(out, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1

@@ -9,6 +9,7 @@ from PIL import Image
 
 from sdtune.config import parse_args
 from sdtune.datacheck import main as check_data
+from sdtune.errors import SdtuneError
 
 # The usable images of `unseen_dataset`: every PIL mode, sizes from 1x1 to 4000x300, each size different except
 # for the three duplicates.
@@ -128,3 +129,13 @@ def test_the_check_loads_no_model(odd_dataset, tiny_pipeline):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Data check: Skipped 4 of 18 rows" in done.stdout and done.stdout.strip().endswith("[]")
+
+
+def test_the_check_reports_the_validation_split_and_refuses_a_broken_validation_folder(odd_dataset, tiny_pipeline,
+                                                                                      tmp_path, capsys):
+    check_data(parse_args(check_flags(tiny_pipeline, odd_dataset, "--validation_split", "0.25")))
+    assert "Validation loss: 4 held-out rows; 10 rows to train on." in capsys.readouterr().out  # 14 usable rows
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SdtuneError, match=f"--validation_data_dir {empty}: "):
+        check_data(parse_args(check_flags(tiny_pipeline, odd_dataset, "--validation_data_dir", str(empty))))

@@ -1,18 +1,22 @@
 """The validation loss's parts on small tensors: the held-out split, the fixed-noise loss, its history and plot.
 The training runs that record it are in test_training.py, test_resume.py and test_distributed.py."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
+from sdtune.checkpoints import Progress
 from sdtune.config import parse_args
 from sdtune.data import hold_out
 from sdtune.errors import SdtuneError
 from sdtune.loss_plot import TRAIN_COLOUR, VALIDATION_COLOUR, draw_loss_curve, loss_curve_section
-from sdtune.validation_loss import (HeldOutExamples, LossHistory, LossPoint, fixed_timesteps, held_out_loss,
-                                   split_validation_rows)
+from sdtune.train import validation_due
+from sdtune.validation_loss import HeldOutExamples, LossHistory, LossPoint, fixed_timesteps, held_out_loss
+from sdtune.validation_rows import split_validation_rows
 
 
 def test_hold_out_is_deterministic_disjoint_and_covers_every_row():
@@ -93,3 +97,11 @@ def test_the_plot_draws_both_curves_and_the_card_names_the_lowest_point(tmp_path
 def test_a_single_point_plots(tmp_path):
     draw_loss_curve([LossPoint(4, None, 0.5)], tmp_path / "one.png")
     assert Image.open(tmp_path / "one.png").size == (640, 400)
+
+
+def test_validation_is_due_every_validation_steps_and_after_every_validation_epochs_th_epoch():
+    args = SimpleNamespace(validation_steps=3, validation_epochs=2)
+    assert validation_due(args, Progress(6, 0, 6), epoch=0)
+    assert not validation_due(args, Progress(4, 0, 4), epoch=0)
+    assert validation_due(args, Progress(4, 2, 0), epoch=1)  # the step that ended epoch 1, the 2nd
+    assert not validation_due(args, Progress(4, 1, 0), epoch=0)  # the step that ended epoch 0, the 1st
