@@ -346,18 +346,21 @@ def memory_child(kind: str, folders: list[str], resolution: int) -> None:
                       "unique_bytes": unique, "unet_bytes": unet}))
 
 
+def run_memory_child(script: str, kind: str, folders: list[str], bench) -> dict:
+    """Run `script --memory_child kind` in its own interpreter, so one's allocations cannot hide in another's, and
+    return the JSON it prints last."""
+    command = [sys.executable, script, "--memory_child", kind, "--threads", str(bench.threads),
+               "--resolution", str(bench.resolution), "--models", *folders]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+    if done.returncode:
+        raise SystemExit(f"memory child '{kind}' failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def memory(models: dict[str, Path], bench) -> dict:
-    """Run each memory child in its own interpreter, so one's allocations cannot hide in another's."""
     stock, tuned = (str(p) for p in models.values())
-    results = {}
-    for kind, folders in [("one", [stock]), ("two", [stock, tuned]), ("naive-two", [stock, tuned])]:
-        command = [sys.executable, __file__, "--memory_child", kind, "--threads", str(bench.threads),
-                   "--resolution", str(bench.resolution), "--models", *folders]
-        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
-        if done.returncode:
-            raise SystemExit(f"memory child '{kind}' failed:\n{done.stderr[-3000:]}")
-        results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
-    return results
+    return {kind: run_memory_child(__file__, kind, folders, bench)
+            for kind, folders in [("one", [stock]), ("two", [stock, tuned]), ("naive-two", [stock, tuned])]}
 
 
 def print_memory(results: dict) -> dict:

@@ -31,8 +31,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
@@ -47,7 +45,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from serve_batch import peak_rss, unique_parameter_bytes, write_small_pipeline  # noqa: E402
+from serve_batch import peak_rss, run_memory_child, unique_parameter_bytes, write_small_pipeline  # noqa: E402
 from sdtune.config import parse_args  # noqa: E402
 from sdtune.generate import GenerationSettings, text_to_image  # noqa: E402
 from sdtune.lora import add_training_adapter, save_adapter  # noqa: E402
@@ -126,16 +124,8 @@ def memory_child(kind: str, folders: list[str], resolution: int) -> None:
 
 
 def memory(base: Path, adapters: list[Path], bench) -> dict:
-    """Each memory child in its own interpreter, so one's allocations cannot hide in another's."""
-    results = {}
-    for kind in ("one", "lora"):
-        command = [sys.executable, __file__, "--memory_child", kind, "--threads", str(bench.threads),
-                   "--resolution", str(bench.resolution), "--models", str(base), *map(str, adapters)]
-        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
-        if done.returncode:
-            raise SystemExit(f"memory child '{kind}' failed:\n{done.stderr[-3000:]}")
-        results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
-    return results
+    folders = [str(base), *map(str, adapters)]
+    return {kind: run_memory_child(__file__, kind, folders, bench) for kind in ("one", "lora")}
 
 
 def print_memory(results: dict, bench) -> None:
