@@ -5,6 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from sdtune.backend import LocalBackend
 from sdtune.cli import parse_auth
 from sdtune.errors import SdtuneError
 from sdtune.logs import setup_logging
@@ -28,6 +29,16 @@ def check_output_dir(path) -> None:
                          "Gradio hands out copies of generated files from there only.")
 
 
+def generation_backend(args, registry: ModelRegistry):
+    """Where generation runs: in this process, or on Ray Serve replicas (Ray is imported for --backend ray only)."""
+    if args.backend == "local":
+        return LocalBackend(registry)
+    from sdtune import ray_backend
+
+    return ray_backend.start(registry, args.replicas, args.autoscale, args.ray_address, args.replica_cpus,
+                             args.models_per_replica, args.device)
+
+
 def serve(args) -> None:
     """Load the models, build the UI and serve it until interrupted."""
     setup_logging()
@@ -35,12 +46,15 @@ def serve(args) -> None:
     check_output_dir(args.output_dir)
     if args.share and auth is None:
         logger.warning("--share without --auth: anyone with the link can use your GPU. Add --auth user:password.")
+    # with --backend ray the models load in the replicas: this process's registry only describes them
     registry = ModelRegistry(read_model_list(args.models), device=args.device, cache_dir=args.cache_dir,
-                             lazy=args.lazy)
+                             lazy=args.lazy or args.backend == "ray")
     if not args.lazy and len(registry.errors) == len(registry.names):
         logger.error("No model could be loaded; the app starts so the errors can be read in it.")
     Path(args.allowed_root).mkdir(parents=True, exist_ok=True)  # the batch tab's folder mode works on a fresh clone
-    service = Service(registry, args.output_dir, args.allowed_root, max_request_cost=args.max_request_cost)
+    backend = generation_backend(args, registry)
+    service = Service(registry, args.output_dir, args.allowed_root, max_request_cost=args.max_request_cost,
+                      backend=backend)
     demo = build_ui(service)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, prevent_thread_lock=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdtune.batch_plan import Job, output_name
-from sdtune.generate import GenerationError, GenerationSettings, Interrupted, images_to_images
+from sdtune.generate import GenerationError, GenerationSettings, Interrupted
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry
@@ -44,24 +44,25 @@ def decode(batch: list[Job]) -> tuple[list[Job], list[Image.Image], list[Outcome
     return usable, images, failed
 
 
-def generate_batch(registry: ModelRegistry, batch: list[Job], settings: GenerationSettings, resolution: int,
+def generate_batch(backend, batch: list[Job], settings: GenerationSettings, resolution: int,
                    stop: threading.Event | None = None) -> list[Outcome]:
-    """Image to image for one planned batch (one model, one working size), in one pipeline call; if the call fails
-    (or is stopped), every image of the batch fails with the reason and the caller goes on."""
+    """Image to image for one planned batch (one model, one working size), in one call of `backend` (a
+    sdtune.backend one); if the call fails (or is stopped), every image of the batch fails with the reason and the
+    caller goes on."""
     start = time.perf_counter()
     usable, images, failed = decode(batch)
     if not usable:
         return failed
     try:
-        outputs = images_to_images(registry.get(usable[0].model), images, [job.prompt for job in usable],
-                                   [job.seed for job in usable], settings, resolution, stop)
+        outputs = backend.images_to_images(usable[0].model, None, images, [job.prompt for job in usable],
+                                           [job.seed for job in usable], settings, resolution, stop)
     except Interrupted:  # Stop: the call in flight ends at its next step, and its images are not failures
         return failed + [Outcome(job, None, time.perf_counter() - start, STOPPED) for job in usable]
     except (GenerationError, RuntimeError, ValueError) as error:  # ModelUnavailable, out of memory
         seconds = time.perf_counter() - start
         return failed + [Outcome(job, None, seconds, str(error)) for job in usable]
     seconds = (time.perf_counter() - start) / len(usable)
-    scale = registry.configured_scale(usable[0].model)  # a batch draws each LoRA model at its listed scale
+    scale = backend.registry.configured_scale(usable[0].model)  # a batch draws each LoRA model at its listed scale
     return failed + [Outcome(job, image, seconds, lora_scale=scale) for job, image in zip(usable, outputs)]
 
 

@@ -12,6 +12,7 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from sdtune import batch_output, manifest
+from sdtune.backend import LocalBackend
 from sdtune.batch_engine import generate_batch, save_output, working_resolutions
 from sdtune.batch_plan import Job, output_name, plan_batches, plan_jobs, shard
 from sdtune.errors import SdtuneError
@@ -49,7 +50,7 @@ def run_batch(registry, batch: list[Job], todo: set[str], resolution: int, setti
     """Generate one planned batch (all of it, so results do not depend on what was done before) and record
     the images not yet done. Returns (done, failed)."""
     done = failed = 0
-    for outcome in generate_batch(registry, batch, settings, resolution):
+    for outcome in generate_batch(LocalBackend(registry), batch, settings, resolution):
         job = outcome.job
         if job.key not in todo:
             continue

@@ -4,6 +4,7 @@ here first and imports torch, diffusers and Gradio only when there is work to do
 are sdtune/config.py's and the batch CLI's sdtune/batch.py's, equally light.)"""
 
 import argparse
+import importlib.util
 import os
 
 from sdtune.errors import SdtuneError
@@ -84,14 +85,71 @@ def app_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None,
                         help="Where hub models are cached.")
+    add_ray_flags(parser)
     return parser
+
+
+def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """Where generation runs: in the app's process, or on a Ray Serve deployment (sdtune/ray_backend.py)."""
+    ray = parser.add_argument_group("Ray Serve backend (pip install -r requirements-serve.txt)")
+    ray.add_argument("--backend", default="local", choices=["local", "ray"],
+                     help="local: generate in the app's process; ray: on Ray Serve replicas, one per GPU (or per "
+                          "--replica_cpus CPUs), the app being their front end.")
+    ray.add_argument("--replicas", type=int, default=None, help="Replicas to run (default 1).")
+    ray.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                     help="Let Ray Serve scale the replicas between MIN and MAX with the load, instead of --replicas.")
+    ray.add_argument("--ray_address", default=None,
+                     help="A running Ray cluster: auto (the one this machine belongs to) or HOST:PORT of its head. "
+                          "Default: start a local one for this app.")
+    ray.add_argument("--replica_cpus", type=int, default=1,
+                     help="CPUs each replica takes (and torch threads it runs); on GPUs each replica also takes one "
+                          "GPU.")
+    ray.add_argument("--models_per_replica", type=int, default=3,
+                     help="Models one replica keeps loaded; loading one more evicts the least recently used.")
+
+
+RAY_FLAGS = ("replicas", "autoscale", "ray_address", "replica_cpus", "models_per_replica")
 
 
 def parse_app_args(argv=None) -> argparse.Namespace:
     args = app_parser().parse_args(argv)
     if args.max_request_cost is not None and not args.max_request_cost > 0:
         raise SdtuneError(f"--max_request_cost must be above 0, not {args.max_request_cost}.")
+    check_ray_flags(args)
     return args
+
+
+def check_ray_flags(args: argparse.Namespace) -> None:
+    """The Ray flags' values, and Ray itself when --backend ray asks for it (found without importing it)."""
+    if args.backend != "ray":
+        given = [f"--{name}" for name in RAY_FLAGS if getattr(args, name) != app_parser().get_default(name)]
+        if given:
+            raise SdtuneError(f"{', '.join(given)} apply to --backend ray only.")
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise SdtuneError("--backend ray needs Ray Serve: pip install -r requirements-serve.txt "
+                          '(or pip install "ray[serve]").')
+    if args.replicas is not None and args.autoscale is not None:
+        raise SdtuneError("Give --replicas or --autoscale, not both.")
+    args.autoscale = parse_autoscale(args.autoscale)
+    for name in ("replicas", "replica_cpus", "models_per_replica"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SdtuneError(f"--{name} must be at least 1, not {getattr(args, name)}.")
+
+
+def parse_autoscale(value: str | None) -> tuple[int, int] | None:
+    """'MIN:MAX' -> (MIN, MAX), 0 <= MIN <= MAX, MAX >= 1."""
+    if value is None:
+        return None
+    low, separator, high = value.partition(":")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        bounds = None
+    if not separator or bounds is None or not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+        raise SdtuneError(f"--autoscale must be MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1, e.g. 1:4, "
+                          f"not {value}.")
+    return bounds
 
 
 def parse_auth(value: str | None):

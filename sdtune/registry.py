@@ -198,6 +198,10 @@ class ModelRegistry:
         spec = self.specs.get(name)
         return spec.lora_scale if spec is not None and spec.lora else None
 
+    def require_listed(self, name: str) -> None:
+        if name not in self.specs:
+            raise ModelUnavailable(f"Unknown model '{name}'; available: {', '.join(self.specs)}.")
+
     def try_load(self, name: str) -> bool:
         """Load a model, recording (not raising) a failure so that the other models keep serving."""
         try:
@@ -209,8 +213,7 @@ class ModelRegistry:
     def get(self, name: str, lora_scale: float | None = None) -> StableDiffusionPipeline:
         """The loaded pipeline of `name`, loading it on first use, with `name`'s LoRA adapter (at `lora_scale`, default
         the spec's) or none active. Models on one base share its pipeline: generate before the next `get`."""
-        if name not in self.specs:
-            raise ModelUnavailable(f"Unknown model '{name}'; available: {', '.join(self.specs)}.")
+        self.require_listed(name)
         if name not in self._pipelines:  # loaded ones skip the lock: no waiting while another model loads
             with self._lock:  # concurrent first requests must not load the same model twice
                 if name not in self._pipelines:
@@ -258,8 +261,7 @@ class ModelRegistry:
 
     def native_resolution(self, name: str) -> int:
         """The image size the model was trained at (512 for SD v1), read from its configs without loading it."""
-        if name not in self.specs:
-            raise ModelUnavailable(f"Unknown model '{name}'; available: {', '.join(self.specs)}.")
+        self.require_listed(name)
         try:
             folder = local_folder(self.specs[name], self.cache_dir)
             unet = json.loads((folder / "unet" / "config.json").read_text())
@@ -267,3 +269,18 @@ class ModelRegistry:
         except (OSError, ValueError) as error:
             raise ModelUnavailable(f"Model '{name}' has no readable unet/vae config: {error}") from error
         return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+    def unload(self, name: str) -> None:
+        """Forget `name` (a LoRA model: delete its adapter) so that its memory is freed once nothing else loaded uses
+        it: a base stays while a model on it is loaded, a component while a pipeline shares it. A Ray replica calls
+        this when multiplexing evicts a model; unloading one that is not loaded does nothing."""
+        with self._lock:
+            pipeline = self._pipelines.pop(name, None)
+            if pipeline is None:
+                return
+            if self.specs[name].lora:
+                pipeline.delete_adapters(name)
+            loaded = list(self._pipelines.values())
+            self._bases = {source: base for source, base in self._bases.items() if any(base is p for p in loaded)}
+            kept = {id(getattr(p, component, None)) for p in loaded for component in SHAREABLE}
+            self._components = {key: module for key, module in self._components.items() if id(module) in kept}

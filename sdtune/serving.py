@@ -6,13 +6,15 @@ range."""
 import threading
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
+from sdtune.backend import LocalBackend
 from sdtune.batch_engine import STOPPED, Outcome as BatchOutcome, generate_batch, save_output
 from sdtune.batch_plan import Job, plan_batches, plan_jobs
 from sdtune.errors import SdtuneError
-from sdtune.generate import GenerationSettings, image_to_image, text_to_images, working_size
+from sdtune.generate import GenerationSettings, working_size
 from sdtune.image_folder import InputImage, list_images, printable
 from sdtune.images import BadImageError, open_image, to_rgb, without_folder
 from sdtune.pnginfo import format_parameters, save_png
@@ -64,23 +66,23 @@ def request_cost(settings: GenerationSettings, images: int, image_to_image: bool
 
 class Service:
     def __init__(self, registry: ModelRegistry, output_dir, allowed_root, max_upload_pixels=MAX_UPLOAD_PIXELS,
-                 max_request_cost: float | None = None):
+                 max_request_cost: float | None = None, backend=None):
         self.registry, self.output_dir = registry, Path(output_dir)
+        self.backend = backend or LocalBackend(registry)  # where generation runs: sdtune/backend.py
         self.allowed_root_shown = str(allowed_root)  # as the operator gave it: error messages show no server paths
         self.allowed_root = Path(allowed_root).resolve()
         self.max_upload_pixels = max_upload_pixels
         self.max_request_cost = max_request_cost or DEFAULT_MAX_REQUEST_COST[registry.device.type]
         self.run_log = self.output_dir / "runs.jsonl"
 
-    def pipeline(self, model: str, lora_scale: float | None = None):
-        """`model`'s pipeline with its adapter, if it has one, at the request's scale (None: the model's listed one),
-        and that scale (None for a model without an adapter). Every request sets the scale, so one request's scale
-        never carries over to the next."""
+    def prepare(self, model: str, lora_scale: float | None = None) -> float | None:
+        """Have the backend ready `model` and return the request's adapter scale (None: the model's listed one; None
+        for a model without an adapter). Every request sets the scale, so one request's scale never carries over to
+        the next."""
         scale = self.adapter_scale(model, lora_scale)
-        try:
-            return self.registry.get(model, scale), scale
-        except ModelUnavailable as error:
-            raise RequestError(str(error)) from error
+        with unavailable_as_request_error():
+            self.backend.load(model, scale)
+        return scale
 
     def adapter_scale(self, model: str, lora_scale: float | None) -> float | None:
         """The LoRA scale a request uses: its own (checked) or the model's listed one."""
@@ -127,11 +129,11 @@ class Service:
             raise RequestError(f"num_images must be between 1 and {MAX_IMAGES}.")
         self.check_cost(settings, num_images)
         seed = resolve_seed(seed)
-        pipeline, lora_scale = self.pipeline(model, lora_scale)
+        lora_scale = self.prepare(model, lora_scale)
         seeds = [(seed + i) % SEED_LIMIT for i in range(num_images)]  # past 2**32 - 1 they wrap round to 0
-        with RunRecorder("text2img", self.run_log, self.registry.device) as recorder:
+        with RunRecorder("text2img", self.run_log, self.registry.device) as recorder, unavailable_as_request_error():
             start = time.perf_counter()
-            images = text_to_images(pipeline, prompt, seeds, settings, stop)
+            images = self.backend.text_to_images(model, lora_scale, prompt, seeds, settings, stop)
             for _ in images:
                 recorder.image_done((time.perf_counter() - start) / len(images))
             folder = self.output_dir / recorder.run_id
@@ -146,14 +148,15 @@ class Service:
         """One edit of an uploaded image, returned at the upload's size; a LoRA model's adapter at `lora_scale`
         (None: its listed scale)."""
         image, seed = self.load_upload(image_path), resolve_seed(seed)
-        pipeline, lora_scale = self.pipeline(model, lora_scale)
+        lora_scale = self.prepare(model, lora_scale)
         resolution = self.working_resolution(resolution, model)
         used = settings.sized(*working_size(image.size, resolution))  # the size the model works at
         used.validate(image_to_image=True)
         self.check_cost(used, image_to_image=True)
-        with RunRecorder("img2img", self.run_log, self.registry.device) as recorder:
+        with RunRecorder("img2img", self.run_log, self.registry.device) as recorder, unavailable_as_request_error():
             start = time.perf_counter()
-            edited = image_to_image(pipeline, image, prompt, seed, settings, resolution, stop)
+            edited, = self.backend.images_to_images(model, lora_scale, [image], [prompt], [seed], settings, resolution,
+                                                    stop)
             recorder.image_done(time.perf_counter() - start)
             folder = self.output_dir / recorder.run_id
             folder.mkdir(parents=True, exist_ok=True)
@@ -192,7 +195,7 @@ class Service:
             for batch in plan_batches(jobs, BATCH_SIZE):
                 if stop is not None and stop.is_set():
                     break
-                for outcome in generate_batch(self.registry, batch, settings, resolutions[batch[0].model], stop):
+                for outcome in generate_batch(self.backend, batch, settings, resolutions[batch[0].model], stop):
                     rows[outcome.job.key] = saved_row(outcome, folder, settings)
                     recorder.image_done(outcome.seconds, failed=rows[outcome.job.key].error not in ("", STOPPED))
                 yield batch_update(jobs, rows)
@@ -220,6 +223,15 @@ class Service:
         side = max(resolutions.values())
         self.check_cost(settings.sized(side, side), image_to_image=True)
         return resolutions
+
+
+@contextmanager
+def unavailable_as_request_error():
+    """A model that is not listed or cannot load, told to the user as a refused request."""
+    try:
+        yield
+    except ModelUnavailable as error:
+        raise RequestError(str(error)) from error
 
 
 def distinct_keys(items: list[InputImage]) -> list[InputImage]:

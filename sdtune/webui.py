@@ -98,6 +98,17 @@ def model_status(service: Service) -> str:
     return "\n\n".join(lines)
 
 
+def backend_status(service: Service) -> None:
+    """The generation backend's own status (Ray Serve: which replicas are up), read on page load and on Refresh;
+    nothing for the local backend."""
+    if service.backend.status() is None:
+        return
+    with gr.Row():
+        status = gr.Markdown(service.backend.status)
+        refresh = gr.Button("Refresh", size="sm", scale=0)
+    refresh.click(service.backend.status, None, status, queue=False, api_visibility="private")
+
+
 def sampling_controls(names=None):
     """Scheduler, steps and guidance (and the model, when `names` is given): controls the tabs share."""
     with gr.Row():
@@ -171,7 +182,8 @@ class Handlers:
 def queued(button, handlers: Handlers, handler, inputs, outputs, api_name: str):
     """`handler` as `button`'s event in the device queue, its Stop flag armed at the click, before it queues."""
     armed = button.click(handlers.stops.arm, None, None, api_visibility="private", queue=False)
-    return armed.then(handler, inputs, outputs, api_name=api_name, concurrency_id=QUEUE, concurrency_limit=1)
+    return armed.then(handler, inputs, outputs, api_name=api_name, concurrency_id=QUEUE,
+                      concurrency_limit=handlers.service.backend.concurrency)  # Ray: one per replica
 
 
 def default_size(service: Service) -> int:
@@ -260,6 +272,7 @@ def build_ui(service: Service) -> gr.Blocks:
     with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# sdtune: stock and fine-tuned Stable Diffusion")
         gr.Markdown(model_status(service))
+        backend_status(service)
         with gr.Tab("Text to image"):
             text_event, text_stop = text_tab(handlers, names, default_size(service))
         with gr.Tab("Image to image"):

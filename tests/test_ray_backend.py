@@ -1,0 +1,150 @@
+"""The Ray Serve backend (sdtune/ray_backend.py): its flags, and one local deployment (2 replicas of 1 CPU each on a
+2-CPU Ray cluster, tiny models, one model per replica so that multiplexing evicts) shared by the module, because
+starting Ray and two replicas costs most of these tests' time."""
+
+import importlib.util
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtune.app import generation_backend
+from sdtune.backend import LocalBackend
+from sdtune.cli import parse_app_args
+from sdtune.errors import SdtuneError
+from sdtune.generate import GenerationSettings
+from sdtune.registry import ModelRegistry, ModelSpec, ModelUnavailable
+from sdtune.serving import RequestError, Service
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray Serve is optional: pip install -r requirements-serve.txt")
+SETTINGS = GenerationSettings(num_inference_steps=3, width=64, height=64)
+
+
+def test_ray_flags_are_checked_before_anything_loads(monkeypatch):
+    with pytest.raises(SdtuneError, match="--replicas apply to --backend ray only"):
+        parse_app_args(["--replicas", "2"])
+    for value in ("3", "4:2", "a:b", "0:0"):
+        with pytest.raises(SdtuneError, match="--autoscale must be MIN:MAX"):
+            parse_app_args(["--backend", "ray", "--autoscale", value])
+    with pytest.raises(SdtuneError, match="not both"):
+        parse_app_args(["--backend", "ray", "--autoscale", "1:2", "--replicas", "2"])
+    assert parse_app_args(["--backend", "ray", "--autoscale", "0:4"]).autoscale == (0, 4)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None)
+    with pytest.raises(SdtuneError, match=r"pip install -r requirements-serve.txt"):
+        parse_app_args(["--backend", "ray"])
+
+
+def test_the_local_backend_never_imports_ray(monkeypatch, tiny_pipeline, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` now fails
+    registry = ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu", lazy=True)
+    backend = generation_backend(parse_app_args([]), registry)
+    outcome = Service(registry, tmp_path, tmp_path, backend=backend).text2img("a red circle", "stock", 1, 1, SETTINGS)
+    assert isinstance(backend, LocalBackend) and outcome.paths[0].is_file()
+
+
+@needs_ray
+def test_an_unreachable_cluster_fails_within_seconds(monkeypatch):
+    from sdtune import ray_backend
+
+    monkeypatch.setattr(ray_backend, "CONNECT_SECONDS", 0.5)
+    start = time.monotonic()
+    for address in ("10.255.255.1:6379", "127.0.0.1:1"):  # unroutable (times out); nothing listening (refused)
+        with pytest.raises(SdtuneError, match=f"--ray_address {address}: cannot reach a Ray head"):
+            ray_backend.check_reachable(address)
+    assert time.monotonic() - start < 3
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_pipeline, tiny_adapter):
+    """The Ray backend serving stock, a LoRA on it and a model that cannot load; the local backend serving the first
+    two in this process, for reference."""
+    import ray
+    from ray import serve
+
+    from sdtune import ray_backend
+
+    specs = [ModelSpec("stock", str(tiny_pipeline)),
+             ModelSpec("lora", str(tiny_pipeline), lora=str(tiny_adapter), lora_scale=0.5),
+             ModelSpec("broken", str(tmp_path_factory.mktemp("ray") / "missing-model"))]
+    remote = ray_backend.start(ModelRegistry(specs, device="cpu", lazy=True), replicas=2, replica_cpus=1,
+                               models_per_replica=1, device="cpu")
+    yield remote, LocalBackend(ModelRegistry(specs[:2], device="cpu"))
+    serve.shutdown()
+    ray.shutdown()
+
+
+def same_images(first, second) -> bool:
+    return len(first) == len(second) and all(np.array_equal(np.asarray(a), np.asarray(b))
+                                             for a, b in zip(first, second))
+
+
+@needs_ray
+def test_the_same_request_gives_the_same_image_through_either_backend(deployment):
+    remote, local = deployment
+    # stock, its LoRA at two scales and stock again: with one model per replica, each switch evicts and reloads
+    for model, scale in (("stock", None), ("lora", None), ("lora", 1.0), ("stock", None)):
+        assert same_images(remote.text_to_images(model, scale, "a red circle", [3, 4], SETTINGS),
+                           local.text_to_images(model, scale, "a red circle", [3, 4], SETTINGS)), (model, scale)
+    image = local.text_to_images("stock", None, "a blue square", [5], SETTINGS)[0].resize((80, 48))
+    edit = ("lora", None, [image], ["a red circle"], [7], SETTINGS, 64)
+    assert same_images(remote.images_to_images(*edit), local.images_to_images(*edit))
+    assert "2 running" in remote.status()
+
+
+@needs_ray
+def test_a_model_that_cannot_load_fails_its_own_request_only(deployment, tmp_path):
+    remote, local = deployment
+    service = Service(remote.registry, tmp_path, tmp_path, backend=remote)
+    with pytest.raises(RequestError, match="Model 'broken' could not be loaded"):
+        service.text2img("a red circle", "broken", 1, 1, SETTINGS)
+    with pytest.raises(ModelUnavailable, match="Unknown model 'nope'"):
+        remote.load("nope")
+    outcome = service.text2img("a red circle", "stock", 1, 2, SETTINGS)
+    assert same_images([Image.open(path).convert("RGB") for path in outcome.paths],
+                       local.text_to_images("stock", None, "a red circle", [1, 2], SETTINGS))
+
+
+@needs_ray
+def test_a_replica_killed_under_load_loses_no_request(deployment):
+    import ray
+
+    from sdtune.ray_backend import ReplicaLost
+
+    remote, local = deployment
+    settings = GenerationSettings(num_inference_steps=12, width=64, height=64)  # long enough to be killed mid-way
+    seeds = list(range(10, 18))
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        futures = [pool.submit(remote.text_to_images, "stock", None, "a red circle", [seed], settings)
+                   for seed in seeds]
+        while not any(future.done() for future in futures):  # the load is under way on both replicas
+            time.sleep(0.05)
+        replica = next(actor for actor in ray.util.list_named_actors(all_namespaces=True)
+                       if actor["name"].startswith("SERVE_REPLICA"))
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    completed = 0
+    for seed, future in zip(seeds, futures):
+        try:
+            images = future.result()
+        except ReplicaLost:  # the clear error a caller gets if the retry's replica died too
+            continue
+        assert same_images(images, local.text_to_images("stock", None, "a red circle", [seed], settings)), seed
+        completed += 1
+    assert completed == len(seeds)  # each was resent once to the replica still up
+    assert same_images(remote.text_to_images("stock", None, "a red circle", [1], SETTINGS),
+                       local.text_to_images("stock", None, "a red circle", [1], SETTINGS))
+
+
+def test_unloading_a_lora_model_keeps_its_base_serving(tiny_pipeline, tiny_adapter):
+    registry = ModelRegistry([ModelSpec("stock", str(tiny_pipeline)),
+                              ModelSpec("lora", str(tiny_pipeline), lora=str(tiny_adapter))], device="cpu")
+    before = LocalBackend(registry).text_to_images("stock", None, "a red circle", [1], SETTINGS)
+    registry.unload("lora")
+    registry.unload("lora")  # a second eviction of the same model does nothing
+    assert not any(registry.get("stock").get_list_adapters().values())
+    assert same_images(LocalBackend(registry).text_to_images("stock", None, "a red circle", [1], SETTINGS), before)
+    registry.unload("stock")
+    assert not registry._bases and not registry._components
