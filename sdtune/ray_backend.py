@@ -176,7 +176,7 @@ def connect(address: str | None, num_cpus: int) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False)  # no dashboard: processes and a port the app not needs
         return
     check_reachable(address)
-    try:
+    try:  # an address that accepts the connection but is no Ray head fails after Ray's own retries (20-40 s)
         ray.init(address=address)
     except ConnectionError as error:
         raise SdtuneError(f"--ray_address {address}: no Ray cluster found ({error}). Start one with `ray start "
