@@ -36,7 +36,7 @@ def serve(args) -> None:
     if args.share and auth is None:
         logger.warning("--share without --auth: anyone with the link can use your GPU. Add --auth user:password.")
     registry = ModelRegistry(read_model_list(args.models), device=args.device, cache_dir=args.cache_dir,
-                             lazy=args.lazy)
+                             lazy=args.lazy, compile=args.compile)
     if not args.lazy and len(registry.errors) == len(registry.names):
         logger.error("No model could be loaded; the app starts so the errors can be read in it.")
     Path(args.allowed_root).mkdir(parents=True, exist_ok=True)  # the batch tab's folder mode works on a fresh clone
