@@ -8,9 +8,8 @@ Generation: the tiny world's stock model (tinyworld/stock) through sdtune.regist
 what --compile sets) and sdtune.generate.text_to_image, at the tiny world's settings (64 px, 25 steps, the app's
 default scheduler and guidance), the same prompts and seeds in every variant. Each variant draws one image first
 (for a compiled one: the compile), then the variants take turns, --rounds rounds of --images images each, so that
-a drift of the machine's load hits them alike. Variants besides eager and compile: channels_last (the UNet's and the
-VAE's memory format), and inductor settings applied while the compile runs (freezing: weights folded in as
-constants; max-autotune: what mode="max-autotune-no-cudagraphs" sets).
+a drift of the machine's load hits them alike. Variants besides eager and compile: channels_last, the UNet's and the
+VAE's memory format (a compiled channels_last UNet is a graph of its own: its weights' strides differ).
 
 Training: configs/tiny.yaml's shapes (tinyworld/stock, 64 px, batch 8, fp32, EMA on), one batch a step (the recipe
 accumulates two), on a synthetic shapes dataset; the loop is bench/train_speed.py's copy of sdtune.train.main's
@@ -27,7 +26,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -37,7 +36,6 @@ if "--warm_cache" not in sys.argv:
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-import torch._inductor.config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_speed import Loop, PhaseTimer, run_steps  # noqa: E402
@@ -59,7 +57,6 @@ TARGET_SPEED_UP = 1.3  # generation, compiled against eager
 class Variant:
     compile: bool
     channels_last: bool = False
-    inductor: dict = field(default_factory=dict)  # torch._inductor.config settings while the compile runs
 
 
 VARIANTS = {
@@ -67,8 +64,6 @@ VARIANTS = {
     "compile": Variant(True),
     "channels_last": Variant(False, channels_last=True),
     "compile+channels_last": Variant(True, channels_last=True),
-    "compile+freezing": Variant(True, inductor={"freezing": True}),
-    "compile+max-autotune": Variant(True, inductor=torch._inductor.list_mode_options("max-autotune-no-cudagraphs")),
 }
 
 
@@ -105,8 +100,7 @@ def compare_generation(bench) -> None:
     for name in bench.variants:
         pipelines[name] = load_variant(VARIANTS[name])
         start = time.perf_counter()
-        with torch._inductor.config.patch(VARIANTS[name].inductor):
-            draw(pipelines[name], 0)
+        draw(pipelines[name], 0)
         first[name] = time.perf_counter() - start
     seconds = dict.fromkeys(bench.variants, 0.0)
     for _ in range(bench.rounds):
