@@ -48,7 +48,7 @@ def serve(args) -> None:
         logger.warning("--share without --auth: anyone with the link can use your GPU. Add --auth user:password.")
     # with --backend ray the models load in the replicas: this process's registry only describes them
     registry = ModelRegistry(read_model_list(args.models), device=args.device, cache_dir=args.cache_dir,
-                             lazy=args.lazy or args.backend == "ray")
+                             lazy=args.lazy or args.backend == "ray", compile=args.compile)
     if not args.lazy and len(registry.errors) == len(registry.names):
         logger.error("No model could be loaded; the app starts so the errors can be read in it.")
     Path(args.allowed_root).mkdir(parents=True, exist_ok=True)  # the batch tab's folder mode works on a fresh clone

@@ -12,7 +12,7 @@ with other settings is refused (batch_settings.json records them), and is never 
 import argparse
 from pathlib import Path
 
-from sdtune.cli import add_sampling_flags
+from sdtune.cli import add_compile_flag, add_sampling_flags
 from sdtune.errors import SdtuneError, exit_on_error
 from sdtune.limits import BATCH_SIZE, MAX_SIDE, check_seed
 from sdtune.logs import setup_logging
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=0, help="Working resolution; 0: each model's native.")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="Images per pipeline call.")
     add_sampling_flags(parser)
+    add_compile_flag(parser)
     return parser
 
 

@@ -73,7 +73,7 @@ def prepare(args, state: PartialState) -> tuple[ModelRegistry, dict[str, int]]:
     specs = parse_model_flags(args.models)
     batch_output.check_writable(args.output)
     batch_output.check_settings(args.output, output_settings(args, specs))
-    registry = ModelRegistry(specs, device=state.device, cache_dir=args.cache_dir, lazy=True)
+    registry = ModelRegistry(specs, device=state.device, cache_dir=args.cache_dir, lazy=True, compile=args.compile)
     resolutions = resolutions_of(registry, args.resolution)
     state.wait_for_everyone()  # every process has compared the settings before they are recorded
     if state.is_main_process:

@@ -25,6 +25,14 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache_dir", default=None, help="Where hub models are cached.")
 
 
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    """--compile, which the app, metrics.py and the batch CLI share (sdtune/compiling.py)."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each model's UNet: the first image pays the compile (about a minute on a "
+                             "CPU), later ones are faster; a change of scheduler, LoRA model or LoRA scale does not "
+                             "recompile, a new image size or batch shape compiles once more.")
+
+
 def metrics_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metrics.py", description="Score models by CLIP score on fixed prompts "
                                      "and seeds (and by CMMD to --reference_images).",
@@ -50,6 +58,7 @@ def metrics_parser() -> argparse.ArgumentParser:
                              "report each model's CMMD to them, the distance between the CLIP embeddings of its "
                              "images and theirs (lower is closer), with bootstrap intervals.")
     add_sampling_flags(parser)
+    add_compile_flag(parser)
     return parser
 
 
@@ -86,6 +95,7 @@ def app_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None,
                         help="Where hub models are cached.")
     add_ray_flags(parser)
+    add_compile_flag(parser)
     return parser
 
 

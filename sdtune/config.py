@@ -114,6 +114,9 @@ def _add_memory_flags(group):
                        help="Autocast precision; the trained UNet keeps fp32 master weights. "
                             "Default: accelerate's config.")
     group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet: the first steps pay the compile (and the first validation a "
+                            "second one), later steps run faster. Needs a C compiler on the CPU.")
     group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="xformers attention instead of PyTorch's scaled-dot-product attention.")
 

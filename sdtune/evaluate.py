@@ -125,7 +125,7 @@ def run(args) -> dict:
     if reference:
         embed_reference(reference, scorer)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    registry = ModelRegistry(specs, device=device, dtype=dtype, cache_dir=args.cache_dir)
+    registry = ModelRegistry(specs, device=device, dtype=dtype, cache_dir=args.cache_dir, compile=args.compile)
     if registry.errors:
         raise SdtuneError("Cannot score: " + "; ".join(f"{n}: {e}" for n, e in registry.errors.items()))
 

@@ -55,9 +55,9 @@ class Generator:
     """One replica: a registry on its device whose loaded models Serve's multiplexing bounds. It runs one request at
     a time: models on one base share its pipeline and switch adapters per request, and the device runs one anyway."""
 
-    def __init__(self, specs: list[ModelSpec], device: str, threads: int, models_per_replica: int):
+    def __init__(self, specs: list[ModelSpec], device: str, threads: int, models_per_replica: int, compile: bool):
         torch.set_num_threads(threads)
-        self.registry = ModelRegistry(specs, device=device, lazy=True)
+        self.registry = ModelRegistry(specs, device=device, lazy=True, compile=compile)
 
         async def hold(model: str) -> HeldModel:
             return await asyncio.to_thread(HeldModel, self.registry, model)
@@ -157,7 +157,7 @@ def start(registry: ModelRegistry, replicas: int | None = 1, autoscale: tuple[in
                else {"num_replicas": replicas})
     specs = [absolute(spec) for spec in registry.specs.values()]
     app = Generator.options(ray_actor_options=resources, **scaling).bind(specs, device, replica_cpus,
-                                                                         models_per_replica)
+                                                                         models_per_replica, registry.compile)
     serve.start(proxy_location="Disabled")  # the app calls the replicas through a handle: no HTTP proxy
     try:
         handle = serve.run(app, name=APP, route_prefix=None)

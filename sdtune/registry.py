@@ -20,6 +20,7 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+from sdtune.compiling import AdapterSlot, compile_unet_for_serving
 from sdtune.errors import SdtuneError
 from sdtune.limits import check_lora_scale
 from sdtune.lora import activate_adapter
@@ -96,6 +97,11 @@ def check_unique_names(specs, source) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise SdtuneError(f"{source}: duplicate model names {duplicates}.")
+
+
+def source_of(spec: ModelSpec) -> tuple:
+    """What identifies a base pipeline: models with the same source share one."""
+    return spec.path, spec.revision, spec.variant
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -175,7 +181,10 @@ def _file_digest(path: Path) -> str:
 class ModelRegistry:
     """Loads the listed pipelines on one device, once each, sharing identical components."""
 
-    def __init__(self, specs: list[ModelSpec], device="auto", dtype=None, cache_dir=None, lazy=False):
+    def __init__(self, specs: list[ModelSpec], device="auto", dtype=None, cache_dir=None, lazy=False,
+                 compile=False):
+        self.compile = compile  # --compile: each base's UNet, its LoRA models in one hotswapped slot (compiling.py)
+        self._slots: dict[tuple, AdapterSlot] = {}  # with compile: (path, revision, variant) -> its adapter slot
         self.specs = {spec.name: spec for spec in specs}
         self.device = pick_device(device) if isinstance(device, str) else device
         self.dtype = dtype or default_dtype(self.device)
@@ -219,8 +228,11 @@ class ModelRegistry:
                 if name not in self._pipelines:
                     self._pipelines[name] = self._load(self.specs[name])
         spec = self.specs[name]
-        activate_adapter(self._pipelines[name], spec.name if spec.lora else None,
-                         spec.lora_scale if lora_scale is None else lora_scale)
+        scale = spec.lora_scale if lora_scale is None else lora_scale
+        if self.compile:
+            self._slots[source_of(spec)].activate(spec.lora, scale)
+        else:
+            activate_adapter(self._pipelines[name], spec.name if spec.lora else None, scale)
         return self._pipelines[name]
 
     def _load(self, spec: ModelSpec) -> StableDiffusionPipeline:
@@ -230,7 +242,10 @@ class ModelRegistry:
                 if looks_local(spec.lora) and not Path(spec.lora).exists():
                     raise FileNotFoundError(f"no LoRA adapter at {spec.lora}")
                 # a folder, a diffusers or kohya .safetensors file, or a hub id; diffusers removes a half-loaded one
-                pipeline.load_lora_weights(spec.lora, adapter_name=spec.name)
+                if self.compile:  # swapped into the base's slot now, so that a broken adapter fails here too
+                    self._slots[source_of(spec)].activate(spec.lora, spec.lora_scale)
+                else:
+                    pipeline.load_lora_weights(spec.lora, adapter_name=spec.name)
         except Exception as error:  # a broken model must not take the others down
             self.errors[spec.name] = f"{type(error).__name__}: {error}"
             logger.error("Model '%s' (%s) failed to load: %s", spec.name, spec.lora or spec.path,
@@ -241,9 +256,14 @@ class ModelRegistry:
 
     def _base(self, spec: ModelSpec) -> StableDiffusionPipeline:
         """The pipeline at `spec.path`, loaded once for every model (plain or LoRA) on it."""
-        source = (spec.path, spec.revision, spec.variant)
+        source = source_of(spec)
         if source not in self._bases:
-            self._bases[source] = self._load_pipeline(spec)
+            pipeline = self._load_pipeline(spec)
+            if self.compile:  # the slot's layers must exist before the UNet compiles
+                adapters = [other.lora for other in self.specs.values() if other.lora and source_of(other) == source]
+                self._slots[source] = AdapterSlot(pipeline, adapters)
+                compile_unet_for_serving(pipeline.unet)
+            self._bases[source] = pipeline
         return self._bases[source]
 
     def _load_pipeline(self, spec: ModelSpec) -> StableDiffusionPipeline:
@@ -278,9 +298,10 @@ class ModelRegistry:
             pipeline = self._pipelines.pop(name, None)
             if pipeline is None:
                 return
-            if self.specs[name].lora:
+            if self.specs[name].lora and not self.compile:  # compiled: the base's one slot stays for the others
                 pipeline.delete_adapters(name)
             loaded = list(self._pipelines.values())
             self._bases = {source: base for source, base in self._bases.items() if any(base is p for p in loaded)}
+            self._slots = {source: slot for source, slot in self._slots.items() if source in self._bases}
             kept = {id(getattr(p, component, None)) for p in loaded for component in SHAREABLE}
             self._components = {key: module for key, module in self._components.items() if id(module) in kept}

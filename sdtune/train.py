@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from sdtune.buckets import BucketBatchSampler
 from sdtune.checkpoints import (Progress, load_checkpoint, register_checkpoint_hooks, resolve_resume_path,
                                 save_checkpoint)
+from sdtune.compiling import compile_unet_for_training
 from sdtune.components import load_components, use_xformers
 from sdtune.config import save_resolved_config
 from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows
@@ -181,6 +182,8 @@ def configure_unet(unet, args) -> None:
         use_xformers(unet)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.compile:  # lazy: it traces at the first step, so a LoRA adapter added after this is compiled too
+        compile_unet_for_training(unet)
 
 
 def make_dataset(args, tokenizer):
