@@ -205,17 +205,7 @@ def compare(service: Service, prompt: str, models, axis: str, values, seed, sett
     with RunRecorder("compare", service.run_log, service.registry.device) as recorder:
         folder = service.output_dir / recorder.run_id
         folder.mkdir(parents=True, exist_ok=True)
-        made: dict[tuple, Cell] = {}
-        for index, cell in enumerate(cells):
-            if stop is not None and stop.is_set():
-                break
-            if cell.key in made:  # the same image again: shared, not drawn twice
-                same = made[cell.key]
-                cell.image, cell.path, cell.error, cell.lora_scale = same.image, same.path, same.error, same.lora_scale
-            else:
-                generate_cell(service, prompt, cell, folder / f"{index:02d}-{cell.model}-{cell.row.seed}.png", stop)
-                made[cell.key] = cell
-                recorder.image_done(cell.seconds, failed=cell.error not in ("", STOPPED))
+        for cell in finished_cells(service, prompt, cells, folder, recorder, stop):
             update.cells.append(cell)
             yield update
         update.grid_path = save_png(grid_image(update), folder / "grid.png",
@@ -225,6 +215,23 @@ def compare(service: Service, prompt: str, models, axis: str, values, seed, sett
                                      seeds=sorted({row.seed for row in rows}), stopped=stopped,
                                      failed_cells=failed_cells(update.cells))
         yield update
+
+
+def finished_cells(service: Service, prompt: str, cells: list[Cell], folder: Path, recorder: RunRecorder,
+                   stop: threading.Event | None):
+    """Each cell in turn, drawn, or shared when it is an image already drawn; none after Stop."""
+    made: dict[tuple, Cell] = {}
+    for index, cell in enumerate(cells):
+        if stop is not None and stop.is_set():
+            return
+        if cell.key in made:
+            same = made[cell.key]
+            cell.image, cell.path, cell.error, cell.lora_scale = same.image, same.path, same.error, same.lora_scale
+        else:
+            generate_cell(service, prompt, cell, folder / f"{index:02d}-{cell.model}-{cell.row.seed}.png", stop)
+            made[cell.key] = cell
+            recorder.image_done(cell.seconds, failed=cell.error not in ("", STOPPED))
+        yield cell
 
 
 def grid_image(update: CompareUpdate) -> Image.Image:
