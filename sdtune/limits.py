@@ -12,6 +12,7 @@ MAX_UPLOAD_PIXELS = 4096 * 4096  # larger uploads are refused before decoding (d
 # one request must not hold it for long: a CPU takes seconds per megapixel-step, a GPU a small fraction of one.
 DEFAULT_MAX_REQUEST_COST = {"cpu": 8.0, "mps": 64.0, "cuda": 512.0}
 BATCH_SIZE = 4  # images per pipeline call in a random-model batch, the CLI's default and the app's batch tab's
+MAX_COMPARE_CELLS = 64  # images in one comparison grid (models x values): 8 x 8, A1111's X/Y plots rarely hold more
 
 SEED_LIMIT = 2**32  # seeds are 0 <= seed < 2**32: what a user may give, derive_seed makes and the PNGs record
 

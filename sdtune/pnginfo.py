@@ -21,8 +21,9 @@ FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def format_parameters(prompt: str, settings: GenerationSettings, seed: int, model: str,
-                      image_to_image: bool = False, lora_scale: float | None = None) -> str:
-    """The `parameters` text of one image; `lora_scale` is None for a model without an adapter."""
+                      image_to_image: bool = False, lora_scale: float | None = None, extra: dict | None = None) -> str:
+    """The `parameters` text of one image; `lora_scale` is None for a model without an adapter; `extra` fields go
+    last (a comparison grid's axes)."""
     fields = {
         "Steps": settings.num_inference_steps,
         "Sampler": SCHEDULERS[settings.scheduler][1],
@@ -35,6 +36,7 @@ def format_parameters(prompt: str, settings: GenerationSettings, seed: int, mode
         fields["LoRA scale"] = lora_scale
     if image_to_image:
         fields["Denoising strength"] = settings.strength
+    fields.update(extra or {})
     lines = [prompt]
     if settings.negative_prompt:
         lines.append(f"Negative prompt: {settings.negative_prompt}")

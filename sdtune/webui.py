@@ -267,6 +267,8 @@ def batch_tab(handlers: Handlers, names, allowed_root):
 
 
 def build_ui(service: Service) -> gr.Blocks:
+    from sdtune.webui_compare import compare_tab  # imported here: it builds on this module's controls
+
     names, handlers = service.registry.names, Handlers(service)
     # delete_cache: Gradio copies every upload and output into its temp folder; drop copies older than a day
     with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
@@ -277,12 +279,14 @@ def build_ui(service: Service) -> gr.Blocks:
             text_event, text_stop = text_tab(handlers, names, default_size(service))
         with gr.Tab("Image to image"):
             image_event, image_stop = image_tab(handlers, names)
+        with gr.Tab("Compare"):
+            _, compare_stop = compare_tab(handlers, names, default_size(service))
         with gr.Tab("Random-model batch"):
             _, batch_stop = batch_tab(handlers, names, service.allowed_root_shown)
-        for button in (text_stop, image_stop, batch_stop):
-            # a running generation stops at its next denoising step (a batch keeps what it finished before: so it
-            # is stopped by its flag, not cancelled); a queued text or image request is cancelled, a queued batch
-            # finds its flag set when it starts and ends at once
+        for button in (text_stop, image_stop, batch_stop, compare_stop):
+            # a running generation stops at its next denoising step (a batch or comparison keeps what it finished
+            # before: so it is stopped by its flag, not cancelled); a queued text or image request is cancelled, a
+            # queued batch or comparison finds its flag set when it starts and ends at once
             button.click(handlers.stops.stop, None, None, cancels=[text_event, image_event],
                          api_visibility="private", queue=False)
     return demo

@@ -36,9 +36,9 @@ def image_file(path, size=(80, 48), colour="red"):
     return path
 
 
-def test_the_three_named_endpoints_exist(client):
+def test_the_named_endpoints_exist(client):
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == \
-        {"/text2img", "/img2img", "/random_batch"}
+        {"/text2img", "/img2img", "/random_batch", "/compare"}
 
 
 def test_text2img_returns_pngs_that_carry_their_parameters(client):
@@ -392,3 +392,30 @@ def test_the_model_list_names_each_loras_base_and_scale_and_a_broken_adapter_lea
         client.predict(prompt="x", model="bad-lora", seed=1, **T2I, api_name="/text2img")
     for model in ["lora", "stock"]:
         assert client.predict(prompt="x", model=model, seed=1, **T2I, api_name="/text2img")[1] == 1
+
+
+COMPARE = dict(prompt="a red circle", negative_prompt="", axis="seed", values="1", seed=3, scheduler="dpmsolver++",
+               num_inference_steps=2, guidance_scale=7.5, width=64, height=64, api_name="/compare")
+
+
+def test_compare_gives_text2imgs_images_a_grid_and_a_failed_cell_for_a_broken_model(client):
+    grid, cells, download, run = client.predict(**dict(COMPARE, models=["stock", "tuned", "bad-lora"]))
+    assert [cell["caption"] for cell in cells] == ["stock, Seed 3", "tuned, Seed 3"]
+    (stock,), _, _ = client.predict(prompt="a red circle", model="stock", seed=3, **dict(T2I, num_inference_steps=2),
+                                    api_name="/text2img")
+    assert np.array_equal(pixels(cells[0]), pixels(stock)) and png_parameters(cells[0]) == png_parameters(stock)
+    assert pixels(grid).shape == pixels(download).shape and png_parameters(download)["X Values"] == \
+        "stock, tuned, bad-lora"
+    assert run["kind"] == "compare" and [cell["model"] for cell in run["failed_cells"]] == ["bad-lora"]
+
+
+def test_bad_comparisons_get_a_clear_error_and_the_server_stays_up(client):
+    for override, message in [({"models": []}, "models: none chosen"),
+                              ({"axis": "guidance_scale", "values": "1, x"}, "values: 'x' is not a number"),
+                              ({"values": "40", "models": ["stock", "tuned"]}, "at most 64"),
+                              ({"values": ""}, "values: empty")]:
+        request = dict(COMPARE, models=["stock"])
+        request.update(override)
+        with pytest.raises(Exception, match=message):
+            client.predict(**request)
+    assert client.predict(**dict(COMPARE, models=["stock"]))[3]["images"] == 1
