@@ -206,7 +206,7 @@ def text_tab(handlers: Handlers, names, size: int):
     with gr.Row():
         run, stop = gr.Button("Generate", variant="primary"), gr.Button("Stop")
     gallery = gr.Gallery(label="Images", format="png", columns=4)
-    tools = result_tools()
+    tools = result_tools(TEXT_TAB)
     seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.text2img, [prompt, negative, model, scheduler, steps, guidance, width,
                                                       height, seed, count, scale], [gallery, seed_used, record],
@@ -227,7 +227,7 @@ def image_tab(handlers: Handlers, names):
     with gr.Row():
         run, stop = gr.Button("Generate", variant="primary"), gr.Button("Stop")
     result = gr.Image(label="Result", format="png", type="filepath")
-    tools = result_tools()
+    tools = result_tools(IMAGE_TAB)
     seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.img2img, [source, prompt, negative, model, scheduler, steps, guidance,
                                                      strength, seed, resolution, scale], [result, seed_used, record],

@@ -52,18 +52,20 @@ class Form:
                 if f.metadata.get("filled", True) and f.name != "tab" and getattr(self, f.name) is not None}
 
 
-def result_tools() -> ResultTools:
+def result_tools(tab: str) -> ResultTools:
     """The Send buttons and the history strip, placed under a tab's result."""
     with gr.Row():
         send_text = gr.Button("Send to text→image", size="sm")
         send_image = gr.Button("Send to image→image", size="sm")
     history = gr.Gallery(label=f"This session's last {HISTORY_SIZE} (click one to restore its settings)",
-                         format="png", columns=6, height=160, allow_preview=False, elem_classes=["sdtune-result"])
+                         format="png", columns=6, height=160, allow_preview=False, elem_id=f"{tab}-history",
+                         elem_classes=["sdtune-result"])
     return ResultTools(send_text, send_image, history, gr.State([]), gr.State(0))
 
 
 @dataclass
 class InfoTab:
+    """The PNG info tab's upload and its Send buttons."""
     upload: gr.File
     preview: gr.Image
     send_text: gr.Button
@@ -89,6 +91,8 @@ def png_info_tab(registry: ModelRegistry) -> InfoTab:
 
 
 class InfoReader:
+    """The PNG info tab's handler (and /png_info): an uploaded PNG's parameters, as read and as the forms take them."""
+
     def __init__(self, registry: ModelRegistry):
         self.registry = registry
 
