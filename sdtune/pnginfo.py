@@ -17,7 +17,11 @@ from PIL import Image, PngImagePlugin
 from sdtune.generate import GenerationSettings
 from sdtune.schedulers import SCHEDULERS
 
-FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# One "Key: value" pair of the settings line; keys such as "Schedule type", "Hires upscale" or "Size-1", values quoted
+# (JSON) when they hold a comma, colon or newline, as `Lora hashes: "a: 1f2e, b: 9c0d"`
+FIELD = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+MIN_SETTINGS_FIELDS = 3  # fewer "Key: value" pairs on the last line: it is part of the prompt ("style: watercolor")
+NEGATIVE = "Negative prompt:"
 
 
 def format_parameters(prompt: str, settings: GenerationSettings, seed: int, model: str,
@@ -50,14 +54,33 @@ def _quote(value) -> str:
 
 
 def parse_parameters(text: str) -> dict:
-    """Read `parameters` text back: prompt, negative prompt and every field of the last line."""
-    *prompt_lines, last = text.split("\n")
-    negative = ""
-    if prompt_lines and prompt_lines[-1].startswith("Negative prompt: "):
-        negative = prompt_lines.pop().removeprefix("Negative prompt: ")
-    fields = {key.strip(): json.loads(value) if value.startswith('"') else value.strip()
-              for key, value in FIELD.findall(last)}
-    return {"prompt": "\n".join(prompt_lines), "negative_prompt": negative, **fields}
+    """Read `parameters` text back: prompt and negative prompt (each may span lines) and every field of the settings
+    line, as strings. A text without a settings line is all prompt (and negative prompt)."""
+    lines = text.replace("\r\n", "\n").strip().split("\n")
+    fields = settings_fields(lines[-1])
+    if len(fields) >= MIN_SETTINGS_FIELDS:
+        lines.pop()
+    else:
+        fields = {}
+    prompt, negative = lines, []
+    for index, line in enumerate(lines):
+        if line.startswith(NEGATIVE):  # the negative prompt runs from here to the settings line
+            prompt, negative = lines[:index], [line.removeprefix(NEGATIVE).lstrip(), *lines[index + 1:]]
+            break
+    return {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative), **fields}
+
+
+def settings_fields(line: str) -> dict[str, str]:
+    return {key.strip(): _unquote(value.strip()) for key, value in FIELD.findall(line)}
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return str(json.loads(value))
+        except json.JSONDecodeError:  # a quote that is not JSON's: keep the text as written
+            return value
+    return value
 
 
 def save_png(image: Image.Image, path, parameters: str) -> Path:

@@ -18,6 +18,7 @@ from sdtune.image_folder import InputImage
 from sdtune.limits import LORA_SCALE_RANGE, MAX_IMAGES, MAX_SIDE, SEED_LIMIT
 from sdtune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdtune.serving import Service
+from sdtune.webui_recall import IMAGE_TAB, INFO_TAB, TEXT_TAB, Form, png_info_tab, result_tools, wire
 
 QUEUE = "device"  # every generating event shares one concurrency slot: one generation on the device at a time
 TABLE_HEADERS = ["file", "model", "prompt", "seed", "seconds", "error"]
@@ -217,11 +218,13 @@ def text_tab(handlers: Handlers, names, size: int):
     with gr.Row():
         run, stop = gr.Button("Generate", variant="primary"), gr.Button("Stop")
     gallery = gr.Gallery(label="Images", format="png", columns=4)
+    tools = result_tools(TEXT_TAB)
     seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.text2img, [prompt, negative, model, scheduler, steps, guidance, width,
                                                       height, seed, count, scale], [gallery, seed_used, record],
                    "text2img")
-    return event, stop
+    return event, stop, Form(TEXT_TAB, prompt, negative, model, scale, scheduler, steps, guidance, seed, gallery,
+                             tools, width=width, height=height)
 
 
 def image_tab(handlers: Handlers, names):
@@ -236,11 +239,13 @@ def image_tab(handlers: Handlers, names):
     with gr.Row():
         run, stop = gr.Button("Generate", variant="primary"), gr.Button("Stop")
     result = gr.Image(label="Result", format="png", type="filepath")
+    tools = result_tools(IMAGE_TAB)
     seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.img2img, [source, prompt, negative, model, scheduler, steps, guidance,
                                                      strength, seed, resolution, scale], [result, seed_used, record],
                    "img2img")
-    return event, stop
+    return event, stop, Form(IMAGE_TAB, prompt, negative, model, scale, scheduler, steps, guidance, seed, result,
+                             tools, strength=strength, image=source)
 
 
 def batch_tab(handlers: Handlers, names, allowed_root):
@@ -275,14 +280,18 @@ def build_ui(service: Service) -> gr.Blocks:
         gr.Markdown("# sdtune: stock and fine-tuned Stable Diffusion")
         gr.Markdown(model_status(service))
         backend_status(service)
-        with gr.Tab("Text to image"):
-            text_event, text_stop = text_tab(handlers, names, default_size(service))
-        with gr.Tab("Image to image"):
-            image_event, image_stop = image_tab(handlers, names)
-        with gr.Tab("Compare"):
-            _, compare_stop = compare_tab(handlers, names, default_size(service))
-        with gr.Tab("Random-model batch"):
-            _, batch_stop = batch_tab(handlers, names, service.allowed_root_shown)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Text to image", id=TEXT_TAB):
+                text_event, text_stop, text_form = text_tab(handlers, names, default_size(service))
+            with gr.Tab("Image to image", id=IMAGE_TAB):
+                image_event, image_stop, image_form = image_tab(handlers, names)
+            with gr.Tab("Compare"):
+                _, compare_stop = compare_tab(handlers, names, default_size(service))
+            with gr.Tab("Random-model batch"):
+                _, batch_stop = batch_tab(handlers, names, service.allowed_root_shown)
+            with gr.Tab("PNG info", id=INFO_TAB):
+                info = png_info_tab(service.registry)
+        wire(text_form, image_form, info, tabs, service.registry, {TEXT_TAB: text_event, IMAGE_TAB: image_event})
         for button in (text_stop, image_stop, batch_stop, compare_stop):
             # a running generation stops at its next denoising step (a batch or comparison keeps what it finished
             # before: so it is stopped by its flag, not cancelled); a queued text or image request is cancelled, a

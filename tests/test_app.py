@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from sdtune.app import check_output_dir
 from sdtune.cli import parse_app_args
@@ -38,7 +38,7 @@ def image_file(path, size=(80, 48), colour="red"):
 
 def test_the_named_endpoints_exist(client):
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == \
-        {"/text2img", "/img2img", "/random_batch", "/compare"}
+        {"/text2img", "/img2img", "/random_batch", "/compare", "/png_info"}
 
 
 def test_text2img_returns_pngs_that_carry_their_parameters(client):
@@ -419,3 +419,65 @@ def test_bad_comparisons_get_a_clear_error_and_the_server_stays_up(client):
         with pytest.raises(Exception, match=message):
             client.predict(**request)
     assert client.predict(**dict(COMPARE, models=["stock"]))[3]["images"] == 1
+
+
+def png_info(client, path):
+    return client.predict(image=handle_file(path), api_name="/png_info")
+
+
+def test_png_info_reads_a_generated_png_and_send_to_fills_the_forms(app, client):
+    from sdtune.generate import GenerationSettings
+
+    settings = GenerationSettings(num_inference_steps=2, guidance_scale=6.5, width=64, height=64,
+                                  negative_prompt="blurry, grey", scheduler="euler_a")
+    outcome = app["service"].text2img("a red circle, big", "lora", 31, 1, settings, lora_scale=-0.5)
+    _, raw, values, notes = png_info(client, outcome.paths[0])
+    assert raw.startswith("a red circle, big\nNegative prompt: blurry, grey\n") and notes == ""
+    assert values == dict(prompt="a red circle, big", negative_prompt="blurry, grey", model="lora",
+                          scheduler="euler_a", num_inference_steps=2, guidance_scale=6.5, seed=31, width=64,
+                          height=64, lora_scale=-0.5)
+    senders = {fn.outputs[-2].label: fn.fn.__self__ for fn in app["demo"].fns.values()
+               if getattr(fn.fn, "__name__", "") == "from_png"}
+    text_form = senders["Height"].form.filled()  # text to image's sender: its last filled control is the height
+    text = dict(zip(text_form, senders["Height"].from_png(str(outcome.paths[0]), "lora")))
+    assert {name: text[name] for name in values} == values and text["lora_scale"] == -0.5
+    image = senders["Input image"].from_png(str(outcome.paths[0]), "stock")  # another model: its listed scale
+    assert image[-2] == str(outcome.paths[0]) and image[-1].selected == "img2img"
+    assert dict(zip(senders["Input image"].form.filled(), image))["lora_scale"] == gr.skip()
+
+
+def test_png_info_bad_input_gets_a_clear_message_and_the_app_keeps_answering(client, tmp_path):
+    bare = image_file(tmp_path / "bare.png")
+    garbage = tmp_path / "garbage.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "\x00\x01 not parameters")
+    Image.new("RGB", (8, 8)).save(garbage, pnginfo=info)
+    elsewhere = tmp_path / "elsewhere.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: abc, Sampler: Euler a, Model: sd_xl_base_1.0, Size: 12")
+    Image.new("RGB", (8, 8)).save(elsewhere, pnginfo=info)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    for path, messages in [(bare, ["no generation parameters"]), (garbage, ["No settings line"]),
+                           (elsewhere, ["Steps: 'abc' not applied", "Model 'sd_xl_base_1.0' is not served here",
+                                        "Size: '12' not applied"]),
+                           (text, ["cannot be read as an image"])]:
+        _, _, values, notes = png_info(client, path)
+        assert all(message in notes for message in messages), notes
+        assert "model" not in values and "num_inference_steps" not in values
+    assert png_info(client, elsewhere)[2]["scheduler"] == "euler_a"  # still answering, and the rest applied
+
+
+def test_the_history_keeps_the_newest_images_first_and_restores_their_settings(app):
+    from sdtune.generate import GenerationSettings
+    from sdtune.webui_recall import HISTORY_SIZE, remember
+
+    settings = GenerationSettings(num_inference_steps=1, width=32, height=32)
+    paths = [str(p) for p in app["service"].text2img("history", "stock", 40, 2, settings).paths]
+    history, shown_history, shown = remember([(p, None) for p in paths], [("older.png", "older")] * HISTORY_SIZE)
+    assert [path for path, _ in history[:3]] == [*paths, "older.png"] and len(history) == HISTORY_SIZE
+    assert history == shown_history and shown == 0 and history[1][1] == "stock, seed 41: history"
+    restore = next(fn.fn for fn in app["demo"].fns.values() if getattr(fn.fn, "__name__", "") == "from_history")
+    updates = dict(zip(restore.__self__.form.filled(), restore(history, "stock", SimpleNamespace(index=1))))
+    assert (updates["seed"], updates["prompt"]) == (41, "history")
+    assert updates["width"] == gr.skip()  # 32 px is below the form's range: it keeps its width
