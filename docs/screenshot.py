@@ -5,10 +5,12 @@ it in Debian's chromium driven by Playwright, picks the tab, fills fields by the
 the tab's result image (components of class sdtune-result) and saves the window as a PNG. From the repository root,
 after `make demo` (which trains outputs/tiny-finetuned, the list's second model):
 
-    python docs/screenshot.py --tab "Text to image" --fill "Prompt=a red circle" --fill Steps=5 \
+    python docs/screenshot.py --tab "Text to image" --fill "Prompt=$PROMPT" --fill Steps=20 --fill Seed=3 \
         --click Generate --output docs/app-text2img.png
-    python docs/screenshot.py --tab Compare --fill "Prompt=a red circle" --fill Steps=5 \
+    python docs/screenshot.py --tab Compare --fill "Prompt=$PROMPT" --fill Values=3 --fill Seed=1 --fill Steps=20 \
         --click Compare --output docs/app-compare.png
+
+with PROMPT="a drawing of a yellow creature with long ears on a white background" (configs/tiny_prompts.txt).
 
 A field is a labelled box (Prompt) or a slider's number box (Steps, Width). Without --click the tab is shown as it
 opens.
