@@ -11,14 +11,15 @@ from sdtune.errors import SdtuneError
 from sdtune.logs import setup_logging
 from sdtune.registry import ModelRegistry, read_model_list
 from sdtune.serving import Service
-from sdtune.webui import build_ui
+from sdtune.webui import CSS_PATH, build_ui
 
 logger = logging.getLogger("sdtune.app")
 
 # show_error: a file Gradio itself cannot open (not an image) reaches API clients with its reason. No allowed_paths:
 # Gradio copies each file a handler returns into its cache under a secret-keyed hash and serves only that copy, so
-# a session can fetch what it was given and nothing else of the output folder (run log, other runs).
-LAUNCH_OPTIONS = dict(show_error=True, max_file_size="50mb")
+# a session can fetch what it was given and nothing else of the output folder (run log, other runs). css_paths: the
+# UI's layout and image styles (Gradio 6 takes custom CSS at launch, no longer in gr.Blocks).
+LAUNCH_OPTIONS = dict(show_error=True, max_file_size="50mb", css_paths=[CSS_PATH])
 
 
 def check_output_dir(path) -> None:

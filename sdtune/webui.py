@@ -23,6 +23,10 @@ from sdtune.webui_recall import IMAGE_TAB, INFO_TAB, TEXT_TAB, Form, png_info_ta
 QUEUE = "device"  # every generating event shares one concurrency slot: one generation on the device at a time
 TABLE_HEADERS = ["file", "model", "prompt", "seed", "seconds", "error"]
 SEED_RANGE = f"0 to {SEED_LIMIT - 1}; -1 = random"
+CSS_PATH = Path(__file__).with_name("webui.css")  # the layout's and the result images' styles
+# Pixel heights that keep a tab's start button and its result in a 1366x768 window: an input image's drop area (a
+# thumbnail is enough to see what was uploaded) and a result image's frame (small images are enlarged to fill it)
+INPUT_HEIGHT, RESULT_HEIGHT = 200, 440
 
 
 class StopSignals:
@@ -206,20 +210,38 @@ def model_and_scale(handlers: Handlers, names):
     return model, scale, scheduler, steps, guidance
 
 
+def run_buttons(label: str):
+    """A tab's start and Stop buttons, right under its prompt: in view, with the result, above the settings."""
+    with gr.Row():
+        return gr.Button(label, variant="primary"), gr.Button("Stop")
+
+
+def result_gallery(label: str, columns: int) -> gr.Gallery:
+    """Generated images, each thumbnail whole (object_fit contain: Gradio crops them to squares by default).
+
+    fit_columns=False: one image stays one column wide, where Gradio would widen it to the gallery's full width and
+    so make it taller than the gallery's scroll box."""
+    return gr.Gallery(label=label, format="png", columns=columns, fit_columns=False, object_fit="contain",
+                      elem_classes=["sdtune-result"])
+
+
 def text_tab(handlers: Handlers, names, size: int):
-    prompt = gr.Textbox(label="Prompt", lines=2)
-    negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
-    model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
-    with gr.Row():
-        width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
-        height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
-        seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
-        count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
-    with gr.Row():
-        run, stop = gr.Button("Generate", variant="primary"), gr.Button("Stop")
-    gallery = gr.Gallery(label="Images", format="png", columns=4)
-    tools = result_tools(TEXT_TAB)
-    seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=360):
+            prompt = gr.Textbox(label="Prompt", lines=2)
+            negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
+            run, stop = run_buttons("Generate")
+            model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
+            with gr.Row():
+                width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
+                height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
+            with gr.Row():
+                seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
+                count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
+        with gr.Column(scale=3, min_width=360):
+            gallery = result_gallery("Images", columns=2)  # a few images, large
+            tools = result_tools(TEXT_TAB)
+            seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.text2img, [prompt, negative, model, scheduler, steps, guidance, width,
                                                       height, seed, count, scale], [gallery, seed_used, record],
                    "text2img")
@@ -228,19 +250,22 @@ def text_tab(handlers: Handlers, names, size: int):
 
 
 def image_tab(handlers: Handlers, names):
-    # image_mode=None: Gradio passes the file through undecoded; the service decodes it with its own limits
-    source = gr.Image(type="filepath", image_mode=None, label="Input image", format="png")
-    prompt = gr.Textbox(label="Prompt", lines=2)
-    negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
-    model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
-    with gr.Row():
-        strength, resolution = strength_and_resolution()
-        seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
-    with gr.Row():
-        run, stop = gr.Button("Generate", variant="primary"), gr.Button("Stop")
-    result = gr.Image(label="Result", format="png", type="filepath")
-    tools = result_tools(IMAGE_TAB)
-    seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=360):
+            # image_mode=None: Gradio passes the file through undecoded; the service decodes it with its own limits
+            source = gr.Image(type="filepath", image_mode=None, label="Input image", format="png", height=INPUT_HEIGHT)
+            prompt = gr.Textbox(label="Prompt", lines=2)
+            negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
+            run, stop = run_buttons("Generate")
+            model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
+            with gr.Row():
+                strength, resolution = strength_and_resolution()
+                seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
+        with gr.Column(scale=3, min_width=360):
+            result = gr.Image(label="Result", format="png", type="filepath", height=RESULT_HEIGHT,
+                              elem_classes=["sdtune-result"])
+            tools = result_tools(IMAGE_TAB)
+            seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.img2img, [source, prompt, negative, model, scheduler, steps, guidance,
                                                      strength, seed, resolution, scale], [result, seed_used, record],
                    "img2img")
@@ -252,19 +277,21 @@ def batch_tab(handlers: Handlers, names, allowed_root):
     gr.Markdown("Each image gets a model drawn at random (reproducibly from the batch seed and its file name) "
                 "and, unless a prompt is given, the prompt written in its file name: `a_red_dragon.png` becomes "
                 "\"a red dragon\".")
-    uploads = gr.File(file_count="multiple", file_types=["image"], label="Images")
-    folder = gr.Textbox(label=f"...or a folder under {allowed_root}")
-    chosen = gr.CheckboxGroup(names, value=names, label="Models to draw from")
-    prompt = gr.Textbox(label="Prompt (empty: from each file name)")
-    with gr.Row():
-        seed = gr.Number(0, precision=0, label=f"Batch seed ({SEED_RANGE})")
-        strength, resolution = strength_and_resolution()
-    _, scheduler, steps, guidance = sampling_controls()
-    with gr.Row():
-        run, stop = gr.Button("Run batch", variant="primary"), gr.Button("Stop")
-    gallery = gr.Gallery(label="Outputs", format="png", columns=4)
-    table = gr.Dataframe(headers=TABLE_HEADERS, label="Results", interactive=False)
-    archive, record = gr.File(label="All outputs (zip)"), gr.JSON(label="Run")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=360):
+            uploads = gr.File(file_count="multiple", file_types=["image"], label="Images", height=INPUT_HEIGHT)
+            folder = gr.Textbox(label=f"...or a folder under {allowed_root}")
+            chosen = gr.CheckboxGroup(names, value=names, label="Models to draw from")
+            prompt = gr.Textbox(label="Prompt (empty: from each file name)")
+            run, stop = run_buttons("Run batch")
+            with gr.Row():
+                seed = gr.Number(0, precision=0, label=f"Batch seed ({SEED_RANGE})")
+                strength, resolution = strength_and_resolution()
+            _, scheduler, steps, guidance = sampling_controls()
+        with gr.Column(scale=3, min_width=360):
+            gallery = result_gallery("Outputs", columns=4)  # a batch: many, smaller
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="Results", interactive=False)
+            archive, record = gr.File(label="All outputs (zip)"), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.random_batch, [uploads, folder, chosen, prompt, seed, strength, steps,
                                                           guidance, scheduler, resolution],
                    [gallery, table, archive, record], "random_batch")
@@ -277,8 +304,8 @@ def build_ui(service: Service) -> gr.Blocks:
     names, handlers = service.registry.names, Handlers(service)
     # delete_cache: Gradio copies every upload and output into its temp folder; drop copies older than a day
     with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
-        gr.Markdown("# sdtune: stock and fine-tuned Stable Diffusion")
-        gr.Markdown(model_status(service))
+        gr.Markdown("# sdtune: stock and fine-tuned Stable Diffusion", elem_classes=["sdtune-header"])
+        gr.Markdown(model_status(service), elem_classes=["sdtune-header"])
         backend_status(service)
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id=TEXT_TAB):

@@ -1,0 +1,133 @@
+"""A screenshot of one tab of the app as a 1366x768 browser window shows it, for README's pictures under docs/.
+
+Starts the app in this process on a model list (the tiny world's by default, so it runs on a CPU in seconds), opens
+it in Debian's chromium driven by Playwright, picks the tab, fills fields by their labels, clicks a button, waits for
+the tab's result image (components of class sdtune-result) and saves the window as a PNG. From the repository root,
+after `make demo` (which trains outputs/tiny-finetuned, the list's second model):
+
+    python docs/screenshot.py --tab "Text to image" --fill "Prompt=$PROMPT" --fill Steps=20 --fill Seed=3 \
+        --click Generate --output docs/app-text2img.png
+    python docs/screenshot.py --tab Compare --fill "Prompt=$PROMPT" --fill Values=3 --fill Seed=1 --fill Steps=20 \
+        --click Compare --output docs/app-compare.png
+
+with PROMPT="a drawing of a yellow creature with long ears on a white background" (configs/tiny_prompts.txt).
+
+A field is a labelled box (Prompt) or a slider's number box (Steps, Width). Without --click the tab is shown as it
+opens.
+"""
+
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import this sdtune
+
+from sdtune.app import LAUNCH_OPTIONS  # noqa: E402
+from sdtune.registry import ModelRegistry, read_model_list  # noqa: E402
+from sdtune.serving import Service  # noqa: E402
+from sdtune.webui import build_ui  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's: Playwright downloads none
+# Without these, chromium tries to reach Google's services at start, which a closed network refuses.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]
+RESULT_WAIT_MS = 300_000  # a generation on a CPU: seconds for the tiny world, minutes for SD v1-4
+# Done: no component shows Gradio's progress overlay (its status tracker is hidden when idle), and every result image
+# shown has loaded its file (Gradio's gallery loads lazily, so a visible img may still be empty).
+FINISHED = """() => [...document.querySelectorAll("[data-testid=status-tracker]")].every(e => e.classList.contains("hide"))
+    && [...document.querySelectorAll(".sdtune-result img")].every(img => !img.offsetParent || img.complete)"""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="configs/models-tiny.yaml", help="the app's model list")
+    parser.add_argument("--tab", default="Text to image", help="the tab to show, by its title")
+    parser.add_argument("--fill", action="append", default=[], metavar="LABEL=VALUE",
+                        help="set the field with this label before clicking (repeatable)")
+    parser.add_argument("--click", help="the button to click in the tab (e.g. Generate); left out: no click")
+    parser.add_argument("--output", required=True, help="the PNG to write")
+    parser.add_argument("--window", default="1366x768", help="the browser window's inner size, WIDTHxHEIGHT")
+    args = parser.parse_args(argv)
+    args.fields = [split_field(text, parser) for text in args.fill]
+    try:
+        args.width, args.height = (int(side) for side in args.window.split("x"))
+    except ValueError:
+        parser.error(f"--window {args.window} must be WIDTHxHEIGHT, e.g. 1366x768")
+    return args
+
+
+def split_field(text: str, parser) -> tuple[str, str]:
+    label, equals, value = text.partition("=")
+    if not equals or not label:
+        parser.error(f"--fill {text} must be LABEL=VALUE, e.g. Prompt=a red circle")
+    return label, value
+
+
+def start_app(models, folder: Path):
+    """The app on the listed models, on the CPU, serving in a background thread; its outputs go to `folder`."""
+    service = Service(ModelRegistry(read_model_list(models), device="cpu"), folder / "outputs", folder / "inputs")
+    demo = build_ui(service)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, **LAUNCH_OPTIONS)
+    return demo
+
+
+def fill(panel, label: str, value: str) -> None:
+    """Type `value` into a field: the number box of the slider called `label`, else the field labelled exactly
+    `label`, else the first whose label starts with it ("Seed" for "Seed (0 to ...)")."""
+    slider = panel.get_by_role("spinbutton", name=f"number input for {label}", exact=True)
+    if slider.count():
+        slider.first.fill(value)
+        slider.first.press("Enter")  # a slider takes a typed number when it is entered
+        return
+    exact = panel.get_by_label(label, exact=True)
+    field = exact if exact.count() else panel.get_by_label(re.compile("^" + re.escape(label)))
+    field.first.fill(value)
+
+
+def wait_for_result(page, timeout_ms: int = RESULT_WAIT_MS) -> None:
+    """Wait until the shown tab has a result image and its request has finished."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(".sdtune-result img:visible").first).to_be_visible(timeout=timeout_ms)
+    page.wait_for_function(FINISHED, timeout=timeout_ms)
+
+
+def screenshot(url: str, args) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": args.width, "height": args.height})
+            page.goto(url)
+            page.get_by_role("tab", name=args.tab, exact=True).click()
+            panel = page.get_by_role("tabpanel").first  # the shown tab's: hidden ones are not in the role tree
+            panel.get_by_role("button").first.wait_for()  # rendered: fill looks its fields up without waiting
+            for label, value in args.fields:
+                fill(panel, label, value)
+            if args.click:
+                panel.get_by_role("button", name=args.click, exact=True).click()
+                wait_for_result(page)
+            page.evaluate("window.scrollTo(0, 0)")  # the window as it opens: clicks scroll their target into view
+            page.screenshot(path=args.output)
+        finally:
+            browser.close()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sdtune-screenshot-") as folder:
+        demo = start_app(args.models, Path(folder))
+        try:
+            screenshot(demo.local_url, args)
+        finally:
+            demo.close()
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
