@@ -43,6 +43,9 @@ $(TINY_REPORT): $(TINY_MODEL)
 demo: setup $(TINY_REPORT)
 	$(BIN)/python gradio_app.py --models configs/models-tiny.yaml
 
+# one process on every core: pytest-xdist with two one-thread workers was measured slower on the 2-core build
+# machine (639 s with the tiny world's fine-tune first, 609 s with it last on both cores, against 555-619 s),
+# as two processes there do little more work than one with two threads, and the fine-tune alone takes half the suite
 test: setup
 	$(BIN)/python -m pytest -q tests
 
