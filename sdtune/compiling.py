@@ -8,6 +8,12 @@ Serving compiles the UNet once, at load, and keeps every later request on that g
   turns in it through diffusers' hotswap, which copies weights into the slot's tensors instead of adding modules,
   and the scale is a tensor filled in place instead of peft's Python float, which the graph would guard on.
 The VAE is not compiled: its decode is about 1% of an image's time at the tiny world's 64 px (bench/README.md).
+
+What still compiles again (each about as long as the first compile: 73 s for the tiny world's UNet on 2 CPU cores):
+a new image size or batch size (more images a request, guidance 1): the first change of each makes that dimension
+dynamic, and later values reuse the graph;
+training's first validation (no gradients: a graph of its own). An adapter that targets other layers than the slot's
+first one cannot be swapped in: its model is unavailable, with diffusers' reason.
 """
 
 import functools

@@ -1,5 +1,5 @@
 """--compile: the compiled UNet draws the uncompiled model's images, and neither a scheduler nor a LoRA model or
-scale change recompiles it. One compile, shared by the file (about a minute of inductor on 2 cores when its cache
+scale change recompiles it. One compile, shared by the file (45 s of inductor on 2 cores when its cache
 is cold), is what these tests cost."""
 
 import numpy as np
