@@ -80,7 +80,8 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--startup_timeout", type=float, default=180, help="Seconds to wait for the app to serve.")
     parser.add_argument("--keep", default=None, help="Write models, inputs, outputs and the app's log here.")
     parser.add_argument("--backend", default="local", choices=["local", "ray"],
-                        help="The app's --backend: ray runs --replicas Ray Serve replicas of one CPU (one thread) each.")
+                        help="The app's --backend: ray runs --replicas Ray Serve replicas of one CPU (one thread) "
+                             "each.")
     parser.add_argument("--replicas", type=int, default=1, help="With --backend ray: the app's --replicas.")
     return parser.parse_args(argv)
 
