@@ -13,6 +13,9 @@ Latency is the wall time of one request from the client's side: submit to result
 queue (generation runs one request at a time on the device) and the file transfers. "service s" is the app's own
 time for the request, from the run record it returns. The run is bounded: --users x --requests requests, and every
 request still unfinished at --time_limit seconds is counted as failed. Exit status 1 if any request failed.
+
+`--backend ray --replicas N` starts the app with `--backend ray --replicas N --replica_cpus 1`: N Ray Serve replicas
+of one CPU (one torch thread) each on a local Ray cluster, and N generating requests at once (bench/SERVING.md).
 """
 
 import argparse
@@ -80,7 +83,8 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--startup_timeout", type=float, default=180, help="Seconds to wait for the app to serve.")
     parser.add_argument("--keep", default=None, help="Write models, inputs, outputs and the app's log here.")
     parser.add_argument("--backend", default="local", choices=["local", "ray"],
-                        help="The app's --backend: ray runs --replicas Ray Serve replicas of one CPU (one thread) each.")
+                        help="The app's --backend: ray runs --replicas Ray Serve replicas of one CPU (one thread) "
+                             "each.")
     parser.add_argument("--replicas", type=int, default=1, help="With --backend ray: the app's --replicas.")
     return parser.parse_args(argv)
 

@@ -64,7 +64,6 @@ def deployment(tmp_path_factory, tiny_pipeline, tiny_adapter):
     """The Ray backend serving stock, a LoRA on it and a model that cannot load; the local backend serving the first
     two in this process, for reference."""
     import ray
-    from ray import serve
 
     from sdtune import ray_backend
 
@@ -77,8 +76,8 @@ def deployment(tmp_path_factory, tiny_pipeline, tiny_adapter):
     torch.set_num_threads(1)  # as each replica: another thread count changes the float rounding of the images
     yield remote, LocalBackend(ModelRegistry(specs[:2], device="cpu"))
     torch.set_num_threads(threads)
-    serve.shutdown()
-    ray.shutdown()
+    ray.shutdown()  # ends every process of the local cluster at once; serve.shutdown() first would wait for the
+    # replica that Serve is starting in place of the one killed
 
 
 def assert_same(first, second, what=None) -> None:
