@@ -75,17 +75,17 @@ def start_app(models, folder: Path):
     return demo
 
 
-def fill(panel, label: str, value: str) -> None:
-    """Type `value` into a field: the number box of the slider called `label`, else the field labelled exactly
-    `label`, else the first whose label starts with it ("Seed" for "Seed (0 to ...)")."""
-    slider = panel.get_by_role("spinbutton", name=f"number input for {label}", exact=True)
+def fill(page, label: str, value: str) -> None:
+    """Type `value` into a shown field: the number box of the slider called `label`, else the text or number box whose
+    label starts with `label` ("Seed" for "Seed (0 to ...)"; a box's name includes its info text). Role queries skip
+    hidden tabs' fields."""
+    slider = page.get_by_role("spinbutton", name=f"number input for {label}", exact=True)
     if slider.count():
         slider.first.fill(value)
         slider.first.press("Enter")  # a slider takes a typed number when it is entered
         return
-    exact = panel.get_by_label(label, exact=True)
-    field = exact if exact.count() else panel.get_by_label(re.compile("^" + re.escape(label)))
-    field.first.fill(value)
+    named = re.compile("^" + re.escape(label))
+    page.get_by_role("textbox", name=named).or_(page.get_by_role("spinbutton", name=named)).first.fill(value)
 
 
 def wait_for_result(page, timeout_ms: int = RESULT_WAIT_MS) -> None:
@@ -97,7 +97,7 @@ def wait_for_result(page, timeout_ms: int = RESULT_WAIT_MS) -> None:
 
 
 def screenshot(url: str, args) -> None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
@@ -105,12 +105,11 @@ def screenshot(url: str, args) -> None:
             page = browser.new_page(viewport={"width": args.width, "height": args.height})
             page.goto(url)
             page.get_by_role("tab", name=args.tab, exact=True).click()
-            panel = page.get_by_role("tabpanel").first  # the shown tab's: hidden ones are not in the role tree
-            panel.get_by_role("button").first.wait_for()  # rendered: fill looks its fields up without waiting
+            expect(page.get_by_role("tab", name=args.tab, exact=True)).to_have_attribute("aria-selected", "true")
             for label, value in args.fields:
-                fill(panel, label, value)
+                fill(page, label, value)
             if args.click:
-                panel.get_by_role("button", name=args.click, exact=True).click()
+                page.get_by_role("button", name=args.click, exact=True).click()
                 wait_for_result(page)
             page.evaluate("window.scrollTo(0, 0)")  # the window as it opens: clicks scroll their target into view
             page.screenshot(path=args.output)

@@ -6,7 +6,7 @@ import gradio as gr
 from sdtune.compare import CompareUpdate, compare, grid_image
 from sdtune.errors import SdtuneError
 from sdtune.limits import MAX_COMPARE_CELLS, MAX_SIDE
-from sdtune.webui import SEED_RANGE, Handlers, queued, sampling_controls, settings_from
+from sdtune.webui import RESULT_HEIGHT, SEED_RANGE, Handlers, queued, result_gallery, sampling_controls, settings_from
 
 # (label, the API's value): the values are the names of what a row changes
 AXIS_CHOICES = [("Seeds", "seed"), ("Guidance scale", "guidance_scale"), ("Steps", "num_inference_steps"),
@@ -66,8 +66,9 @@ def compare_tab(handlers: Handlers, names, size: int):
             with gr.Row():
                 run, stop = gr.Button("Compare", variant="primary"), gr.Button("Stop")
         with gr.Column(scale=3, min_width=360):
-            grid = gr.Image(label="Grid", format="png", type="filepath", elem_classes=["sdtune-result"])
-            cells = gr.Gallery(label="Cells", format="png", columns=4, elem_classes=["sdtune-result"])
+            grid = gr.Image(label="Grid", format="png", type="filepath", height=RESULT_HEIGHT,
+                            elem_classes=["sdtune-result"])
+            cells = result_gallery("Cells", columns=4)
             download, record = gr.File(label="Grid PNG"), gr.JSON(label="Run")
     event = queued(run, handlers, handler.compare, [prompt, negative, models, axis, values, seed, scheduler, steps,
                                                     guidance, width, height], [grid, cells, download, record],
