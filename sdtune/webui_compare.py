@@ -6,7 +6,8 @@ import gradio as gr
 from sdtune.compare import CompareUpdate, compare, grid_image
 from sdtune.errors import SdtuneError
 from sdtune.limits import MAX_COMPARE_CELLS, MAX_SIDE
-from sdtune.webui import RESULT_HEIGHT, SEED_RANGE, Handlers, queued, result_gallery, sampling_controls, settings_from
+from sdtune.webui import (RESULT_HEIGHT, SEED_RANGE, Handlers, queued, result_gallery, run_buttons, sampling_controls,
+                          settings_from)
 
 # (label, the API's value): the values are the names of what a row changes
 AXIS_CHOICES = [("Seeds", "seed"), ("Guidance scale", "guidance_scale"), ("Steps", "num_inference_steps"),
@@ -53,6 +54,7 @@ def compare_tab(handlers: Handlers, names, size: int):
         with gr.Column(scale=2, min_width=360):
             prompt = gr.Textbox(label="Prompt", lines=2)
             negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
+            run, stop = run_buttons("Compare")
             models = gr.CheckboxGroup(names, value=names, label="Models (one column each)")
             axis = gr.Radio(AXIS_CHOICES, value="seed", label="Rows")
             values = gr.Textbox("2", label="Values", info="Seeds: a count from the seed (\"4\") or a list "
@@ -63,8 +65,6 @@ def compare_tab(handlers: Handlers, names, size: int):
             with gr.Row():
                 width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
                 height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
-            with gr.Row():
-                run, stop = gr.Button("Compare", variant="primary"), gr.Button("Stop")
         with gr.Column(scale=3, min_width=360):
             grid = gr.Image(label="Grid", format="png", type="filepath", height=RESULT_HEIGHT,
                             elem_classes=["sdtune-result"])
