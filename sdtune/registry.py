@@ -23,6 +23,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from sdtune.errors import SdtuneError
 from sdtune.limits import check_lora_scale
 from sdtune.lora import activate_adapter
+from sdtune.preview import latent_preview
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ class ModelRegistry:
             folder, dtype=self.dtype, variant=spec.variant, use_safetensors=True, **shared)
         pipeline.to(self.device)
         pipeline.set_progress_bar_config(disable=True)
+        latent_preview(pipeline.vae)  # fitted now rather than in a request; models sharing this VAE share its map
         for component, fingerprint in fingerprints.items():
             self._components.setdefault(fingerprint, getattr(pipeline, component))
         logger.info("Loaded '%s' from %s (shared: %s)", spec.name, spec.path, ", ".join(shared) or "nothing")
