@@ -7,7 +7,7 @@ import threading
 
 from PIL import Image
 
-from sdtune.generate import GenerationSettings, images_to_images, text_to_images
+from sdtune.generate import GenerationSettings, Preview, images_to_images, text_to_images
 from sdtune.registry import ModelRegistry
 
 
@@ -24,14 +24,15 @@ class LocalBackend:
         self.registry.get(model, lora_scale)
 
     def text_to_images(self, model: str, lora_scale: float | None, prompt: str, seeds: list[int],
-                       settings: GenerationSettings, stop: threading.Event | None = None) -> list[Image.Image]:
-        return text_to_images(self.registry.get(model, lora_scale), prompt, seeds, settings, stop)
+                       settings: GenerationSettings, stop: threading.Event | None = None,
+                       preview: Preview | None = None) -> list[Image.Image]:
+        return text_to_images(self.registry.get(model, lora_scale), prompt, seeds, settings, stop, preview)
 
     def images_to_images(self, model: str, lora_scale: float | None, images: list[Image.Image], prompts: list[str],
                          seeds: list[int], settings: GenerationSettings, resolution: int,
-                         stop: threading.Event | None = None) -> list[Image.Image]:
+                         stop: threading.Event | None = None, preview: Preview | None = None) -> list[Image.Image]:
         return images_to_images(self.registry.get(model, lora_scale), images, prompts, seeds, settings, resolution,
-                                stop)
+                                stop, preview)
 
     def status(self) -> str | None:
         """A line on the generation workers for the app to show; the local backend has none beyond the models'."""

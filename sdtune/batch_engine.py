@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdtune.batch_plan import Job, output_name
-from sdtune.generate import GenerationError, GenerationSettings, Interrupted
+from sdtune.generate import GenerationError, GenerationSettings, Interrupted, Preview
 from sdtune.images import BadImageError, open_image, to_rgb
 from sdtune.pnginfo import format_parameters, save_png
 from sdtune.registry import ModelRegistry
@@ -45,7 +45,7 @@ def decode(batch: list[Job]) -> tuple[list[Job], list[Image.Image], list[Outcome
 
 
 def generate_batch(backend, batch: list[Job], settings: GenerationSettings, resolution: int,
-                   stop: threading.Event | None = None) -> list[Outcome]:
+                   stop: threading.Event | None = None, preview: Preview | None = None) -> list[Outcome]:
     """Image to image for one planned batch (one model, one working size), in one call of `backend` (a
     sdtune.backend one); if the call fails (or is stopped), every image of the batch fails with the reason and the
     caller goes on."""
@@ -55,7 +55,7 @@ def generate_batch(backend, batch: list[Job], settings: GenerationSettings, reso
         return failed
     try:
         outputs = backend.images_to_images(usable[0].model, None, images, [job.prompt for job in usable],
-                                           [job.seed for job in usable], settings, resolution, stop)
+                                           [job.seed for job in usable], settings, resolution, stop, preview)
     except Interrupted:  # Stop: the call in flight ends at its next step, and its images are not failures
         return failed + [Outcome(job, None, time.perf_counter() - start, STOPPED) for job in usable]
     except (GenerationError, RuntimeError, ValueError) as error:  # ModelUnavailable, out of memory

@@ -7,6 +7,7 @@ level of 255 on a few pixels).
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import diffusers
@@ -16,6 +17,7 @@ from PIL import Image
 
 from sdtune.errors import SdtuneError
 from sdtune.limits import MAX_SIDE
+from sdtune.preview import is_preview_step, latent_preview
 from sdtune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdtune.seeds import cpu_generator
 
@@ -123,25 +125,34 @@ def for_call(pipeline_class, pipeline, scheduler: str):
     return view
 
 
-def interrupt_callback(stop: threading.Event | None):
-    """A diffusers step-end callback that stops the denoising loop once `stop` is set."""
+Preview = Callable[[int, list[Image.Image]], None]  # (denoising steps done, one preview per image of the call)
+
+
+def step_end_callback(stop: threading.Event | None, preview: Preview | None = None,
+                      sizes: list[tuple[int, int]] | None = None):
+    """A diffusers step-end callback that stops the denoising loop once `stop` is set, and hands `preview` a picture
+    of the latents, at `sizes`, every few steps. The latents are read, never changed: the final image is the same."""
     def on_step_end(pipeline, step, timestep, tensors):
         if stop is not None and stop.is_set():
             pipeline._interrupt = True  # diffusers checks this flag before each step
+        elif preview is not None and is_preview_step(step + 1, pipeline.num_timesteps):
+            # with classifier-free guidance the pipeline doubles the batch inside the step; these latents are not
+            preview(step + 1, latent_preview(pipeline.vae).images(tensors["latents"], sizes))
         return tensors
     return on_step_end
 
 
 @torch.no_grad()
 def text_to_images(pipeline, prompt: str, seeds: list[int], settings: GenerationSettings,
-                   stop: threading.Event | None = None) -> list[Image.Image]:
+                   stop: threading.Event | None = None, preview: Preview | None = None) -> list[Image.Image]:
     """One image per seed for one prompt, in one batch; each image from its own generator."""
     view = for_call(StableDiffusionPipeline, pipeline, settings.scheduler)
     result = view(
         prompt=prompt, negative_prompt=settings.negative_prompt, num_images_per_prompt=len(seeds),
         num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
         width=settings.width, height=settings.height, generator=[cpu_generator(s) for s in seeds],
-        callback_on_step_end=interrupt_callback(stop),
+        callback_on_step_end=step_end_callback(stop, preview, [(settings.width, settings.height)] * len(seeds)),
+        callback_on_step_end_tensor_inputs=["latents"],
     )
     if stop is not None and stop.is_set():
         raise Interrupted("Generation stopped.")
@@ -162,7 +173,7 @@ def working_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
 @torch.no_grad()
 def images_to_images(pipeline, images: list[Image.Image], prompts: list[str], seeds: list[int],
                      settings: GenerationSettings, resolution: int,
-                     stop: threading.Event | None = None) -> list[Image.Image]:
+                     stop: threading.Event | None = None, preview: Preview | None = None) -> list[Image.Image]:
     """Image to image for a batch whose inputs share one working size (longer side = `resolution`); each output
     comes back at its input's size, each from its own seed."""
     sizes = {working_size(image.size, resolution) for image in images}
@@ -177,7 +188,8 @@ def images_to_images(pipeline, images: list[Image.Image], prompts: list[str], se
         image=[image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS) for image in images],
         strength=settings.strength, num_inference_steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale, generator=[cpu_generator(seed) for seed in seeds],
-        callback_on_step_end=interrupt_callback(stop),
+        callback_on_step_end=step_end_callback(stop, preview, [image.size for image in images]),
+        callback_on_step_end_tensor_inputs=["latents"],
     )
     if stop is not None and stop.is_set():
         raise Interrupted("Generation stopped.")
@@ -185,6 +197,6 @@ def images_to_images(pipeline, images: list[Image.Image], prompts: list[str], se
 
 
 def image_to_image(pipeline, image: Image.Image, prompt: str, seed: int, settings: GenerationSettings,
-                   resolution: int, stop: threading.Event | None = None) -> Image.Image:
+                   resolution: int, stop: threading.Event | None = None, preview: Preview | None = None) -> Image.Image:
     """One image to image, returned at the input's size."""
-    return images_to_images(pipeline, [image], [prompt], [seed], settings, resolution, stop)[0]
+    return images_to_images(pipeline, [image], [prompt], [seed], settings, resolution, stop, preview)[0]

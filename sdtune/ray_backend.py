@@ -99,10 +99,13 @@ class RayBackend:
         """Nothing loads here (a replica loads a model on its first request there); an unlisted model is refused."""
         self.registry.require_listed(model)
 
-    def text_to_images(self, model, lora_scale, prompt, seeds, settings, stop=None):
+    # `preview` is accepted and not called: the replicas send back finished images only, so the app shows no live
+    # previews over Ray
+    def text_to_images(self, model, lora_scale, prompt, seeds, settings, stop=None, preview=None):
         return self.call("text_to_images", model, stop, lora_scale, prompt, seeds, settings)
 
-    def images_to_images(self, model, lora_scale, images, prompts, seeds, settings, resolution, stop=None):
+    def images_to_images(self, model, lora_scale, images, prompts, seeds, settings, resolution, stop=None,
+                         preview=None):
         return self.call("images_to_images", model, stop, lora_scale, images, prompts, seeds, settings, resolution)
 
     def call(self, method: str, model: str, stop: threading.Event | None, *args):

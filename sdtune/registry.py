@@ -24,6 +24,7 @@ from sdtune.compiling import AdapterSlot, compile_unet_for_serving
 from sdtune.errors import SdtuneError
 from sdtune.limits import check_lora_scale
 from sdtune.lora import activate_adapter
+from sdtune.preview import latent_preview
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +275,7 @@ class ModelRegistry:
             folder, dtype=self.dtype, variant=spec.variant, use_safetensors=True, **shared)
         pipeline.to(self.device)
         pipeline.set_progress_bar_config(disable=True)
+        latent_preview(pipeline.vae)  # fitted now rather than in a request; models sharing this VAE share its map
         for component, fingerprint in fingerprints.items():
             self._components.setdefault(fingerprint, getattr(pipeline, component))
         logger.info("Loaded '%s' from %s (shared: %s)", spec.name, spec.path, ", ".join(shared) or "nothing")

@@ -14,7 +14,7 @@ from sdtune.backend import LocalBackend
 from sdtune.batch_engine import STOPPED, Outcome as BatchOutcome, generate_batch, save_output
 from sdtune.batch_plan import Job, plan_batches, plan_jobs
 from sdtune.errors import SdtuneError
-from sdtune.generate import GenerationSettings, working_size
+from sdtune.generate import GenerationSettings, Preview, working_size
 from sdtune.image_folder import InputImage, list_images, printable
 from sdtune.images import BadImageError, open_image, to_rgb, without_folder
 from sdtune.pnginfo import format_parameters, save_png
@@ -122,9 +122,10 @@ class Service:
             raise RequestError(f"{name}: {without_folder(error, path)}") from error
 
     def text2img(self, prompt: str, model: str, seed: int, num_images: int, settings: GenerationSettings,
-                 stop: threading.Event | None = None, lora_scale: float | None = None) -> Outcome:
+                 stop: threading.Event | None = None, lora_scale: float | None = None,
+                 preview: Preview | None = None) -> Outcome:
         """`num_images` images from seeds seed, seed+1, ... in one batch; a LoRA model's adapter at `lora_scale`
-        (None: its listed scale)."""
+        (None: its listed scale); `preview` sees them forming."""
         if not 1 <= num_images <= MAX_IMAGES:
             raise RequestError(f"num_images must be between 1 and {MAX_IMAGES}.")
         self.check_cost(settings, num_images)
@@ -133,7 +134,7 @@ class Service:
         seeds = [(seed + i) % SEED_LIMIT for i in range(num_images)]  # past 2**32 - 1 they wrap round to 0
         with RunRecorder("text2img", self.run_log, self.registry.device) as recorder, unavailable_as_request_error():
             start = time.perf_counter()
-            images = self.backend.text_to_images(model, lora_scale, prompt, seeds, settings, stop)
+            images = self.backend.text_to_images(model, lora_scale, prompt, seeds, settings, stop, preview)
             for _ in images:
                 recorder.image_done((time.perf_counter() - start) / len(images))
             folder = self.output_dir / recorder.run_id
@@ -144,9 +145,10 @@ class Service:
             return Outcome(paths, seeds, recorder.finish(model=model, lora_scale=lora_scale))
 
     def img2img(self, image_path, prompt: str, model: str, seed: int, settings: GenerationSettings,
-                resolution: int = 0, stop: threading.Event | None = None, lora_scale: float | None = None) -> Outcome:
+                resolution: int = 0, stop: threading.Event | None = None, lora_scale: float | None = None,
+                preview: Preview | None = None) -> Outcome:
         """One edit of an uploaded image, returned at the upload's size; a LoRA model's adapter at `lora_scale`
-        (None: its listed scale)."""
+        (None: its listed scale); `preview` sees it forming."""
         image, seed = self.load_upload(image_path), resolve_seed(seed)
         lora_scale = self.prepare(model, lora_scale)
         resolution = self.working_resolution(resolution, model)
@@ -156,7 +158,7 @@ class Service:
         with RunRecorder("img2img", self.run_log, self.registry.device) as recorder, unavailable_as_request_error():
             start = time.perf_counter()
             edited, = self.backend.images_to_images(model, lora_scale, [image], [prompt], [seed], settings, resolution,
-                                                    stop)
+                                                    stop, preview)
             recorder.image_done(time.perf_counter() - start)
             folder = self.output_dir / recorder.run_id
             folder.mkdir(parents=True, exist_ok=True)
@@ -174,12 +176,14 @@ class Service:
         return list_images(root, root=self.allowed_root, exclude=self.output_dir)
 
     def random_batch(self, items: list[InputImage], models: list[str], prompt: str, seed: int,
-                     settings: GenerationSettings, resolution: int = 0, stop: threading.Event | None = None):
+                     settings: GenerationSettings, resolution: int = 0, stop: threading.Event | None = None,
+                     preview: Preview | None = None):
         """Image to image over `items` as the batch CLI plans and runs it: each item gets a model drawn from (seed,
         its name), items are grouped by (model, working size) and run BATCH_SIZE to a call; yields after every call.
 
         A failing image is recorded in its row and the batch goes on. Stop interrupts the call in flight at its next
-        denoising step (its images are listed as stopped) and ends the batch, keeping everything finished before."""
+        denoising step (its images are listed as stopped) and ends the batch, keeping everything finished before.
+        `preview` sees each call's images forming."""
         if not items:
             raise RequestError("No images given: upload some or name a folder.")
         models = list(models) or self.registry.names
@@ -195,7 +199,8 @@ class Service:
             for batch in plan_batches(jobs, BATCH_SIZE):
                 if stop is not None and stop.is_set():
                     break
-                for outcome in generate_batch(self.backend, batch, settings, resolutions[batch[0].model], stop):
+                for outcome in generate_batch(self.backend, batch, settings, resolutions[batch[0].model], stop,
+                                              preview):
                     rows[outcome.job.key] = saved_row(outcome, folder, settings)
                     recorder.image_done(outcome.seconds, failed=rows[outcome.job.key].error not in ("", STOPPED))
                 yield batch_update(jobs, rows)

@@ -7,6 +7,7 @@ named endpoints /text2img, /img2img and /random_batch. Generation runs one reque
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -19,6 +20,7 @@ from sdtune.limits import LORA_SCALE_RANGE, MAX_IMAGES, MAX_SIDE, SEED_LIMIT
 from sdtune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdtune.serving import Service
 from sdtune.webui_recall import IMAGE_TAB, INFO_TAB, TEXT_TAB, Form, png_info_tab, result_tools, wire
+from sdtune.streaming import InFlight, stream
 
 QUEUE = "device"  # every generating event shares one concurrency slot: one generation on the device at a time
 TABLE_HEADERS = ["file", "model", "prompt", "seed", "seconds", "error"]
@@ -152,8 +154,10 @@ class Handlers:
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            outcome = served(self.service.text2img, prompt, model, seed, int(num_images), settings, stop, lora_scale)
-        return [str(p) for p in outcome.paths], outcome.seeds[0], outcome.run
+            call = partial(served, self.service.text2img, prompt, model, seed, int(num_images), settings, stop,
+                           lora_scale)
+            outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()))
+        yield [str(p) for p in outcome.paths], outcome.seeds[0], outcome.run
 
     def img2img(self, image, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale,
                 strength, seed, resolution, request: gr.Request, lora_scale=None):
@@ -162,9 +166,10 @@ class Handlers:
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, strength=strength,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            outcome = served(self.service.img2img, image, prompt, model, seed, settings, int(resolution or 0), stop,
-                             lora_scale)
-        return str(outcome.paths[0]), outcome.seeds[0], outcome.run
+            call = partial(served, self.service.img2img, image, prompt, model, seed, settings, int(resolution or 0),
+                           stop, lora_scale)
+            outcome = yield from stream(call, lambda step, images: (images[0], gr.skip(), gr.skip()))
+        yield str(outcome.paths[0]), outcome.seeds[0], outcome.run
 
     def random_batch(self, images, folder, models, prompt, seed, strength, num_inference_steps, guidance_scale,
                      scheduler, resolution, request: gr.Request, progress=gr.Progress()):
@@ -173,13 +178,17 @@ class Handlers:
             items += served(self.service.folder_items, folder)
         settings = settings_from(scheduler=scheduler, strength=strength, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale)
+        gallery = InFlight(others=3)  # previews after the finished images, the table, zip and record left as they are
+
+        def shown(update):
+            progress((update.done, update.total), desc="images", unit="images")
+            return gallery.finished(batch_outputs(update))
+
         with self.stops.running(request) as stop:
-            updates = self.service.random_batch(items, models or [], prompt, seed, settings, int(resolution or 0),
-                                                stop)
+            updates = partial(self.service.random_batch, items, models or [], prompt, seed, settings,
+                              int(resolution or 0), stop)
             try:  # the batch checks its request when it starts, i.e. at the first iteration
-                for update in updates:
-                    progress((update.done, update.total), desc="images", unit="images")
-                    yield batch_outputs(update)
+                yield from stream(updates, gallery.preview, shown)
             except SdtuneError as error:
                 raise gr.Error(str(error)) from error
 

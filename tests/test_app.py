@@ -54,6 +54,14 @@ def test_text2img_returns_pngs_that_carry_their_parameters(client):
         assert parameters["Steps"] == "4" and parameters["Sampler"] == "DPM++ 2M" and parameters["Size"] == "64x64"
 
 
+def test_text2img_streams_previews_and_ends_with_its_result(client):
+    job = client.submit(prompt="a red circle", model="stock", seed=5, **T2I, api_name="/text2img")
+    gallery, seed, run = job.result()
+    *previews, final = job.outputs()  # 4 steps: previews after steps 1, 2 and 3
+    assert len(previews) == 3 and final == (gallery, seed, run) and seed == 5
+    assert Image.open(previews[0][0][0]["image"]).size == (64, 64)
+
+
 def test_text2img_defaults_to_the_first_models_native_size(client):
     # A 64 px model asked for SD's 512 px draws nonsense slowly: width and height default to what it was trained at.
     # API callers may also leave out the negative prompt.
@@ -260,12 +268,12 @@ def test_only_files_handed_to_a_client_are_served(app, client):
 class FakeService:
     """Stands in for the service to show which stop flag a handler passes on."""
 
-    def text2img(self, prompt, model, seed, num_images, settings, stop, lora_scale):
+    def text2img(self, prompt, model, seed, num_images, settings, stop, lora_scale, preview):
         if stop.is_set():
             raise Interrupted("Generation stopped.")
         return Outcome([], [seed], {})
 
-    def random_batch(self, items, models, prompt, seed, settings, resolution, stop):
+    def random_batch(self, items, models, prompt, seed, settings, resolution, stop, preview):
         yield BatchUpdate(0, len(items), [], run={"stopped": stop.is_set()})
 
 
@@ -276,8 +284,8 @@ def test_stop_pressed_while_a_request_waits_is_kept_for_it_and_flags_are_dropped
         handlers.stops.arm(session)  # the click, before the request queues
     handlers.stops.stop(waiting)  # Stop while it waits in the queue
     with pytest.raises(gr.Error, match="stopped"):
-        handlers.text2img("x", "", "stock", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, waiting)
-    assert handlers.text2img("x", "", "stock", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, other)[1] == 1
+        list(handlers.text2img("x", "", "stock", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, waiting))
+    assert list(handlers.text2img("x", "", "stock", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, other))[-1][1] == 1
     handlers.stops.arm(waiting)
     handlers.stops.stop(waiting)
     updates = list(handlers.random_batch([], "", ["stock"], "", 0, 0.6, 4, 7.5, "dpmsolver++", 0, waiting,

@@ -1,0 +1,66 @@
+"""Live previews in Gradio's generator handlers: the generation, which blocks, runs in a worker thread, and the
+handler yields the previews it shows as they come, then its result. A handler wires it in with a few lines:
+
+    call = partial(served, service.text2img, prompt, ...)  # the service call; stream adds its `preview` argument
+    outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()))
+    yield outputs_of(outcome)
+"""
+
+import queue
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import gradio as gr
+
+_PREVIEW, _ITEM, _DONE, _FAILED = "preview", "item", "done", "failed"  # what the worker hands the handler
+# threads kept between calls: torch ran a generation about 20% slower in a thread started for it than in one reused
+_WORKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdtune-generation")
+
+
+def stream(call: Callable[[Callable], Any], on_preview: Callable[..., Any],
+           on_item: Callable[[Any], Any] | None = None) -> Generator[Any, None, Any]:
+    """Run `call(show)` in a worker thread, and yield here on_preview(*args) for each show(*args) it makes, as they
+    come; return what `call` returned, or raise here what it raised (a gr.Error stays the same gr.Error).
+
+    With `on_item`, `call` returns an iterable (the batch's updates) that the worker runs too; each item is yielded
+    as on_item(item), in order with the previews. The mapping functions run in this, the handler's, thread."""
+    feed = queue.SimpleQueue()
+    _WORKERS.submit(_work, call, on_item is not None, feed)
+    while True:
+        kind, payload = feed.get()
+        if kind == _DONE:
+            return payload
+        if kind == _FAILED:
+            raise payload
+        yield on_preview(*payload) if kind == _PREVIEW else on_item(payload)
+
+
+def _work(call: Callable[[Callable], Any], iterate: bool, feed: queue.SimpleQueue) -> None:
+    """The worker: its previews, items and outcome all go to `feed`; nothing is raised in this thread."""
+    try:
+        result = call(lambda *args: feed.put((_PREVIEW, args)))
+        if iterate:
+            for item in result:
+                feed.put((_ITEM, item))
+            result = None
+        feed.put((_DONE, result))
+    except BaseException as error:  # handed to the handler's thread, which raises it
+        feed.put((_FAILED, error))
+
+
+class InFlight:
+    """A gallery of finished images followed by previews of the images in flight (the batch tab's), the handler's
+    `others` outputs after the gallery left as they are while a preview shows."""
+
+    def __init__(self, others: int):
+        self.done, self.others = [], others
+
+    def finished(self, outputs: tuple) -> tuple:
+        """The outputs of an update, whose gallery (the first) the next previews follow."""
+        self.done = list(outputs[0])
+        return outputs
+
+    def preview(self, step: int, images: list) -> tuple:
+        in_flight = [(image, f"in progress: step {step}") for image in images]
+        return self.done + in_flight, *[gr.skip()] * self.others
