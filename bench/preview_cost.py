@@ -6,6 +6,7 @@ The previews go where the app sends them: through sdtune.streaming.stream, each 
 import argparse
 import io
 import statistics
+import threading
 import time
 from functools import partial
 
@@ -28,7 +29,7 @@ def timed(pipeline, seed: int, settings: GenerationSettings, previews: bool) -> 
     start = time.perf_counter()
     if previews:
         call = partial(text_to_images, pipeline, PROMPT, [seed], settings, None)
-        shown = list(stream(call, as_png))
+        shown = list(stream(call, as_png, threading.Event()))
         assert len(shown) == 4, shown  # 25 steps: previews after steps 5, 10, 15 and 20
     else:
         text_to_images(pipeline, PROMPT, [seed], settings)

@@ -47,9 +47,12 @@ def serve(args) -> None:
     check_output_dir(args.output_dir)
     if args.share and auth is None:
         logger.warning("--share without --auth: anyone with the link can use your GPU. Add --auth user:password.")
-    # with --backend ray the models load in the replicas: this process's registry only describes them
-    registry = ModelRegistry(read_model_list(args.models), device=args.device, cache_dir=args.cache_dir,
-                             lazy=args.lazy or args.backend == "ray", compile=args.compile)
+    # with --backend ray the models load in the replicas (on --device): this process's registry only describes them,
+    # on the CPU, so that the app never opens a CUDA context on a GPU a replica holds
+    device = args.device if args.backend == "local" else "cpu"
+    registry = ModelRegistry(read_model_list(args.models), device=device, cache_dir=args.cache_dir,
+                             lazy=args.lazy or args.backend == "ray", compile=args.compile,
+                             previews=args.backend == "local")
     if not args.lazy and len(registry.errors) == len(registry.names):
         logger.error("No model could be loaded; the app starts so the errors can be read in it.")
     Path(args.allowed_root).mkdir(parents=True, exist_ok=True)  # the batch tab's folder mode works on a fresh clone

@@ -17,7 +17,7 @@ class LocalBackend:
     concurrency = 1  # generating requests the app runs at once: the device runs one at a time anyway
 
     def __init__(self, registry: ModelRegistry):
-        self.registry = registry
+        self.registry, self.device = registry, registry.device  # the device generation runs on
 
     def load(self, model: str, lora_scale: float | None = None) -> None:
         """Load `model` now (raises ModelUnavailable), so that a model that cannot load fails before a run starts."""

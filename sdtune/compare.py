@@ -163,7 +163,7 @@ def check_total_cost(service: Service, cells: list[Cell]) -> None:
         raise RequestError(
             f"This comparison costs {cost:.3g} megapixel-steps (width x height x steps / 10^6, summed over its "
             f"{len(distinct)} images); this server allows {service.max_request_cost:g} per request on its "
-            f"{service.registry.device.type}. Choose fewer models or values, fewer steps or a smaller size, or ask "
+            f"{service.backend.device.type}. Choose fewer models or values, fewer steps or a smaller size, or ask "
             "the operator to raise --max_request_cost.")
 
 

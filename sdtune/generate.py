@@ -188,7 +188,7 @@ def images_to_images(pipeline, images: list[Image.Image], prompts: list[str], se
         image=[image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS) for image in images],
         strength=settings.strength, num_inference_steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale, generator=[cpu_generator(seed) for seed in seeds],
-        callback_on_step_end=step_end_callback(stop, preview, [image.size for image in images]),
+        callback_on_step_end=step_end_callback(stop, preview, [(width, height)] * len(images)),
         callback_on_step_end_tensor_inputs=["latents"],
     )
     if stop is not None and stop.is_set():
@@ -197,6 +197,6 @@ def images_to_images(pipeline, images: list[Image.Image], prompts: list[str], se
 
 
 def image_to_image(pipeline, image: Image.Image, prompt: str, seed: int, settings: GenerationSettings,
-                   resolution: int, stop: threading.Event | None = None, preview: Preview | None = None) -> Image.Image:
+                   resolution: int, stop: threading.Event | None = None) -> Image.Image:
     """One image to image, returned at the input's size."""
-    return images_to_images(pipeline, [image], [prompt], [seed], settings, resolution, stop, preview)[0]
+    return images_to_images(pipeline, [image], [prompt], [seed], settings, resolution, stop)[0]

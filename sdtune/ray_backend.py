@@ -91,8 +91,9 @@ class RayBackend:
     """The app's side of the deployment, with LocalBackend's calls (sdtune/backend.py). A call whose replica dies
     mid-request is sent once more, to another replica: generation is deterministic, so it gives the same image."""
 
-    def __init__(self, handle, registry: ModelRegistry, concurrency: int):
+    def __init__(self, handle, registry: ModelRegistry, concurrency: int, device: str):
         self.handle, self.registry = handle, registry
+        self.device = torch.device(device)  # the replicas': the app's own process generates nothing
         self.concurrency = concurrency  # requests the app lets run at once: one per replica at most
 
     def load(self, model: str, lora_scale: float | None = None) -> None:
@@ -167,7 +168,7 @@ def start(registry: ModelRegistry, replicas: int | None = 1, autoscale: tuple[in
     except RayServeException as error:
         raise SdtuneError(f"The Ray Serve deployment did not start: {error}") from error
     logger.info("Ray Serve: %s replica(s) of %s on %s", autoscale or replicas, DEPLOYMENT, device)
-    return RayBackend(handle, registry, most)
+    return RayBackend(handle, registry, most, device)
 
 
 def connect(address: str | None, num_cpus: int) -> None:

@@ -183,7 +183,8 @@ class ModelRegistry:
     """Loads the listed pipelines on one device, once each, sharing identical components."""
 
     def __init__(self, specs: list[ModelSpec], device="auto", dtype=None, cache_dir=None, lazy=False,
-                 compile=False):
+                 compile=False, previews=False):
+        self.previews = previews  # fit each VAE's live-preview map at load (the app), not in the first request
         self.compile = compile  # --compile: each base's UNet, its LoRA models in one hotswapped slot (compiling.py)
         self._slots: dict[tuple, AdapterSlot] = {}  # with compile: (path, revision, variant) -> its adapter slot
         self.specs = {spec.name: spec for spec in specs}
@@ -275,7 +276,8 @@ class ModelRegistry:
             folder, dtype=self.dtype, variant=spec.variant, use_safetensors=True, **shared)
         pipeline.to(self.device)
         pipeline.set_progress_bar_config(disable=True)
-        latent_preview(pipeline.vae)  # fitted now rather than in a request; models sharing this VAE share its map
+        if self.previews:  # models sharing this VAE share its map
+            latent_preview(pipeline.vae)
         for component, fingerprint in fingerprints.items():
             self._components.setdefault(fingerprint, getattr(pipeline, component))
         logger.info("Loaded '%s' from %s (shared: %s)", spec.name, spec.path, ", ".join(shared) or "nothing")
@@ -294,16 +296,18 @@ class ModelRegistry:
 
     def unload(self, name: str) -> None:
         """Forget `name` (a LoRA model: delete its adapter) so that its memory is freed once nothing else loaded uses
-        it: a base stays while a model on it is loaded, a component while a pipeline shares it. A Ray replica calls
-        this when multiplexing evicts a model; unloading one that is not loaded does nothing."""
+        it: a base stays while a model on it is loaded, a component while a pipeline shares it; with `compile`, a base
+        and its adapter slot always stay. A Ray replica calls this when multiplexing evicts a model; unloading one that
+        is not loaded does nothing."""
         with self._lock:
             pipeline = self._pipelines.pop(name, None)
             if pipeline is None:
                 return
-            if self.specs[name].lora and not self.compile:  # compiled: the base's one slot stays for the others
+            if self.compile:  # a compiled base and its adapter slot stay: loading them again would recompile
+                return
+            if self.specs[name].lora:
                 pipeline.delete_adapters(name)
             loaded = list(self._pipelines.values())
             self._bases = {source: base for source, base in self._bases.items() if any(base is p for p in loaded)}
-            self._slots = {source: slot for source, slot in self._slots.items() if source in self._bases}
             kept = {id(getattr(p, component, None)) for p in loaded for component in SHAREABLE}
             self._components = {key: module for key, module in self._components.items() if id(module) in kept}

@@ -72,7 +72,7 @@ class Service:
         self.allowed_root_shown = str(allowed_root)  # as the operator gave it: error messages show no server paths
         self.allowed_root = Path(allowed_root).resolve()
         self.max_upload_pixels = max_upload_pixels
-        self.max_request_cost = max_request_cost or DEFAULT_MAX_REQUEST_COST[registry.device.type]
+        self.max_request_cost = max_request_cost or DEFAULT_MAX_REQUEST_COST[self.backend.device.type]
         self.run_log = self.output_dir / "runs.jsonl"
 
     def prepare(self, model: str, lora_scale: float | None = None) -> float | None:
@@ -100,7 +100,7 @@ class Service:
             steps = "steps x strength" if image_to_image else "steps"
             raise RequestError(
                 f"This request costs {cost:.3g} megapixel-steps (width x height x {steps} x images / 10^6); this "
-                f"server allows {self.max_request_cost:g} per request on its {self.registry.device.type}. Lower "
+                f"server allows {self.max_request_cost:g} per request on its {self.backend.device.type}. Lower "
                 "the size, steps or images, or ask the operator to raise --max_request_cost.")
 
     def working_resolution(self, resolution: int, model: str) -> int:

@@ -2,11 +2,12 @@
 handler yields the previews it shows as they come, then its result. A handler wires it in with a few lines:
 
     call = partial(served, service.text2img, prompt, ...)  # the service call; stream adds its `preview` argument
-    outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()))
+    outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()), stop)
     yield outputs_of(outcome)
 """
 
 import queue
+import threading
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,26 +15,35 @@ from typing import Any
 import gradio as gr
 
 _PREVIEW, _ITEM, _DONE, _FAILED = "preview", "item", "done", "failed"  # what the worker hands the handler
-# threads kept between calls: torch ran a generation about 20% slower in a thread started for it than in one reused
-_WORKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdtune-generation")
+# threads kept between calls: torch ran a generation about 20% slower in a thread started for it than in one reused;
+# as many as requests may run at once (one per Ray replica), so none waits here for a thread
+_WORKERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="sdtune-generation")
 
 
-def stream(call: Callable[[Callable], Any], on_preview: Callable[..., Any],
+def stream(call: Callable[[Callable], Any], on_preview: Callable[..., Any], stop: threading.Event,
            on_item: Callable[[Any], Any] | None = None) -> Generator[Any, None, Any]:
     """Run `call(show)` in a worker thread, and yield here on_preview(*args) for each show(*args) it makes, as they
     come; return what `call` returned, or raise here what it raised (a gr.Error stays the same gr.Error).
 
     With `on_item`, `call` returns an iterable (the batch's updates) that the worker runs too; each item is yielded
-    as on_item(item), in order with the previews. The mapping functions run in this, the handler's, thread."""
+    as on_item(item), in order with the previews. The mapping functions run in this, the handler's, thread.
+
+    `stop` is the generation's Stop flag: closed early (a cancelled event, a browser that went away), the handler
+    sets it, so the worker ends at its next denoising step instead of running on unwatched beside the next request
+    that Gradio lets onto the device."""
     feed = queue.SimpleQueue()
     _WORKERS.submit(_work, call, on_item is not None, feed)
-    while True:
-        kind, payload = feed.get()
-        if kind == _DONE:
-            return payload
-        if kind == _FAILED:
-            raise payload
-        yield on_preview(*payload) if kind == _PREVIEW else on_item(payload)
+    try:
+        while True:
+            kind, payload = feed.get()
+            if kind == _DONE:
+                return payload
+            if kind == _FAILED:
+                raise payload
+            yield on_preview(*payload) if kind == _PREVIEW else on_item(payload)
+    except GeneratorExit:
+        stop.set()
+        raise
 
 
 def _work(call: Callable[[Callable], Any], iterate: bool, feed: queue.SimpleQueue) -> None:

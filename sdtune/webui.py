@@ -95,7 +95,7 @@ def settings_from(**values) -> GenerationSettings:
 
 def model_status(service: Service) -> str:
     registry = service.registry
-    lines = [f"Models: {', '.join(registry.names)} on {registry.device.type}."]
+    lines = [f"Models: {', '.join(registry.names)} on {service.backend.device.type}."]
     for name, spec in registry.specs.items():
         if spec.lora:
             lines.append(f"**{name}** is a LoRA on `{spec.path}`, at scale {spec.lora_scale:g} unless a request "
@@ -156,7 +156,7 @@ class Handlers:
         with self.stops.running(request) as stop:
             call = partial(served, self.service.text2img, prompt, model, seed, int(num_images), settings, stop,
                            lora_scale)
-            outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()))
+            outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()), stop)
         yield [str(p) for p in outcome.paths], outcome.seeds[0], outcome.run
 
     def img2img(self, image, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale,
@@ -168,7 +168,7 @@ class Handlers:
         with self.stops.running(request) as stop:
             call = partial(served, self.service.img2img, image, prompt, model, seed, settings, int(resolution or 0),
                            stop, lora_scale)
-            outcome = yield from stream(call, lambda step, images: (images[0], gr.skip(), gr.skip()))
+            outcome = yield from stream(call, lambda step, images: (images[0], gr.skip(), gr.skip()), stop)
         yield str(outcome.paths[0]), outcome.seeds[0], outcome.run
 
     def random_batch(self, images, folder, models, prompt, seed, strength, num_inference_steps, guidance_scale,
@@ -188,7 +188,7 @@ class Handlers:
             updates = partial(self.service.random_batch, items, models or [], prompt, seed, settings,
                               int(resolution or 0), stop)
             try:  # the batch checks its request when it starts, i.e. at the first iteration
-                yield from stream(updates, gallery.preview, shown)
+                yield from stream(updates, gallery.preview, stop, shown)
             except SdtuneError as error:
                 raise gr.Error(str(error)) from error
 

@@ -1,5 +1,6 @@
 """Live previews: the fitted latent->RGB map, previews during generation, and their streaming to a handler."""
 
+import threading
 from types import SimpleNamespace
 
 import gradio as gr
@@ -51,7 +52,7 @@ def test_previews_leave_the_final_images_unchanged(tiny_pipeline):
     edits = []
     images_to_images(pipeline, inputs, ["a", "b"], [1, 2], settings.sized(64, 64), 64,
                      preview=lambda step, images: edits.append(images))
-    assert [image.size for image in edits[0]] == [(80, 48)] * 2  # at the output's (the input's) size
+    assert [image.size for image in edits[0]] == [(64, 40)] * 2  # at the working size, not the upload's
 
 
 def test_stream_yields_previews_as_they_come_then_returns_or_raises():
@@ -60,15 +61,30 @@ def test_stream_yields_previews_as_they_come_then_returns_or_raises():
         show(2, "b")
         return "result"
 
-    previews = stream(call, lambda step, images: (step, images))
+    previews = stream(call, lambda step, images: (step, images), threading.Event())
     assert list(previews) == [(1, "a"), (2, "b")]
     with pytest.raises(StopIteration) as done:
-        next(stream(lambda show: "result", print))
+        next(stream(lambda show: "result", print, threading.Event()))
     assert done.value.value == "result"
     error = gr.Error("bad request")
     with pytest.raises(gr.Error) as raised:
-        list(stream(lambda show: (_ for _ in ()).throw(error), print))
+        list(stream(lambda show: (_ for _ in ()).throw(error), print, threading.Event()))
     assert raised.value is error  # the worker's own exception
+
+
+def test_a_stream_closed_early_stops_its_generation():
+    # a cancelled event or a browser gone away closes the handler: its worker must not run on beside the next request
+    stop = threading.Event()
+
+    def call(show):
+        while not stop.wait(0.01):
+            show(0, "still drawing")
+        return "stopped"
+
+    previews = stream(call, lambda step, images: images, stop)
+    assert next(previews) == "still drawing"
+    previews.close()
+    assert stop.wait(1)
 
 
 class PreviewingService:
