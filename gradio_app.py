@@ -4,12 +4,12 @@
     python gradio_app.py --share --auth user:password
 """
 
-from sdtune.cli import parse_app_args
+from sdtune.app.flags import parse_app_args
 from sdtune.errors import exit_on_error
 
 if __name__ == "__main__":
     with exit_on_error():
         args = parse_app_args()
-        from sdtune.app import serve  # torch, diffusers and Gradio load only once the flags are good
+        from sdtune.app.launch import serve  # torch, diffusers and Gradio load only once the flags are good
 
         serve(args)

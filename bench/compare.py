@@ -4,8 +4,8 @@
 
 The tiny world's models (configs/models-tiny.yaml: its stock model and the fine-tune `make demo` writes to
 outputs/tiny-finetuned), M models x S seeds at its settings (64 px, 25 steps, the app's default scheduler and
-guidance). The comparison is sdtune.compare.compare through sdtune.serving.Service, as the Compare tab runs it:
-checks, each cell through the service's backend (sdtune/backend.py: the generation core in this process), every
+guidance). The comparison is sdtune.app.compare.compare through sdtune.app.service.Service, as the Compare tab runs it:
+checks, each cell through the service's backend (sdtune/generation/backend.py: the generation core in this process), every
 cell's PNG with its parameters, the labelled grid PNG and the run log. The baseline is the leanest way to the same
 images: the pipelines in hand, then text_to_image for each (seed, model) in the grid's order, nothing saved. The two
 take turns, --rounds times, the first of each round alternating, so that a drift in the machine's load hits both
@@ -29,10 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sdtune.compare import compare  # noqa: E402
-from sdtune.generate import GenerationSettings, text_to_image  # noqa: E402
-from sdtune.registry import ModelRegistry, read_model_list  # noqa: E402
-from sdtune.serving import Service  # noqa: E402
+from sdtune.app.compare import compare  # noqa: E402
+from sdtune.app.service import Service  # noqa: E402
+from sdtune.generation.core import GenerationSettings, text_to_image  # noqa: E402
+from sdtune.generation.registry import ModelRegistry, read_model_list  # noqa: E402
 
 TARGET = 1.10  # comparison / one by one
 PROMPT = "a drawing of a red creature with big wings on a white background"

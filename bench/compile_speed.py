@@ -4,16 +4,16 @@ without it, and what the compile itself costs.
     flock /tmp/sdtune-cpu.lock env HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/compile_speed.py --part generation
     flock /tmp/sdtune-cpu.lock env HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/compile_speed.py --part training
 
-Generation: the tiny world's stock model (tinyworld/stock) through sdtune.registry.ModelRegistry (compile=True is
-what --compile sets) and sdtune.generate.text_to_image, at the tiny world's settings (64 px, 25 steps, the app's
+Generation: the tiny world's stock model (tinyworld/stock) through sdtune.generation.registry.ModelRegistry (compile=True is
+what --compile sets) and sdtune.generation.core.text_to_image, at the tiny world's settings (64 px, 25 steps, the app's
 default scheduler and guidance), the same prompts and seeds in every variant. Each variant draws one image first
 (for a compiled one: the compile), then the variants take turns, --rounds rounds of --images images each, so that
 a drift of the machine's load hits them alike. Variants besides eager and compile: channels_last, the UNet's and the
 VAE's memory format (a compiled channels_last UNet is a graph of its own: its weights' strides differ).
 
 Training: configs/tiny.yaml's shapes (tinyworld/stock, 64 px, batch 8, fp32, EMA on), one batch a step (the recipe
-accumulates two), on a synthetic shapes dataset; the loop is bench/train_speed.py's copy of sdtune.train.main's
-loop body; --compile goes through sdtune.train.configure_unet as in training. --warmup_steps steps first (the
+accumulates two), on a synthetic shapes dataset; the loop is bench/train_speed.py's copy of sdtune.training.loop.main's
+loop body; --compile goes through sdtune.training.loop.configure_unet as in training. --warmup_steps steps first (the
 compiled UNet's first step is its compile), then the two modes take turns, --rounds rounds of --steps steps each.
 
 Inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1) unless --warm_cache: the compile time is a cold
@@ -40,12 +40,12 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from train_speed import Loop, PhaseTimer, run_steps  # noqa: E402
 
-from sdtune.components import load_components  # noqa: E402
-from sdtune.config import parse_args  # noqa: E402
-from sdtune.generate import GenerationSettings, text_to_image  # noqa: E402
-from sdtune.optim import make_lr_scheduler, make_optimizer  # noqa: E402
-from sdtune.registry import ModelRegistry, ModelSpec  # noqa: E402
-from sdtune.train import configure_unet, make_accelerator, make_dataloader, make_dataset, make_ema  # noqa: E402
+from sdtune.generation.core import GenerationSettings, text_to_image  # noqa: E402
+from sdtune.generation.registry import ModelRegistry, ModelSpec  # noqa: E402
+from sdtune.training.components import load_components  # noqa: E402
+from sdtune.training.config import parse_args  # noqa: E402
+from sdtune.training.loop import configure_unet, make_accelerator, make_dataloader, make_dataset, make_ema  # noqa: E402
+from sdtune.training.optim import make_lr_scheduler, make_optimizer  # noqa: E402
 from tinyworld.shapes import write_shapes_dataset  # noqa: E402
 
 STOCK = "tinyworld/stock"
@@ -131,7 +131,7 @@ def training_flags(data: Path, output: Path, compile: bool) -> list[str]:
 
 
 def set_up_training(data: Path, output: Path, compile: bool, accelerator) -> Loop:
-    """What sdtune.train.main builds before its loop, for the tiny recipe."""
+    """What sdtune.training.loop.main builds before its loop, for the tiny recipe."""
     args = parse_args(training_flags(data, output, compile))
     parts = load_components(args, torch.float32)
     configure_unet(parts.unet, args)

@@ -38,10 +38,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: 
 import numpy as np  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from PIL import Image  # noqa: E402
-
 from serve_batch import write_unet_variant  # noqa: E402  (bench/ is the script's folder, so on sys.path)
-from sdtune.generate import working_size  # noqa: E402
-from sdtune.pnginfo import parse_parameters, read_parameters  # noqa: E402
+
+from sdtune.generation.core import working_size  # noqa: E402
+from sdtune.generation.pnginfo import parse_parameters, read_parameters  # noqa: E402
 from sdtune.seeds import draw_model, image_seed  # noqa: E402
 from tinyworld.factories import TINY_RESOLUTION, write_tiny_pipeline  # noqa: E402
 

@@ -1,7 +1,7 @@
 """What live previews cost: the tiny world's stock model at its settings (64 px, 25 steps), text to image with and
 without previews, same seeds, taking turns in one run; the ratio of the medians is the cost.
 
-The previews go where the app sends them: through sdtune.streaming.stream, each encoded as a PNG as Gradio does."""
+The previews go where the app sends them: through sdtune.app.streaming.stream, each encoded as a PNG as Gradio does."""
 
 import argparse
 import io
@@ -10,9 +10,9 @@ import threading
 import time
 from functools import partial
 
-from sdtune.generate import GenerationSettings, text_to_images
-from sdtune.registry import ModelRegistry, ModelSpec
-from sdtune.streaming import stream
+from sdtune.app.streaming import stream
+from sdtune.generation.core import GenerationSettings, text_to_images
+from sdtune.generation.registry import ModelRegistry, ModelSpec
 
 PROMPT = "a red circle on a white background"
 

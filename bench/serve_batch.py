@@ -6,7 +6,7 @@ two models.
 The naive loop is what the img2img pipelines this project grew from did for every image: build
 StableDiffusionImg2ImgPipeline.from_pretrained(model), then generate. sdtune runs the same images, models, prompts,
 seeds and settings twice: through Service.random_batch (the app's batch tab, 4 images a call) and through the batch
-CLI (sdtune.batch.main, --batch_size images a call). Both sdtune totals include loading the models once, and hashing
+CLI (sdtune.batch.cli.main, --batch_size images a call). Both sdtune totals include loading the models once, and hashing
 their weight files as a freshly started process does; the naive loop's outputs are compared with sdtune's pixel by
 pixel. One image goes through each path first, untimed, so that no run pays for first calls or a cold page cache.
 
@@ -50,17 +50,17 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, U
 from PIL import Image  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
-from sdtune import batch as batch_cli  # noqa: E402
-from sdtune import registry as registry_module  # noqa: E402
-from sdtune.generate import GenerationSettings, image_to_image, scheduler_class, working_size  # noqa: E402
-from sdtune.schedulers import SCHEDULERS  # noqa: E402
-from sdtune.prompts import prompt_from_filename  # noqa: E402
-from sdtune.registry import ModelRegistry, ModelSpec  # noqa: E402
+from sdtune.app.service import Service  # noqa: E402
+from sdtune.batch import cli as batch_cli  # noqa: E402
+from sdtune.data.folders import InputImage  # noqa: E402
+from sdtune.data.prompts import prompt_from_filename  # noqa: E402
+from sdtune.generation import registry as registry_module  # noqa: E402
+from sdtune.generation.core import GenerationSettings, image_to_image, scheduler_class, working_size  # noqa: E402
+from sdtune.generation.registry import ModelRegistry, ModelSpec  # noqa: E402
+from sdtune.generation.schedulers import SCHEDULERS  # noqa: E402
 from sdtune.seeds import draw_model, image_seed  # noqa: E402
-from sdtune.image_folder import InputImage  # noqa: E402
-from sdtune.serving import Service  # noqa: E402
-from tinyworld.shapes import random_shape, shape_words  # noqa: E402
 from tinyworld.factories import sd_layout_unet, sd_layout_vae, sd_scheduler, text_config  # noqa: E402
+from tinyworld.shapes import random_shape, shape_words  # noqa: E402
 from tinyworld.tokenizer import save_word_tokenizer  # noqa: E402
 
 SD_UNET = (320, 640, 1280, 1280)  # SD v1's UNet block widths; its CLIP is 768 wide

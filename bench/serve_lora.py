@@ -4,9 +4,9 @@ pipeline, and the time to switch adapter between two requests against one image'
     flock /tmp/sdtune-cpu.lock env HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/serve_lora.py
 
 The adapters are made here, with sdtune's own code: the base's UNet gets an adapter from
-sdtune.lora.add_training_adapter, its lora_B weights (zero at initialisation) are drawn at random, as training leaves
-them, and sdtune.lora.save_adapter writes it in diffusers' format, as a --lora_rank run does. Every model is served
-through sdtune.registry.ModelRegistry: the LoRA models are named adapters on the stock model's one pipeline.
+sdtune.training.lora.add_training_adapter, its lora_B weights (zero at initialisation) are drawn at random, as training leaves
+them, and sdtune.training.lora.save_adapter writes it in diffusers' format, as a --lora_rank run does. Every model is served
+through sdtune.generation.registry.ModelRegistry: the LoRA models are named adapters on the stock model's one pipeline.
 
 Memory (fresh subprocesses, as bench/serve_batch.py's memory part): the registry with the stock model alone, and with
 the stock model + 4 LoRA models, each after one image through every model (diffusers memory-maps safetensors, so
@@ -17,7 +17,7 @@ glibc's malloc_trim (freed blocks given back to the system) say where resident m
 
 Switch time (in this process): the tiny world's stock model (tinyworld/stock) with 4 adapters of rank --switch_rank
 (configs/tiny-lora.yaml's 16), at the tiny world's settings (64 px, 25 steps, the app's default scheduler and
-guidance). A request is registry.get(model) then sdtune.generate.text_to_image; the switch is the get that changes
+guidance). A request is registry.get(model) then sdtune.generation.core.text_to_image; the switch is the get that changes
 the active adapter (LoRA to LoRA, LoRA to stock, stock to LoRA). Target: the median switch under 5% of the median
 generation of one image. The bench also checks that a switch takes effect: two adapters give different images from
 one seed, and stock after the adapters gives stock's first image exactly.
@@ -44,12 +44,12 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
-
 from serve_batch import peak_rss, run_memory_child, unique_parameter_bytes, write_small_pipeline  # noqa: E402
-from sdtune.config import parse_args  # noqa: E402
-from sdtune.generate import GenerationSettings, text_to_image  # noqa: E402
-from sdtune.lora import add_training_adapter, save_adapter  # noqa: E402
-from sdtune.registry import ModelRegistry, ModelSpec  # noqa: E402
+
+from sdtune.generation.core import GenerationSettings, text_to_image  # noqa: E402
+from sdtune.generation.registry import ModelRegistry, ModelSpec  # noqa: E402
+from sdtune.training.config import parse_args  # noqa: E402
+from sdtune.training.lora import add_training_adapter, save_adapter  # noqa: E402
 
 TARGET_MEMORY = 1.02  # stock + 4 LoRA models <= this x one pipeline
 TARGET_SWITCH = 0.05  # median switch < this share of one image's generation
@@ -74,7 +74,7 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
 
 
 def write_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
-    """`count` random rank-`rank` adapters of `base`'s UNet, each saved by sdtune.lora.save_adapter in its folder."""
+    """`count` random rank-`rank` adapters of `base`'s UNet, each saved by sdtune.training.lora.save_adapter in its folder."""
     folders = []
     for index in range(count):
         folder = root / f"lora{index}"

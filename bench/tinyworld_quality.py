@@ -4,7 +4,7 @@
         [--tuned outputs/tiny-finetuned] [--seeds 8] [--json report.json]
 
 Measured: every (shape, colour) pair of the base world x --seeds seeds (background word rotating), drawn by
-sdtune.generate.text_to_image at the default 25 steps and guidance 7.5 and read by the deterministic judge
+sdtune.generation.core.text_to_image at the default 25 steps and guidance 7.5 and read by the deterministic judge
 (tinyworld/judge.py). Targets: the drawn shape matches the prompt >= 90%, the dominant colour >= 75%.
 With --tuned, the same table for the fine-tuned model (how much of the base world it forgot), then metrics.py itself
 scores stock against fine-tuned on the held-out creature prompts (configs/tiny_prompts.txt) with the tiny CLIP,
@@ -18,7 +18,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: nothing may be downloaded
 
-from sdtune.evaluate import main as metrics  # noqa: E402
+from sdtune.evaluation.run import main as metrics  # noqa: E402
 from tinyworld import CLIP, REPO, STOCK  # noqa: E402
 from tinyworld.quality import load_pipeline, measure, quality_cases, summary, table  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_memory.py [--autocast_policy cpu]
 
-Three recipes, read from their YAML files through sdtune.config:
+Three recipes, read from their YAML files through sdtune.training.config:
   configs/pokemon.yaml         fp16 autocast with fp32 master weights, AdamW, EMA on the device, gradient
                                checkpointing, VAE + text encoder in fp16 on the device; target <= 20 GiB
   configs/pokemon-lowmem.yaml  the same with bitsandbytes' AdamW8bit, the EMA in CPU memory and cached latents
@@ -13,17 +13,17 @@ Three recipes, read from their YAML files through sdtune.config:
 How it measures: the models are built from SD v1-4's published configs (below; no download) with random weights
 under FakeTensorMode, so every tensor has its real shape and dtype but no storage: a step of the 860M-parameter UNet
 costs seconds and no RAM. torch's MemTracker counts every tensor the step allocates, by category, and keeps the
-snapshot at the peak. The step is sdtune's: sdtune.objective.diffusion_loss, sdtune.optim.make_optimizer, diffusers'
-EMAModel through sdtune.train.make_ema, sdtune.optim.update_offloaded_ema; around them, what accelerate does on a GPU
+snapshot at the peak. The step is sdtune's: sdtune.training.objective.diffusion_loss, sdtune.training.optim.make_optimizer, diffusers'
+EMAModel through sdtune.training.loop.make_ema, sdtune.training.optim.update_offloaded_ema; around them, what accelerate does on a GPU
 under fp16 (autocast around the UNet's forward, loss scaling, unscaling before clipping). One step is run first so
 that the optimizer state exists, as it does at every later step; the second step is measured. bitsandbytes' AdamW8bit
 runs under FakeTensorMode too: its own init_state makes its state tensors and its update op has a fake kernel; only
 its constructor runs outside (it builds its quantisation map from real numbers). The LoRA recipe's UNet is built in
-fp16, as sdtune.components.load_components loads it for --lora_rank, and gets its adapter from
-sdtune.lora.add_training_adapter itself (peft's layers through diffusers' add_adapter, then cast_training_params to
+fp16, as sdtune.training.components.load_components loads it for --lora_rank, and gets its adapter from
+sdtune.training.lora.add_training_adapter itself (peft's layers through diffusers' add_adapter, then cast_training_params to
 fp32). peft moves each new layer to its base layer's device and dtype with Module.to, which cannot swap a parameter
 under FakeTensorMode (the fake mode holds weak references to its tensors); so the UNet is built on the meta device
-(shapes and dtypes, no storage), sdtune.train.configure_unet and add_training_adapter run on it unchanged, and then
+(shapes and dtypes, no storage), sdtune.training.loop.configure_unet and add_training_adapter run on it unchanged, and then
 Module.to_empty gives every tensor fake CPU storage of the same shape and dtype. The output states the dtypes of the
 trained and frozen UNet weights. MemTracker hooks the gradient of every parameter of a module it sees run and torch
 refuses a hook on a frozen one, so frozen parameters are registered as already hooked (FrozenAwareMemTracker): they
@@ -48,17 +48,17 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
-from torch.utils.hooks import RemovableHandle  # noqa: E402
 from torch.utils._pytree import tree_map_only  # noqa: E402
+from torch.utils.hooks import RemovableHandle  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from sdtune.components import Components  # noqa: E402
-from sdtune.config import parse_args  # noqa: E402
-from sdtune.lora import add_training_adapter  # noqa: E402
-from sdtune.objective import diffusion_loss  # noqa: E402
 from sdtune.seeds import step_generator  # noqa: E402
-from sdtune.optim import make_optimizer, update_offloaded_ema  # noqa: E402
-from sdtune.train import configure_unet, make_ema  # noqa: E402
+from sdtune.training.components import Components  # noqa: E402
+from sdtune.training.config import parse_args  # noqa: E402
+from sdtune.training.loop import configure_unet, make_ema  # noqa: E402
+from sdtune.training.lora import add_training_adapter  # noqa: E402
+from sdtune.training.objective import diffusion_loss  # noqa: E402
+from sdtune.training.optim import make_optimizer, update_offloaded_ema  # noqa: E402
 
 GIB = 2**30
 TARGETS_GIB = {"configs/pokemon.yaml": 20, "configs/pokemon-lowmem.yaml": 12, "configs/pokemon-lora.yaml": 6}
@@ -171,7 +171,7 @@ class AutocastForward:
 
 
 def build_parts(args, weight_dtype, fake: FakeTensorMode) -> Components:
-    """SD v1-4's UNet, set up as sdtune.train.main sets it up, and its frozen VAE and text encoder (in the recipe's
+    """SD v1-4's UNet, set up as sdtune.training.loop.main sets it up, and its frozen VAE and text encoder (in the recipe's
     dtype), all with fake storage."""
     torch.manual_seed(0)
     unet = build_unet(args, weight_dtype, fake)
@@ -239,7 +239,7 @@ def make_step_optimizer(args, trained) -> torch.optim.Optimizer:
 
 
 def training_step(args, parts, trained, unet_call, optimizer, ema, peaks, tracker=None) -> None:
-    """One step in sdtune.train's order; appends (phase, the peak so far by category) after each phase if tracked."""
+    """One step in sdtune.training.loop's order; appends (phase, the peak so far by category) after each phase if tracked."""
     weight_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
 
     def record(phase):

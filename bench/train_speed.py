@@ -3,15 +3,15 @@
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_speed.py [--train_batch_size 1]
 
 The model has Stable Diffusion v1's architecture scaled down (4 UNet blocks, 3 of them with cross-attention; a 4-block
-VAE with 8x downsampling; a CLIP text encoder) and random weights. The loop is sdtune's: sdtune.train's helpers build
-the dataset (sdtune.data.CaptionedImages), the latent cache (sdtune.latent_cache.build_latent_cache), the EMA
-(diffusers' EMAModel), the optimizer and schedule (sdtune.optim); each step makes the calls of sdtune.train.main's
+VAE with 8x downsampling; a CLIP text encoder) and random weights. The loop is sdtune's: sdtune.training.loop's helpers build
+the dataset (sdtune.data.dataset.CaptionedImages), the latent cache (sdtune.training.latent_cache.build_latent_cache), the EMA
+(diffusers' EMAModel), the optimizer and schedule (sdtune.training.optim); each step makes the calls of sdtune.training.loop.main's
 loop, in its order, through the same accelerate Accelerator. Only timers are added around them: the VAE encode, the
-text encoder and the UNet forward are timed from inside sdtune.objective.diffusion_loss by hooks on those modules.
+text encoder and the UNet forward are timed from inside sdtune.training.objective.diffusion_loss by hooks on those modules.
 
 It runs three times: without and with --cache_latents, then a LoRA step with the cache (--lora_rank, the adapter added
-by sdtune.lora.add_training_adapter; the optimizer, clipping and EMA take the adapter's weights only, as in
-sdtune.train.main). It checks the target for both cached modes: a whole step takes at most 15% longer than the UNet's
+by sdtune.training.lora.add_training_adapter; the optimizer, clipping and EMA take the adapter's weights only, as in
+sdtune.training.loop.main). It checks the target for both cached modes: a whole step takes at most 15% longer than the UNet's
 own forward + backward + optimizer step; and it compares the steps/s of the full fine-tune and the LoRA step.
 With --buckets it compares instead square batches (r x r) against --enable_bucket batches of the same pixel
 count (images of 4:1 and 1:4 in the 2r x r/2 and r/2 x 2r buckets), both encoding every step, taking turns; target:
@@ -39,18 +39,17 @@ import torch  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from sdtune.components import Components  # noqa: E402
-from sdtune.config import parse_args  # noqa: E402
-from sdtune.latent_cache import build_latent_cache  # noqa: E402
-from sdtune.lora import add_training_adapter  # noqa: E402
-from sdtune.objective import diffusion_loss  # noqa: E402
 from sdtune.seeds import step_generator  # noqa: E402
-from sdtune.optim import make_lr_scheduler, make_optimizer  # noqa: E402
-from tinyworld.shapes import random_shape, shape_words, write_imagefolder, write_shapes_dataset  # noqa: E402
+from sdtune.training.components import Components  # noqa: E402
+from sdtune.training.config import parse_args  # noqa: E402
+from sdtune.training.latent_cache import build_latent_cache  # noqa: E402
+from sdtune.training.loop import configure_unet, make_accelerator, make_dataloader, make_dataset, make_ema, update_ema  # noqa: E402
+from sdtune.training.lora import add_training_adapter  # noqa: E402
+from sdtune.training.objective import diffusion_loss  # noqa: E402
+from sdtune.training.optim import make_lr_scheduler, make_optimizer  # noqa: E402
 from tinyworld.factories import sd_layout_unet, sd_layout_vae, text_config  # noqa: E402
+from tinyworld.shapes import random_shape, shape_words, write_imagefolder, write_shapes_dataset  # noqa: E402
 from tinyworld.tokenizer import save_word_tokenizer  # noqa: E402
-from sdtune.train import (configure_unet, make_accelerator, make_dataloader, make_dataset, make_ema,  # noqa: E402
-                          update_ema)
 
 PHASES = ["data loading", "VAE encode", "text encoder", "UNet forward", "UNet backward", "optimizer step",
           "EMA update", "other"]
@@ -85,7 +84,7 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
 
 
 def small_components(tokenizer, resolution: int) -> Components:
-    """Random small SD parts, frozen and trainable as sdtune.components.load_components leaves them."""
+    """Random small SD parts, frozen and trainable as sdtune.training.components.load_components leaves them."""
     torch.manual_seed(0)  # both modes start from the same weights
     # SD v1's layouts, 1 layer a block: the UNet at 1/10 of SD's widths, the VAE at 1/8; a 4-layer text encoder
     vae = sd_layout_vae((16, 32, 64, 64), layers_per_block=1, sample_size=resolution, norm_num_groups=8)
@@ -198,7 +197,7 @@ def phase_result(timer: PhaseTimer, total: float, steps: int, facts: dict) -> di
 
 
 def set_up(bench, folders: dict, accelerator, cache_latents: bool, lora: bool, buckets: bool):
-    """Everything sdtune.train.main builds before its loop, in its order, with the small model's parts."""
+    """Everything sdtune.training.loop.main builds before its loop, in its order, with the small model's parts."""
     args = parse_args(training_flags(bench, folders, cache_latents, lora, buckets))
     parts = small_components(CLIPTokenizer.from_pretrained(folders["tokenizer"]), bench.resolution)
     configure_unet(parts.unet, args)
@@ -224,7 +223,7 @@ def set_up(bench, folders: dict, accelerator, cache_latents: bool, lora: bool, b
 
 @dataclass
 class Loop:
-    """What sdtune.train.main's loop works with, after accelerator.prepare."""
+    """What sdtune.training.loop.main's loop works with, after accelerator.prepare."""
     args: argparse.Namespace
     accelerator: object
     parts: Components
@@ -237,7 +236,7 @@ class Loop:
 
 
 def run_steps(loop: Loop, warmup_steps: int, steps: int, timer: PhaseTimer) -> float:
-    """sdtune.train.main's loop body (no logging, checkpoints or validation); returns the timed steps' seconds."""
+    """sdtune.training.loop.main's loop body (no logging, checkpoints or validation); returns the timed steps' seconds."""
     args, accelerator, unet, optimizer = loop.args, loop.accelerator, loop.unet, loop.optimizer
     done, start = 0, time.perf_counter()
     for epoch in itertools.count():
@@ -327,7 +326,7 @@ def main(argv=None) -> None:
     print(f"steps/s, full fine-tune {cached['steps'] / cached['total']:.2f} against LoRA "
           f"{lora['steps'] / lora['total']:.2f} (both with the cache): LoRA {speed_up:.2f}x")
     print("Phases: 'data loading' is the DataLoader's next batch (dataset, collate, device move); VAE encode, text "
-          "encoder and UNet forward are timed inside sdtune.objective.diffusion_loss; 'optimizer step' is gradient "
+          "encoder and UNet forward are timed inside sdtune.training.objective.diffusion_loss; 'optimizer step' is gradient "
           "clipping + step + LR schedule + zero_grad; 'other' is the rest of the step (noise and timestep draws, "
           "loss, the logged loss's .item()).")
 

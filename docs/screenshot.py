@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import this sdtune
 
-from sdtune.app import LAUNCH_OPTIONS  # noqa: E402
-from sdtune.registry import ModelRegistry, read_model_list  # noqa: E402
-from sdtune.serving import Service  # noqa: E402
-from sdtune.webui import build_ui  # noqa: E402
+from sdtune.app.launch import LAUNCH_OPTIONS  # noqa: E402
+from sdtune.app.service import Service  # noqa: E402
+from sdtune.app.ui.blocks import build_ui  # noqa: E402
+from sdtune.generation.registry import ModelRegistry, read_model_list  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's: Playwright downloads none
 # Without these, chromium tries to reach Google's services at start, which a closed network refuses.

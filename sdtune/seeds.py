@@ -12,6 +12,7 @@ import torch
 from sdtune.errors import SdtuneError
 from sdtune.limits import SEED_LIMIT, check_seed
 
+
 def derive_seed(*parts) -> int:
     """A 32-bit seed from any parts (a base seed, a prompt or file name, an index...)."""
     # surrogateescape: a file name that is not valid UTF-8 (Linux allows any bytes) still gives its own seed

@@ -11,7 +11,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
 from helpers import adapter_in_memory, run_in_process, tiny_flags  # noqa: E402
 
 
@@ -140,7 +139,7 @@ def finetuned_pipeline(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory, tiny_pipeline) -> Path:
     """A saved LoRA adapter of the tiny pipeline that changes its images (random B matrices), as training saves one."""
-    from sdtune.lora import save_adapter
+    from sdtune.training.lora import save_adapter
 
     pipeline, args = adapter_in_memory(tiny_pipeline, tmp_path_factory.mktemp("lora") / "adapter", seed=0)
     save_adapter(args, pipeline.unet)
@@ -151,10 +150,10 @@ def tiny_adapter(tmp_path_factory, tiny_pipeline) -> Path:
 def app(tmp_path_factory, tiny_pipeline, finetuned_pipeline, tiny_adapter):
     """The app, launched in this process, serving the tiny stock model, its fine-tune, a model that cannot load, a
     LoRA on the stock model (listed at scale 0.5) and a LoRA whose adapter file is corrupt."""
-    from sdtune.app import LAUNCH_OPTIONS
-    from sdtune.registry import ModelRegistry, ModelSpec
-    from sdtune.serving import Service
-    from sdtune.webui import build_ui
+    from sdtune.app.launch import LAUNCH_OPTIONS
+    from sdtune.app.service import Service
+    from sdtune.app.ui.blocks import build_ui
+    from sdtune.generation.registry import ModelRegistry, ModelSpec
 
     root = tmp_path_factory.mktemp("app")
     allowed = root / "input_images"

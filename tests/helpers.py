@@ -29,8 +29,8 @@ def adapter_in_memory(tiny_pipeline, output_dir, seed: int):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdtune.config import parse_args
-    from sdtune.lora import add_training_adapter
+    from sdtune.training.config import parse_args
+    from sdtune.training.lora import add_training_adapter
 
     args = parse_args(tiny_flags(tiny_pipeline, output_dir / "data", output_dir, *LORA))
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
@@ -47,8 +47,8 @@ def run_in_process(flags: list[str]) -> Path:
     first (private API: tests only), so each run builds its own Accelerator as it would in a new process."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from sdtune.config import parse_args
-    from sdtune.train import main
+    from sdtune.training.config import parse_args
+    from sdtune.training.loop import main
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -14,13 +14,15 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image, PngImagePlugin
 
-from sdtune.app import check_output_dir
-from sdtune.cli import parse_app_args
+from sdtune.app.flags import parse_app_args
+from sdtune.app.launch import check_output_dir
+from sdtune.app.service import BatchUpdate, Outcome
+from sdtune.app.ui.blocks import model_status
+from sdtune.app.ui.controls import StopSignals
+from sdtune.app.ui.handlers import Handlers
 from sdtune.errors import SdtuneError
-from sdtune.generate import Interrupted
-from sdtune.pnginfo import parse_parameters
-from sdtune.serving import BatchUpdate, Outcome
-from sdtune.webui import Handlers, StopSignals, model_status
+from sdtune.generation.core import Interrupted
+from sdtune.generation.pnginfo import parse_parameters
 
 T2I = dict(negative_prompt="", scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5, width=64,
            height=64, num_images=1)
@@ -170,7 +172,7 @@ def test_a_folder_batch_goes_on_past_a_name_that_is_not_utf8_and_refuses_links_o
 
 
 def test_the_app_creates_its_allowed_root(tmp_path, tiny_pipeline, monkeypatch):
-    from sdtune import app as app_module
+    from sdtune.app import launch as app_module
 
     class Demo:  # stands in for the Gradio app: this test is about what main prepares
         share_url = None
@@ -434,7 +436,7 @@ def png_info(client, path):
 
 
 def test_png_info_reads_a_generated_png_and_send_to_fills_the_forms(app, client):
-    from sdtune.generate import GenerationSettings
+    from sdtune.generation.core import GenerationSettings
 
     settings = GenerationSettings(num_inference_steps=2, guidance_scale=6.5, width=64, height=64,
                                   negative_prompt="blurry, grey", scheduler="euler_a")
@@ -477,8 +479,8 @@ def test_png_info_bad_input_gets_a_clear_message_and_the_app_keeps_answering(cli
 
 
 def test_the_history_keeps_the_newest_images_first_and_restores_their_settings(app):
-    from sdtune.generate import GenerationSettings
-    from sdtune.webui_recall import HISTORY_SIZE, remember
+    from sdtune.app.ui.recall_tab import HISTORY_SIZE, remember
+    from sdtune.generation.core import GenerationSettings
 
     settings = GenerationSettings(num_inference_steps=1, width=32, height=32)
     paths = [str(p) for p in app["service"].text2img("history", "stock", 40, 2, settings).paths]

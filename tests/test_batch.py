@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, subprocess_env
 from PIL import Image
 
-from helpers import REPO, subprocess_env
-from sdtune.batch import main
-from sdtune.pnginfo import parse_parameters, read_parameters
+from sdtune.batch.cli import main
+from sdtune.generation.pnginfo import parse_parameters, read_parameters
 
 GOOD = {"a_red_circle.png": ((70, 50), "red"), "a_blue_square.png": ((64, 64), "blue"),
         "sub/green_frog_01.jpg": ((40, 80), "green"), "yellow_star.png": ((64, 48), "yellow"),
@@ -84,9 +84,9 @@ def test_a_rerun_skips_what_is_done_and_redoes_what_was_lost(inputs, tmp_path, t
 
 
 def test_the_cli_and_the_app_batch_make_the_same_images(inputs, tmp_path, tiny_pipeline, finetuned_pipeline):
-    from sdtune.generate import GenerationSettings
-    from sdtune.registry import ModelRegistry, ModelSpec
-    from sdtune.serving import Service
+    from sdtune.app.service import Service
+    from sdtune.generation.core import GenerationSettings
+    from sdtune.generation.registry import ModelRegistry, ModelSpec
 
     out = tmp_path / "out"
     run(inputs, out, [f"stock={tiny_pipeline}", f"tuned={finetuned_pipeline}"], "--batch_size", "4")
@@ -149,7 +149,7 @@ def test_a_rerun_with_other_settings_stops_before_loading_models_and_names_them(
     out = tmp_path / "out"
     run(inputs, out, [f"stock={tiny_pipeline}"])
     before = manifest(out)
-    monkeypatch.setattr("sdtune.batch_run.ModelRegistry", no_models)
+    monkeypatch.setattr("sdtune.batch.run.ModelRegistry", no_models)
     with pytest.raises(SystemExit, match=r"--seed 5 -> 6.*--strength 0\.5 -> 0\.7.*another --output"):
         run(inputs, out, [f"stock={tiny_pipeline}"], "--seed", "6", "--strength", "0.7")
     with pytest.raises(SystemExit, match=r"--prompt None -> 'a frog'"):
@@ -195,7 +195,7 @@ def test_a_file_link_leading_outside_the_input_is_refused(inputs, tmp_path, tiny
 def test_an_output_that_cannot_be_written_stops_before_loading_models(inputs, tmp_path, tiny_pipeline, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    monkeypatch.setattr("sdtune.batch_run.ModelRegistry", no_models)
+    monkeypatch.setattr("sdtune.batch.run.ModelRegistry", no_models)
     with pytest.raises(SystemExit, match="cannot be written"):
         run(inputs, blocker / "out", [f"stock={tiny_pipeline}"])
 
@@ -218,8 +218,8 @@ def test_a_missing_model_at_its_native_resolution_is_a_clear_error(inputs, tmp_p
 
 
 def test_one_rule_lists_the_images_of_a_folder(tmp_path):
-    from sdtune.evaluate import read_init_images
-    from sdtune.image_folder import list_images
+    from sdtune.data.folders import list_images
+    from sdtune.evaluation.run import read_init_images
     from sdtune.seeds import prompt_seed
 
     folder, outside = tmp_path / "in", tmp_path / "outside"

@@ -7,18 +7,26 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from accelerate.data_loader import BatchSamplerShard
+from conftest import MIXED_ASPECTS
+from PIL import Image
+from test_data import data_args
 from transformers import CLIPTokenizer
 
-from conftest import MIXED_ASPECTS
-from test_data import data_args
-from sdtune.buckets import (BucketBatchSampler, BucketSpec, assign_buckets, bucket_sizes, bucket_table, cover_size,
-                            crop_of, default_bucket_settings)
-from sdtune.config import parse_args
-from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, resize_and_crop, screen_rows
+from sdtune.data.buckets import (
+    BucketBatchSampler,
+    BucketSpec,
+    assign_buckets,
+    bucket_sizes,
+    bucket_table,
+    cover_size,
+    crop_of,
+    default_bucket_settings,
+)
+from sdtune.data.dataset import CaptionedImages, EpochShuffleSampler, load_rows, resize_and_crop, screen_rows
 from sdtune.errors import SdtuneError
-from sdtune.latent_cache import build_latent_cache
+from sdtune.training.config import parse_args
+from sdtune.training.latent_cache import build_latent_cache
 
 SD = BucketSpec(512, 256, 1024, 64)  # kohya's defaults at --resolution 512
 

@@ -6,12 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_in_process, tiny_flags
 from safetensors.torch import load_file
 
-from helpers import run_in_process, tiny_flags
-from sdtune.checkpoints import (PROGRESS_FILE, CheckpointError, checkpoint_name, list_checkpoints, prune_checkpoints,
-                                resolve_resume_path)
 from sdtune.errors import SdtuneError
+from sdtune.training.checkpoints import (
+    PROGRESS_FILE,
+    CheckpointError,
+    checkpoint_name,
+    list_checkpoints,
+    prune_checkpoints,
+    resolve_resume_path,
+)
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 # 4 steps with a checkpoint every 2 and the EMA on: checkpoint-2 is resumed, the run's end is the reference

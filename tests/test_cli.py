@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, subprocess_env
 
 ENTRY_POINTS = [["train_text_to_image.py"], ["metrics.py"], ["gradio_app.py"], ["-m", "sdtune.batch"]]
@@ -50,13 +49,15 @@ def test_help_and_a_bad_flag_answer_before_the_heavy_imports(entry):
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32), "99999999999999999999"])
 def test_every_command_refuses_a_seed_outside_the_documented_range(seed, tmp_path):
-    from sdtune import batch, cli, config
+    from sdtune.batch import cli as batch
     from sdtune.errors import SdtuneError
+    from sdtune.evaluation import flags as metrics_flags
+    from sdtune.training import config
 
     parsers = [
         lambda: config.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", str(tmp_path),
                                    "--seed", seed]),
-        lambda: cli.parse_metrics_args(["--seed", seed]),
+        lambda: metrics_flags.parse_metrics_args(["--seed", seed]),
         lambda: batch.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--seed", seed]),
     ]
     for parse in parsers:
@@ -96,9 +97,12 @@ def script_and_flags(command: str) -> tuple[str, list[str]] | None:
 
 def parse(script: str, flags: list[str]):
     """Parse `flags` as the script's own entry point does, with every check that needs no model or file."""
-    from sdtune import batch, cli, config
+    from sdtune.app import flags as cli
+    from sdtune.batch import cli as batch
+    from sdtune.evaluation import flags as metrics_flags
+    from sdtune.training import config
 
-    parsers = {"train_text_to_image.py": config.parse_args, "metrics.py": cli.parse_metrics_args,
+    parsers = {"train_text_to_image.py": config.parse_args, "metrics.py": metrics_flags.parse_metrics_args,
                "gradio_app.py": cli.parse_app_args, "sdtune.batch": batch.build_parser().parse_args}
     return parsers[script](flags)
 

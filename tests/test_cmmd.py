@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from sdtune.cmmd import cmmd, compare_to_reference, within_term
 from sdtune.errors import SdtuneError
+from sdtune.evaluation.cmmd import cmmd, compare_to_reference, within_term
 
 
 def test_cmmd_matches_a_hand_computation():

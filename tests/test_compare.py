@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.compare import compare
-from sdtune.compare_grid import EMPTY, label_font, layout
+from sdtune.app.compare import compare
+from sdtune.app.compare_grid import EMPTY, label_font, layout
+from sdtune.app.service import Service
 from sdtune.errors import SdtuneError
-from sdtune.generate import GenerationSettings
-from sdtune.pnginfo import parse_parameters, read_parameters
-from sdtune.registry import ModelRegistry, ModelSpec
-from sdtune.serving import Service
+from sdtune.generation.core import GenerationSettings
+from sdtune.generation.pnginfo import parse_parameters, read_parameters
+from sdtune.generation.registry import ModelRegistry, ModelSpec
 
 PROMPT = "a red circle"
 SMALL = GenerationSettings(num_inference_steps=2, width=64, height=64)

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch._dynamo
 from diffusers import StableDiffusionPipeline
+from helpers import adapter_in_memory, run_in_process, tiny_flags
 from torch._dynamo.utils import counters
 
-from helpers import adapter_in_memory, run_in_process, tiny_flags
-from sdtune.generate import GenerationSettings, text_to_images
-from sdtune.lora import save_adapter
-from sdtune.registry import ModelRegistry, ModelSpec
-from sdtune.schedulers import SCHEDULERS
+from sdtune.generation.core import GenerationSettings, text_to_images
+from sdtune.generation.registry import ModelRegistry, ModelSpec
+from sdtune.generation.schedulers import SCHEDULERS
+from sdtune.training.lora import save_adapter
 
 PROMPT = "a red circle on a white background"
 

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from sdtune.config import RESOLVED_CONFIG_NAME, parse_args, save_resolved_config
 from sdtune.errors import SdtuneError
+from sdtune.training.config import RESOLVED_CONFIG_NAME, parse_args, save_resolved_config
 
 REQUIRED = ["--pretrained_model_name_or_path", "model", "--train_data_dir", "data"]
 

@@ -3,13 +3,20 @@ from argparse import Namespace
 
 import pytest
 import torch
+from conftest import ODD_SKIPS
 from transformers import CLIPTokenizer
 
-from conftest import ODD_SKIPS
-from sdtune.config import parse_args
-from sdtune.data import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows, shuffle_tags, usable_captions
+from sdtune.data.dataset import (
+    CaptionedImages,
+    EpochShuffleSampler,
+    load_rows,
+    screen_rows,
+    shuffle_tags,
+    usable_captions,
+)
 from sdtune.errors import SdtuneError
 from sdtune.seeds import example_generator
+from sdtune.training.config import parse_args
 
 
 def data_args(folder, **overrides):

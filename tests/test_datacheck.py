@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.config import parse_args
-from sdtune.datacheck import main as check_data
+from sdtune.data.check import main as check_data
 from sdtune.errors import SdtuneError
+from sdtune.training.config import parse_args
 
 # The usable images of `unseen_dataset`: every PIL mode, sizes from 1x1 to 4000x300, each size different except
 # for the three duplicates.
@@ -103,7 +103,7 @@ def test_a_clean_dataset_reports_no_problems(shapes_dataset, tiny_pipeline, caps
 def test_a_row_without_an_image_is_skipped_not_a_crash():
     import datasets
 
-    from sdtune.data import inspect_rows
+    from sdtune.data.dataset import inspect_rows
 
     rows = datasets.Dataset.from_dict({"image": [None], "text": ["x"]}).cast_column("image",
                                                                                     datasets.Image(decode=False))

@@ -9,7 +9,6 @@ import sys
 
 import torch
 from diffusers import StableDiffusionPipeline
-
 from helpers import REPO, subprocess_env, tiny_flags
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.images import BadImageError, open_image, to_rgb
+from sdtune.data.images import BadImageError, open_image, to_rgb
 
 
 def png_bytes(image: Image.Image, **params) -> bytes:
@@ -74,6 +74,6 @@ def test_truncated_file_fails_at_open_not_later():
 
 
 def test_decompression_bomb_is_refused(monkeypatch):
-    monkeypatch.setattr("sdtune.images.MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr("sdtune.data.images.MAX_IMAGE_PIXELS", 100)
     with pytest.raises(BadImageError, match="too large"):
         open_image(png_bytes(Image.new("RGB", (20, 20))))

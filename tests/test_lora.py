@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from helpers import LORA, adapter_in_memory, tiny_flags
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import LORA, adapter_in_memory, tiny_flags
-from sdtune.config import parse_args
 from sdtune.errors import SdtuneError
-from sdtune.lora import DIFFUSERS_WEIGHTS, add_training_adapter, save_adapter
-from sdtune.registry import ModelRegistry, ModelSpec, ModelUnavailable, parse_model_flags, read_model_list
+from sdtune.generation.registry import ModelRegistry, ModelSpec, ModelUnavailable, parse_model_flags, read_model_list
+from sdtune.training.config import parse_args
+from sdtune.training.lora import DIFFUSERS_WEIGHTS, add_training_adapter, save_adapter
 
 PROMPT = "a red circle on a white background"
 
@@ -61,7 +61,7 @@ def test_kohya_file_has_kohya_keys_the_trained_alpha_and_the_settings(tiny_pipel
 def test_lora_run_saves_the_adapter_that_draws_the_validation_image(train, tmp_path, tiny_pipeline):
     from PIL import Image
 
-    from sdtune.generate import GenerationSettings, text_to_image
+    from sdtune.generation.core import GenerationSettings, text_to_image
 
     out = train(tmp_path / "shapes-lora", *LORA, "--learning_rate", "1e-2", "--validation_prompts", PROMPT)
     assert not (out / "model_index.json").exists() and not (out / "unet").exists()  # no full pipeline
@@ -83,7 +83,7 @@ def test_lora_run_saves_the_adapter_that_draws_the_validation_image(train, tmp_p
 
 
 def test_adapter_trains_in_fp32_on_a_frozen_unet_held_in_the_mixed_precision_dtype(tiny_pipeline, tmp_path):
-    from sdtune.components import load_components
+    from sdtune.training.components import load_components
 
     args = parse_args(tiny_flags(tiny_pipeline, tmp_path / "data", tmp_path / "run", *LORA))
     unet = load_components(args, torch.bfloat16).unet

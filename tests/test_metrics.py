@@ -8,15 +8,15 @@ import sys
 
 import pytest
 import torch
+from helpers import REPO, subprocess_env
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from sdtune.clip_scoring import ClipScorer
-from sdtune.cmmd import cmmd
-from helpers import REPO, subprocess_env
-from sdtune.evaluate import main
-from sdtune.prompts import read_prompts
-from sdtune.stats import paired_bootstrap
+from sdtune.data.prompts import read_prompts
+from sdtune.evaluation.clip_score import ClipScorer
+from sdtune.evaluation.cmmd import cmmd
+from sdtune.evaluation.run import main
+from sdtune.evaluation.stats import paired_bootstrap
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background",
            "a green triangle on a gray background"]

@@ -2,9 +2,9 @@
 
 import pytest
 
-from sdtune.generate import GenerationSettings
-from sdtune.pnginfo import format_parameters, parse_parameters
-from sdtune.recall import recall
+from sdtune.app.recall import recall
+from sdtune.generation.core import GenerationSettings
+from sdtune.generation.pnginfo import format_parameters, parse_parameters
 
 MODELS = ["stock", "tuned", "lora"]
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from sdtune.app.service import BatchUpdate, Outcome
+from sdtune.app.streaming import stream
+from sdtune.app.ui.handlers import Handlers
 from sdtune.errors import SdtuneError
-from sdtune.generate import GenerationSettings, images_to_images, text_to_images
-from sdtune.preview import is_preview_step, latent_preview
-from sdtune.registry import ModelRegistry, ModelSpec
-from sdtune.serving import BatchUpdate, Outcome
-from sdtune.streaming import stream
-from sdtune.webui import Handlers
+from sdtune.generation.core import GenerationSettings, images_to_images, text_to_images
+from sdtune.generation.preview import is_preview_step, latent_preview
+from sdtune.generation.registry import ModelRegistry, ModelSpec
 
 
 def test_previews_come_about_five_times_an_image_and_never_at_the_last_step():

@@ -1,4 +1,4 @@
-"""The Ray Serve backend (sdtune/ray_backend.py): its flags, and one local deployment (2 replicas of 1 CPU each on a
+"""The Ray Serve backend (sdtune/app/ray_backend.py): its flags, and one local deployment (2 replicas of 1 CPU each on a
 2-CPU Ray cluster, tiny models, one model per replica so that multiplexing evicts) shared by the module, because
 starting Ray and two replicas costs most of these tests' time."""
 
@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.app import generation_backend
-from sdtune.backend import LocalBackend
-from sdtune.cli import parse_app_args
+from sdtune.app.flags import parse_app_args
+from sdtune.app.launch import generation_backend
+from sdtune.app.service import RequestError, Service
 from sdtune.errors import SdtuneError
-from sdtune.generate import GenerationSettings
-from sdtune.registry import ModelRegistry, ModelSpec, ModelUnavailable
-from sdtune.serving import RequestError, Service
+from sdtune.generation.backend import LocalBackend
+from sdtune.generation.core import GenerationSettings
+from sdtune.generation.registry import ModelRegistry, ModelSpec, ModelUnavailable
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray Serve is optional: pip install -r requirements-serve.txt")
@@ -50,7 +50,7 @@ def test_the_local_backend_never_imports_ray(monkeypatch, tiny_pipeline, tmp_pat
 
 @needs_ray
 def test_an_address_where_nothing_answers_fails_at_once():
-    from sdtune import ray_backend
+    from sdtune.app import ray_backend
 
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -65,7 +65,7 @@ def deployment(tmp_path_factory, tiny_pipeline, tiny_adapter):
     two in this process, for reference."""
     import ray
 
-    from sdtune import ray_backend
+    from sdtune.app import ray_backend
 
     specs = [ModelSpec("stock", str(tiny_pipeline)),
              ModelSpec("lora", str(tiny_pipeline), lora=str(tiny_adapter), lora_scale=0.5),
@@ -116,7 +116,7 @@ def test_a_model_that_cannot_load_fails_its_own_request_only(deployment, tmp_pat
 def test_a_replica_killed_under_load_loses_no_request(deployment):
     import ray
 
-    from sdtune.ray_backend import ReplicaLost
+    from sdtune.app.ray_backend import ReplicaLost
 
     remote, local = deployment
     settings = GenerationSettings(num_inference_steps=12, width=64, height=64)  # long enough to be killed mid-way

@@ -5,9 +5,8 @@ import subprocess
 import sys
 import time
 
-from safetensors.torch import load_file
-
 from helpers import REPO, subprocess_env, tiny_flags
+from safetensors.torch import load_file
 
 # Every source of randomness is on: random crop and flip, caption dropout, noise offset, EMA, a warmup-cosine
 # schedule and gradient accumulation. 24 rows / batch 4 = 6 batches an epoch, 3 optimizer steps an epoch, so the

@@ -11,17 +11,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sdtune.app.service import RequestError, Service
+from sdtune.data.folders import InputImage
+from sdtune.data.prompts import prompt_from_filename
 from sdtune.errors import SdtuneError
-from sdtune.generate import GenerationError, GenerationSettings, Interrupted, text_to_images, working_size
-from sdtune.pnginfo import format_parameters, parse_parameters, read_parameters, save_png
-from sdtune.prompts import prompt_from_filename
-from sdtune.registry import ModelRegistry, ModelSpec, parse_model_flags, read_model_list
-from sdtune.runlog import SAMPLER_THREAD
-from sdtune.image_folder import InputImage
-from sdtune.limits import check_seed
+from sdtune.generation.core import GenerationError, GenerationSettings, Interrupted, text_to_images, working_size
+from sdtune.generation.pnginfo import format_parameters, parse_parameters, read_parameters, save_png
+from sdtune.generation.registry import ModelRegistry, ModelSpec, parse_model_flags, read_model_list
+from sdtune.generation.runlog import SAMPLER_THREAD
+from sdtune.limits import DEFAULT_MAX_REQUEST_COST, check_seed
 from sdtune.seeds import draw_model, image_seed, resolve_seed
-from sdtune.limits import DEFAULT_MAX_REQUEST_COST
-from sdtune.serving import RequestError, Service
 
 
 def test_two_models_differing_in_their_unet_share_everything_else(tiny_pipeline, finetuned_pipeline):

@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from helpers import REPO
 from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from helpers import REPO
+from sdtune.data.prompts import read_prompts
 from tinyworld import CLIP, STOCK
 from tinyworld.clip_model import embed_images, embed_text, normalise, ranking_accuracy
-from sdtune.prompts import read_prompts
-from tinyworld.datasets import (SPLITS, every_caption, heldout_creature_prompts, read_split, world_words,
-                                       write_world)
+from tinyworld.datasets import SPLITS, every_caption, heldout_creature_prompts, read_split, world_words, write_world
 from tinyworld.judge import judge
 
 
@@ -108,7 +107,7 @@ def test_metrics_py_scores_with_the_tiny_clip_as_it_was_trained(world, clip):
     # metrics.py reads images through the saved CLIPProcessor: if it resized, cropped or normalised them unlike
     # training did, every tiny-world score would be skewed. Its scores must equal 100 * max(cos, 0) computed the
     # training way.
-    from sdtune.clip_scoring import ClipScorer
+    from sdtune.evaluation.clip_score import ClipScorer
 
     model, processor = clip
     scorer = ClipScorer(str(CLIP))
@@ -152,7 +151,7 @@ def test_fine_tune_beats_the_stock_model_on_heldout_creature_prompts_through_met
     # a new domain, including prompts it was not trained on. Single images vary by tens of points, so 12 seeds per
     # prompt, and the 95% interval of the paired difference (bootstrap over prompts) must clear zero. The same
     # images are closer to the held-out creature images than the stock model's (CMMD), beyond the interval too.
-    from sdtune.evaluate import main as metrics
+    from sdtune.evaluation.run import main as metrics
 
     results = metrics(["--models", f"stock={STOCK}", f"pokemon={fine_tuned}",
                        "--prompts", str(REPO / "configs/tiny_prompts.txt"), "--num_images_per_prompt", "12",

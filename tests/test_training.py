@@ -9,11 +9,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from helpers import run_in_process, tiny_flags
 from PIL import Image
 from safetensors.torch import load_file
 
-import sdtune.train
-from helpers import run_in_process, tiny_flags
+import sdtune.training.loop
 from sdtune.errors import SdtuneError
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -92,7 +92,7 @@ class TrainingWatch:
 
     def observe(self, patch: pytest.MonkeyPatch) -> "TrainingWatch":
         """Wrap the training step's loss, accelerate's clipping and its tracker log for the rest of `patch`."""
-        loss, clip, log = sdtune.train.diffusion_loss, Accelerator.clip_grad_norm_, Accelerator.log
+        loss, clip, log = sdtune.training.loop.diffusion_loss, Accelerator.clip_grad_norm_, Accelerator.log
 
         def watched_loss(batch, unet, parts, args, generator, weight_dtype):
             self.loss_calls.append((unet, weight_dtype))
@@ -109,7 +109,7 @@ class TrainingWatch:
             self.logged.append((step, dict(values)))
             return log(accelerator, values, step=step, **options)
 
-        patch.setattr(sdtune.train, "diffusion_loss", watched_loss)
+        patch.setattr(sdtune.training.loop, "diffusion_loss", watched_loss)
         patch.setattr(Accelerator, "clip_grad_norm_", watched_clip)
         patch.setattr(Accelerator, "log", watched_log)
         return self
@@ -161,7 +161,7 @@ def test_final_pipeline_carries_the_ema_weights(optimisation_runs):
 def test_offloaded_ema_update_matches_diffusers(tmp_path):
     from diffusers.training_utils import EMAModel
 
-    from sdtune.optim import update_offloaded_ema
+    from sdtune.training.optim import update_offloaded_ema
 
     params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
     reference, offloaded = EMAModel(params, decay=0.9), EMAModel(params, decay=0.9)

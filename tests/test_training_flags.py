@@ -8,11 +8,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdtune.config import parse_args
-from sdtune.data import CaptionedImages
-from sdtune.latent_cache import LatentCache
-from sdtune.objective import diffusion_loss
-from sdtune.optim import make_lr_scheduler, make_optimizer
+from sdtune.data.dataset import CaptionedImages
+from sdtune.training.config import parse_args
+from sdtune.training.latent_cache import LatentCache
+from sdtune.training.objective import diffusion_loss
+from sdtune.training.optim import make_lr_scheduler, make_optimizer
 
 BATCH, CHANNELS, SIZE = 16, 4, 8
 

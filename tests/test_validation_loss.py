@@ -9,14 +9,14 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
-from sdtune.checkpoints import Progress
-from sdtune.config import parse_args
-from sdtune.data import hold_out
+from sdtune.data.dataset import hold_out
+from sdtune.data.splits import split_validation_rows
 from sdtune.errors import SdtuneError
-from sdtune.loss_plot import TRAIN_COLOUR, VALIDATION_COLOUR, draw_loss_curve, loss_curve_section
-from sdtune.train import validation_due
-from sdtune.validation_loss import HeldOutExamples, LossHistory, LossPoint, fixed_timesteps, held_out_loss
-from sdtune.validation_rows import split_validation_rows
+from sdtune.training.checkpoints import Progress
+from sdtune.training.config import parse_args
+from sdtune.training.loop import validation_due
+from sdtune.training.loss_plot import TRAIN_COLOUR, VALIDATION_COLOUR, draw_loss_curve, loss_curve_section
+from sdtune.training.validation_loss import HeldOutExamples, LossHistory, LossPoint, fixed_timesteps, held_out_loss
 
 
 def test_hold_out_is_deterministic_disjoint_and_covers_every_row():

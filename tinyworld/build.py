@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from sdtune.config import parse_args as parse_training_args
 from sdtune.errors import SdtuneError, exit_on_error
 from sdtune.logs import setup_logging
-from sdtune.train import main as train
+from sdtune.training.config import parse_args as parse_training_args
+from sdtune.training.loop import main as train
 from tinyworld import CLIP, STOCK
 from tinyworld.clip_model import MAX_TOKENS, ranking_accuracy, save_clip, train_clip
 from tinyworld.datasets import every_caption, read_split, world_words, write_world

@@ -11,12 +11,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel,
-                          CLIPTokenizer, CLIPVisionConfig)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+)
 
 from tinyworld.factories import text_config
-from tinyworld.training import (WARMUP_STEPS, StepLog, balanced_batch, random_flip, seeded, swap_background,
-                                with_background)
+from tinyworld.training import (
+    WARMUP_STEPS,
+    StepLog,
+    balanced_batch,
+    random_flip,
+    seeded,
+    swap_background,
+    with_background,
+)
 
 IMAGE_SIZE = 64
 MAX_TOKENS = 32  # the longest caption is 16 tokens with its start and end; prompts beyond 32 are truncated

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tinyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, random_shape, shape_caption, shape_words, write_imagefolder
 from tinyworld.creatures import SPECIES, creature_caption, creature_words, random_creature
+from tinyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, random_shape, shape_caption, shape_words, write_imagefolder
 
 BASE_TRAIN, BASE_HELDOUT = 3600, 360  # 50 and 5 images per caption on average (72 captions)
 CREATURES_PER_PAIR_TRAIN, CREATURES_PER_PAIR_HELDOUT = 60, 20

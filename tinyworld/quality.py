@@ -2,7 +2,7 @@
 
 Each (shape, colour) pair is drawn from several seeds, the background word cycling through the three backgrounds;
 every image is drawn with the settings used everywhere else (DPM-Solver++, 25 steps, guidance 7.5) from its own seeded
-generator, as sdtune.generate.text_to_image draws it, and is read by judge.py. bench/tinyworld_quality.py runs the
+generator, as sdtune.generation.core.text_to_image draws it, and is read by judge.py. bench/tinyworld_quality.py runs the
 full measurement, the tests a subset.
 """
 
@@ -10,10 +10,10 @@ from collections import defaultdict
 
 from diffusers import StableDiffusionPipeline
 
-from sdtune.generate import GenerationSettings, for_call
+from sdtune.generation.core import GenerationSettings, for_call
 from sdtune.seeds import cpu_generator
-from tinyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, shape_caption
 from tinyworld.judge import judge
+from tinyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, shape_caption
 
 SETTINGS = GenerationSettings(width=64, height=64)  # 25 steps, guidance 7.5: the defaults everywhere else
 

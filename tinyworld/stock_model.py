@@ -9,8 +9,8 @@ from pathlib import Path
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTokenizer
 
-from tinyworld.factories import sd_scheduler, unet
 from tinyworld.clip_model import text_encoder_of
+from tinyworld.factories import sd_scheduler, unet
 from tinyworld.training import seeded
 
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")

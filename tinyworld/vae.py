@@ -11,8 +11,17 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from tinyworld.factories import vae
-from tinyworld.training import (WARMUP_STEPS, StepLog, balanced_batch, batch_indices, border_colour, random_flip,
-                                seeded, swap_background, to_unit_range)
+from tinyworld.training import (
+    WARMUP_STEPS,
+    StepLog,
+    balanced_batch,
+    batch_indices,
+    border_colour,
+    random_flip,
+    seeded,
+    swap_background,
+    to_unit_range,
+)
 
 OBJECT_WEIGHT = 5.0  # loss weight of a pixel that differs from the background, relative to a background pixel
 KL_WEIGHT = 1e-6  # just enough to keep the posterior a distribution; the scaling factor fixes the latent scale

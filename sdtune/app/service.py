@@ -1,0 +1,293 @@
+"""What the app does, without its UI: check a request, generate, save PNGs that carry their parameters, and record
+the run. Every error a user can cause is an `SdtuneError` with a message meant for them: a `RequestError` when the
+service refuses a request, a `GenerationError` for settings, and the seeds' and LoRA scales' own for a value out of
+range."""
+
+import threading
+import time
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+
+from sdtune.batch.engine import STOPPED, generate_batch, save_output
+from sdtune.batch.engine import Outcome as BatchOutcome
+from sdtune.batch.plan import Job, plan_batches, plan_jobs
+from sdtune.data.folders import InputImage, list_images, printable
+from sdtune.data.images import BadImageError, open_image, to_rgb, without_folder
+from sdtune.errors import SdtuneError
+from sdtune.generation.backend import LocalBackend
+from sdtune.generation.core import GenerationSettings, Preview, working_size
+from sdtune.generation.pnginfo import format_parameters, save_png
+from sdtune.generation.registry import ModelRegistry, ModelUnavailable
+from sdtune.generation.runlog import RunRecorder
+from sdtune.limits import (
+    BATCH_SIZE,
+    DEFAULT_MAX_REQUEST_COST,
+    MAX_IMAGES,
+    MAX_SIDE,
+    MAX_UPLOAD_PIXELS,
+    SEED_LIMIT,
+    check_lora_scale,
+)
+from sdtune.seeds import resolve_seed
+
+
+class RequestError(SdtuneError, ValueError):
+    """A request that cannot be served as asked; the message says why."""
+
+
+@dataclass
+class Outcome:
+    paths: list[Path]
+    seeds: list[int]
+    run: dict
+
+
+@dataclass
+class BatchRow:
+    file: str
+    model: str
+    prompt: str
+    seed: int
+    seconds: float = 0.0
+    output: Path | None = None
+    error: str = ""
+
+
+@dataclass
+class BatchUpdate:
+    done: int
+    total: int
+    rows: list[BatchRow]
+    zip_path: Path | None = None
+    run: dict | None = None
+    outputs: list[Path] = field(default_factory=list)
+
+
+def request_cost(settings: GenerationSettings, images: int, image_to_image: bool = False) -> float:
+    """Megapixel-steps a request runs: width x height x denoising steps x images / 10^6; image to image runs
+    steps x strength of its steps."""
+    steps = settings.num_inference_steps * (settings.strength if image_to_image else 1)
+    return settings.width * settings.height * steps * images / 1e6
+
+
+class Service:
+    def __init__(self, registry: ModelRegistry, output_dir, allowed_root, max_upload_pixels=MAX_UPLOAD_PIXELS,
+                 max_request_cost: float | None = None, backend=None):
+        self.registry, self.output_dir = registry, Path(output_dir)
+        self.backend = backend or LocalBackend(registry)  # where generation runs: sdtune/generation/backend.py
+        self.allowed_root_shown = str(allowed_root)  # as the operator gave it: error messages show no server paths
+        self.allowed_root = Path(allowed_root).resolve()
+        self.max_upload_pixels = max_upload_pixels
+        self.max_request_cost = max_request_cost or DEFAULT_MAX_REQUEST_COST[self.backend.device.type]
+        self.run_log = self.output_dir / "runs.jsonl"
+
+    def prepare(self, model: str, lora_scale: float | None = None) -> float | None:
+        """Have the backend ready `model` and return the request's adapter scale (None: the model's listed one; None
+        for a model without an adapter). Every request sets the scale, so one request's scale never carries over to
+        the next."""
+        scale = self.adapter_scale(model, lora_scale)
+        with unavailable_as_request_error():
+            self.backend.load(model, scale)
+        return scale
+
+    def adapter_scale(self, model: str, lora_scale: float | None) -> float | None:
+        """The LoRA scale a request uses: its own (checked) or the model's listed one."""
+        listed = self.registry.configured_scale(model)
+        if lora_scale is None or model not in self.registry.specs:  # an unknown model is refused by the registry
+            return listed
+        if listed is None:
+            raise RequestError(f"lora_scale applies to LoRA models only and '{model}' has no adapter: leave it out.")
+        return check_lora_scale(lora_scale)
+
+    def check_cost(self, settings: GenerationSettings, images: int = 1, image_to_image: bool = False) -> None:
+        """Refuse a request that would hold the device longer than the operator allows."""
+        cost = request_cost(settings, images, image_to_image)
+        if cost > self.max_request_cost:
+            steps = "steps x strength" if image_to_image else "steps"
+            raise RequestError(
+                f"This request costs {cost:.3g} megapixel-steps (width x height x {steps} x images / 10^6); this "
+                f"server allows {self.max_request_cost:g} per request on its {self.backend.device.type}. Lower "
+                "the size, steps or images, or ask the operator to raise --max_request_cost.")
+
+    def working_resolution(self, resolution: int, model: str) -> int:
+        """The longer side image to image works at: `resolution`, or the model's own when it is 0."""
+        if not resolution:
+            try:
+                return self.registry.native_resolution(model)
+            except ModelUnavailable as error:
+                raise RequestError(str(error)) from error
+        if not 8 <= resolution <= MAX_SIDE:
+            raise RequestError(f"resolution must be 0 (the model's own) or from 8 to {MAX_SIDE}, not {resolution}.")
+        return resolution
+
+    def load_upload(self, path) -> object:
+        name = Path(path).name  # the user's own file name; Gradio's upload folder is the server's business
+        try:
+            return to_rgb(open_image(path, max_pixels=self.max_upload_pixels))
+        except (BadImageError, OSError) as error:
+            raise RequestError(f"{name}: {without_folder(error, path)}") from error
+
+    def text2img(self, prompt: str, model: str, seed: int, num_images: int, settings: GenerationSettings,
+                 stop: threading.Event | None = None, lora_scale: float | None = None,
+                 preview: Preview | None = None) -> Outcome:
+        """`num_images` images from seeds seed, seed+1, ... in one batch; a LoRA model's adapter at `lora_scale`
+        (None: its listed scale); `preview` sees them forming."""
+        if not 1 <= num_images <= MAX_IMAGES:
+            raise RequestError(f"num_images must be between 1 and {MAX_IMAGES}.")
+        self.check_cost(settings, num_images)
+        seed = resolve_seed(seed)
+        lora_scale = self.prepare(model, lora_scale)
+        seeds = [(seed + i) % SEED_LIMIT for i in range(num_images)]  # past 2**32 - 1 they wrap round to 0
+        with RunRecorder("text2img", self.run_log, self.registry.device) as recorder, unavailable_as_request_error():
+            start = time.perf_counter()
+            images = self.backend.text_to_images(model, lora_scale, prompt, seeds, settings, stop, preview)
+            for _ in images:
+                recorder.image_done((time.perf_counter() - start) / len(images))
+            folder = self.output_dir / recorder.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            paths = [save_png(image, folder / f"{index:02d}-{model}-{s}.png",
+                              format_parameters(prompt, settings, s, model, lora_scale=lora_scale))
+                     for index, (s, image) in enumerate(zip(seeds, images))]
+            return Outcome(paths, seeds, recorder.finish(model=model, lora_scale=lora_scale))
+
+    def img2img(self, image_path, prompt: str, model: str, seed: int, settings: GenerationSettings,
+                resolution: int = 0, stop: threading.Event | None = None, lora_scale: float | None = None,
+                preview: Preview | None = None) -> Outcome:
+        """One edit of an uploaded image, returned at the upload's size; a LoRA model's adapter at `lora_scale`
+        (None: its listed scale); `preview` sees it forming."""
+        image, seed = self.load_upload(image_path), resolve_seed(seed)
+        lora_scale = self.prepare(model, lora_scale)
+        resolution = self.working_resolution(resolution, model)
+        used = settings.sized(*working_size(image.size, resolution))  # the size the model works at
+        used.validate(image_to_image=True)
+        self.check_cost(used, image_to_image=True)
+        with RunRecorder("img2img", self.run_log, self.registry.device) as recorder, unavailable_as_request_error():
+            start = time.perf_counter()
+            edited, = self.backend.images_to_images(model, lora_scale, [image], [prompt], [seed], settings, resolution,
+                                                    stop, preview)
+            recorder.image_done(time.perf_counter() - start)
+            folder = self.output_dir / recorder.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            path = save_png(edited, folder / f"{model}-{seed}.png",
+                            format_parameters(prompt, used, seed, model, image_to_image=True, lora_scale=lora_scale))
+            return Outcome([path], [seed], recorder.finish(model=model, lora_scale=lora_scale))
+
+    def folder_items(self, folder: str) -> list[InputImage]:
+        """The images under a folder inside --allowed-root; a folder, or a file link, leading outside it is refused."""
+        root = (self.allowed_root / folder).resolve() if not Path(folder).is_absolute() else Path(folder).resolve()
+        if not root.is_relative_to(self.allowed_root):
+            raise RequestError(f"Folder {folder} is outside the allowed root {self.allowed_root_shown}.")
+        if not root.is_dir():
+            raise RequestError(f"Folder {folder} does not exist under {self.allowed_root_shown}.")
+        return list_images(root, root=self.allowed_root, exclude=self.output_dir)
+
+    def random_batch(self, items: list[InputImage], models: list[str], prompt: str, seed: int,
+                     settings: GenerationSettings, resolution: int = 0, stop: threading.Event | None = None,
+                     preview: Preview | None = None):
+        """Image to image over `items` as the batch CLI plans and runs it: each item gets a model drawn from (seed,
+        its name), items are grouped by (model, working size) and run BATCH_SIZE to a call; yields after every call.
+
+        A failing image is recorded in its row and the batch goes on. Stop interrupts the call in flight at its next
+        denoising step (its images are listed as stopped) and ends the batch, keeping everything finished before.
+        `preview` sees each call's images forming."""
+        if not items:
+            raise RequestError("No images given: upload some or name a folder.")
+        models = list(models) or self.registry.names
+        resolutions = self.batch_resolutions(models, settings, resolution)
+        seed = resolve_seed(seed)
+        jobs = plan_jobs(distinct_keys(items), models, seed, prompt, resolutions, self.max_upload_pixels)
+        with RunRecorder("random_batch", self.run_log, self.registry.device) as recorder:
+            folder = self.output_dir / recorder.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = {job.key: batch_row(job) for job in jobs if job.error}
+            for _ in rows:
+                recorder.image_done(0.0, failed=True)
+            for batch in plan_batches(jobs, BATCH_SIZE):
+                if stop is not None and stop.is_set():
+                    break
+                for outcome in generate_batch(self.backend, batch, settings, resolutions[batch[0].model], stop,
+                                              preview):
+                    rows[outcome.job.key] = saved_row(outcome, folder, settings)
+                    recorder.image_done(outcome.seconds, failed=rows[outcome.job.key].error not in ("", STOPPED))
+                yield batch_update(jobs, rows)
+            update = batch_update(jobs, rows)
+            update.zip_path = zip_outputs(folder, update.outputs)
+            update.run = recorder.finish(batch_seed=seed, models=models, lora_scales=self.listed_scales(models),
+                                         stopped=stop is not None and stop.is_set())
+            yield update
+
+    def listed_scales(self, models: list[str]) -> dict[str, float]:
+        """Each LoRA model's scale, as a batch uses it: the one it is listed with (one scale for every adapter would
+        suit none of them)."""
+        scales = {model: self.registry.configured_scale(model) for model in models}
+        return {model: scale for model, scale in scales.items() if scale is not None}
+
+    def batch_resolutions(self, models: list[str], settings: GenerationSettings, resolution: int) -> dict[str, int]:
+        """Refuse a batch that cannot run before any model time is spent; each model's working resolution. The cost
+        is bounded per image, at the largest working size the batch uses, not per batch: a batch of a whole folder
+        is what the tab is for, and Stop ends it within one denoising step."""
+        unknown = [m for m in models if m not in self.registry.names]
+        if unknown:
+            raise RequestError(f"Unknown models {unknown}; available: {', '.join(self.registry.names)}.")
+        settings.validate(image_to_image=True)
+        resolutions = {model: self.working_resolution(resolution, model) for model in models}
+        side = max(resolutions.values())
+        self.check_cost(settings.sized(side, side), image_to_image=True)
+        return resolutions
+
+
+@contextmanager
+def unavailable_as_request_error():
+    """A model that is not listed or cannot load, told to the user as a refused request."""
+    try:
+        yield
+    except ModelUnavailable as error:
+        raise RequestError(str(error)) from error
+
+
+def distinct_keys(items: list[InputImage]) -> list[InputImage]:
+    """Same-named inputs (two uploads called image.png) each get a name of their own, `image (2).png`, so each keeps
+    its own model, seed and output; the prompt read from the name stays the same."""
+    originals, used, distinct = {item.key for item in items}, set(), []
+    for item in items:
+        key, count = item.key, 1
+        while key in used or (count > 1 and key in originals):
+            count += 1
+            name = PurePosixPath(item.key)
+            key = str(name.with_name(f"{name.stem} ({count}){name.suffix}"))
+        used.add(key)
+        distinct.append(replace(item, key=key))
+    return distinct
+
+
+def batch_row(job: Job, seconds: float = 0.0, output: Path | None = None, error: str = "") -> BatchRow:
+    return BatchRow(printable(job.key), job.model, job.prompt, job.seed, round(seconds, 3), output,
+                    error or job.error)
+
+
+def saved_row(outcome: BatchOutcome, folder: Path, settings: GenerationSettings) -> BatchRow:
+    """The table row of a finished image, saved under the run's folder if it succeeded."""
+    if outcome.image is None:
+        return batch_row(outcome.job, outcome.seconds, error=outcome.error)
+    try:
+        return batch_row(outcome.job, outcome.seconds, save_output(outcome, folder, settings))
+    except OSError as error:
+        return batch_row(outcome.job, outcome.seconds, error=f"cannot save the output: {error.strerror or error}")
+
+
+def batch_update(jobs: list[Job], rows: dict[str, BatchRow]) -> BatchUpdate:
+    """The rows finished so far, in the order the inputs were given."""
+    ordered = [rows[job.key] for job in jobs if job.key in rows]
+    return BatchUpdate(len(ordered), len(jobs), ordered, outputs=[row.output for row in ordered if row.output])
+
+
+def zip_outputs(folder: Path, paths: list[Path]) -> Path:
+    """All outputs of a batch in one download, under their paths in the run's folder (two inputs of the same name
+    in different subfolders keep both)."""
+    zip_path = folder / "outputs.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for path in paths:
+            archive.write(path, path.relative_to(folder).as_posix())
+    return zip_path

@@ -1,0 +1,69 @@
+"""The Gradio UI and API of gradio_app.py: its tabs in one Blocks, the header's model status, and the Stop buttons.
+
+Generation runs one request at a time through the queue (sdtune/app/ui/controls.py); each tab's module holds its
+controls and its handlers keep the API's parameter names.
+"""
+
+from pathlib import Path
+
+import gradio as gr
+
+from sdtune.app.service import Service
+from sdtune.app.ui.compare_tab import compare_tab
+from sdtune.app.ui.controls import default_size
+from sdtune.app.ui.handlers import Handlers
+from sdtune.app.ui.recall_tab import IMAGE_TAB, INFO_TAB, TEXT_TAB, png_info_tab, wire
+from sdtune.app.ui.tabs import batch_tab, image_tab, text_tab
+
+CSS_PATH = Path(__file__).with_name("style.css")  # the layout's and the result images' styles
+
+
+def model_status(service: Service) -> str:
+    registry = service.registry
+    lines = [f"Models: {', '.join(registry.names)} on {service.backend.device.type}."]
+    for name, spec in registry.specs.items():
+        if spec.lora:
+            lines.append(f"**{name}** is a LoRA on `{spec.path}`, at scale {spec.lora_scale:g} unless a request "
+                         "sets its own.")
+    for name, reason in registry.errors.items():
+        lines.append(f"**{name} failed to load** and is unavailable: {reason}")
+    return "\n\n".join(lines)
+
+
+def backend_status(service: Service) -> None:
+    """The generation backend's own status (Ray Serve: which replicas are up), read on page load and on Refresh;
+    nothing for the local backend."""
+    if service.backend.status() is None:
+        return
+    with gr.Row():
+        status = gr.Markdown(service.backend.status)
+        refresh = gr.Button("Refresh", size="sm", scale=0)
+    refresh.click(service.backend.status, None, status, queue=False, api_visibility="private")
+
+
+def build_ui(service: Service) -> gr.Blocks:
+    names, handlers = service.registry.names, Handlers(service)
+    # delete_cache: Gradio copies every upload and output into its temp folder; drop copies older than a day
+    with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
+        gr.Markdown("# sdtune: stock and fine-tuned Stable Diffusion", elem_classes=["sdtune-header"])
+        gr.Markdown(model_status(service), elem_classes=["sdtune-header"])
+        backend_status(service)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Text to image", id=TEXT_TAB):
+                text_event, text_stop, text_form = text_tab(handlers, names, default_size(service))
+            with gr.Tab("Image to image", id=IMAGE_TAB):
+                image_event, image_stop, image_form = image_tab(handlers, names)
+            with gr.Tab("Compare"):
+                _, compare_stop = compare_tab(handlers, names, default_size(service))
+            with gr.Tab("Random-model batch"):
+                _, batch_stop = batch_tab(handlers, names, service.allowed_root_shown)
+            with gr.Tab("PNG info", id=INFO_TAB):
+                info = png_info_tab(service.registry)
+        wire(text_form, image_form, info, tabs, service.registry, {TEXT_TAB: text_event, IMAGE_TAB: image_event})
+        for button in (text_stop, image_stop, batch_stop, compare_stop):
+            # a running generation stops at its next denoising step (a batch or comparison keeps what it finished
+            # before: so it is stopped by its flag, not cancelled); a queued text or image request is cancelled, a
+            # queued batch or comparison finds its flag set when it starts and ends at once
+            button.click(handlers.stops.stop, None, None, cancels=[text_event, image_event],
+                         api_visibility="private", queue=False)
+    return demo

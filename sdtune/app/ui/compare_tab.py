@@ -1,0 +1,84 @@
+"""The Compare tab and its API endpoint /compare: one prompt through several models side by side, the grid growing a
+row at a time (sdtune.app.compare does the work)."""
+
+import gradio as gr
+
+from sdtune.app.compare import CompareUpdate, compare, grid_image
+from sdtune.app.ui.controls import (
+    RESULT_HEIGHT,
+    SEED_RANGE,
+    queued,
+    result_gallery,
+    run_buttons,
+    sampling_controls,
+    settings_from,
+)
+from sdtune.app.ui.handlers import Handlers
+from sdtune.errors import SdtuneError
+from sdtune.limits import MAX_COMPARE_CELLS, MAX_SIDE
+
+# (label, the API's value): the values are the names of what a row changes
+AXIS_CHOICES = [("Seeds", "seed"), ("Guidance scale", "guidance_scale"), ("Steps", "num_inference_steps"),
+                ("LoRA scale", "lora_scale")]
+
+
+class CompareHandler:
+    """The tab's event handler; its parameter names are the API's."""
+
+    def __init__(self, handlers: Handlers):
+        self.service, self.stops = handlers.service, handlers.stops
+
+    def compare(self, prompt, negative_prompt, models, axis, values, seed, scheduler, num_inference_steps,
+                guidance_scale, width, height, request: gr.Request, progress=gr.Progress()):
+        settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
+                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        with self.stops.running(request) as stop:
+            updates = compare(self.service, prompt, models, axis, values, seed, settings, stop)
+            try:  # the comparison checks its request when it starts, i.e. at the first iteration
+                for update in updates:
+                    progress((len(update.cells), len(update.columns) * len(update.rows)), desc="cells", unit="cells")
+                    yield compare_outputs(update)
+            except SdtuneError as error:
+                raise gr.Error(str(error)) from error
+
+
+def compare_outputs(update: CompareUpdate):
+    """Grid, labelled cells, grid PNG and run record; the grid is redrawn as each row of models completes."""
+    if update.grid_path:
+        grid = str(update.grid_path)
+    elif len(update.cells) % len(update.columns) == 0:
+        grid = grid_image(update)
+    else:
+        grid = gr.skip()
+    gallery = [(str(cell.path), f"{cell.model}, {cell.row.label}") for cell in update.cells if cell.path]
+    download = str(update.grid_path) if update.grid_path else None
+    return grid, gallery, download, update.run
+
+
+def compare_tab(handlers: Handlers, names, size: int):
+    """The tab's controls and results; returns its Generate event and its Stop button."""
+    handler = CompareHandler(handlers)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=360):
+            prompt = gr.Textbox(label="Prompt", lines=2)
+            negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
+            run, stop = run_buttons("Compare")
+            models = gr.CheckboxGroup(names, value=names, label="Models (one column each)")
+            axis = gr.Radio(AXIS_CHOICES, value="seed", label="Rows")
+            values = gr.Textbox("2", label="Values", info="Seeds: a count from the seed (\"4\") or a list "
+                                f"(\"1, 2, 7\"); otherwise a list (\"3, 7.5, 12\"). At most {MAX_COMPARE_CELLS} "
+                                "cells.")
+            seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
+            _, scheduler, steps, guidance = sampling_controls()
+            with gr.Row():
+                width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
+                height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
+        with gr.Column(scale=3, min_width=360):
+            grid = gr.Image(label="Grid", format="png", type="filepath", height=RESULT_HEIGHT,
+                            elem_classes=["sdtune-result"])
+            cells = result_gallery("Cells", columns=4)
+            download, record = gr.File(label="Grid PNG"), gr.JSON(label="Run")
+    event = queued(run, handlers, handler.compare, [prompt, negative, models, axis, values, seed, scheduler, steps,
+                                                    guidance, width, height], [grid, cells, download, record],
+                   "compare")
+    return event, stop

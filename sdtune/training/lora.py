@@ -1,0 +1,125 @@
+"""LoRA adapters on the UNet for training, through peft: added, saved in diffusers' and kohya's formats, described
+in the model card. (Serving switches them on a shared base: sdtune/generation/adapters.py.)"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from sdtune.errors import SdtuneError
+
+logger = logging.getLogger(__name__)
+
+# diffusers' LoRA example targets the attention projections (self- and cross-attention) of the UNet.
+DEFAULT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
+
+
+def lora_alpha(args) -> float:
+    """The scaling numerator: the update is scaled by alpha / rank (--lora_alpha, by default the rank)."""
+    return args.lora_alpha or args.lora_rank
+
+
+def lora_config(args) -> LoraConfig:
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=lora_alpha(args),
+        lora_dropout=args.lora_dropout or 0.0,
+        init_lora_weights="gaussian",  # as diffusers' example: A random, B zero, so training starts at the base model
+        target_modules=args.lora_target_modules or DEFAULT_TARGET_MODULES,
+    )
+
+
+def add_training_adapter(unet, args) -> None:
+    """Freeze the UNet (loaded in the mixed-precision dtype) and give it a trainable adapter.
+
+    The adapter weights are cast to fp32: they are the optimizer's master weights, and fp16 gradient scaling refuses
+    fp16 parameters.
+    """
+    unet.requires_grad_(False)
+    config = lora_config(args)
+    try:
+        unet.add_adapter(config)
+    except ValueError as error:  # peft: none of the target modules exists in this UNet
+        raise SdtuneError(f"--lora_target_modules {' '.join(sorted(config.target_modules))}: {error} "
+                          f"The default is {' '.join(DEFAULT_TARGET_MODULES)}.") from error
+    cast_training_params(unet, torch.float32)
+
+
+def kohya_path(output_dir) -> Path:
+    """`<output_dir name>.safetensors` inside output_dir: the single file A1111 and ComfyUI users copy."""
+    folder = Path(output_dir).resolve()
+    return folder / f"{folder.name}.safetensors"
+
+
+def save_adapter(args, unet) -> tuple[Path, Path]:
+    """The trained adapter in diffusers' format (pytorch_lora_weights.safetensors, with its LoraConfig in the
+    metadata) and in kohya's (`lora_unet_...` keys, base model and settings in the metadata)."""
+    peft_state = get_peft_model_state_dict(unet)
+    StableDiffusionPipeline.save_lora_weights(
+        args.output_dir, unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
+    kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
+    # diffusers writes alpha = rank; the loaders scale by alpha / rank, so the trained alpha must be written instead
+    alpha = float(lora_alpha(args))
+    kohya = {key: torch.tensor(alpha) if key.endswith(".alpha") else value.contiguous() for key, value in kohya.items()}
+    save_file(kohya, kohya_path(args.output_dir), metadata=kohya_metadata(args))
+    logger.info("Saved the LoRA adapter to %s (diffusers) and %s (kohya)", DIFFUSERS_WEIGHTS,
+                kohya_path(args.output_dir).name)
+    return Path(args.output_dir) / DIFFUSERS_WEIGHTS, kohya_path(args.output_dir)
+
+
+def kohya_metadata(args) -> dict[str, str]:
+    """kohya sd-scripts' `ss_` keys that A1111 and ComfyUI show, plus every sdtune setting."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("config", "hub_token")}
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(args.lora_rank),
+        "ss_network_alpha": str(lora_alpha(args)),
+        "ss_sd_model_name": args.pretrained_model_name_or_path,
+        "ss_resolution": f"({args.resolution}, {args.resolution})",
+        "ss_learning_rate": str(args.learning_rate),
+        "ss_max_train_steps": str(args.max_train_steps),
+        "ss_seed": str(args.seed),
+        "ss_training_comment": f"LoRA of {args.pretrained_model_name_or_path}'s UNet trained with sdtune",
+        "sdtune_training_config": json.dumps(settings, sort_keys=True, default=str),
+    }
+
+
+def card_sections(args, trainable_parameters: int, dataset: str) -> tuple[str, str, str]:
+    """Title, summary and usage of a LoRA run's model card."""
+    base = args.pretrained_model_name_or_path
+    kohya_file = kohya_path(args.output_dir).name
+    title = f"LoRA for {base}"
+    modules = " ".join(args.lora_target_modules or DEFAULT_TARGET_MODULES)
+    summary = (f"A rank-{args.lora_rank} LoRA adapter ({trainable_parameters:,} parameters, alpha {lora_alpha(args)}, "
+               f"modules {modules}) on the UNet of `{base}`, trained on `{dataset}` with sdtune. It needs that base "
+               f"model: `{DIFFUSERS_WEIGHTS}` is the diffusers format, `{kohya_file}` the same adapter in kohya's "
+               "format.")
+    usage = f"""diffusers:
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipeline = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16)
+pipeline.load_lora_weights("{args.hub_model_id or args.output_dir}")
+image = pipeline("yoda", generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+AUTOMATIC1111: copy `{kohya_file}` into `models/Lora/`, select `{base}` as the checkpoint and add
+`<lora:{Path(kohya_file).stem}:1>` to the prompt.
+
+ComfyUI: copy `{kohya_file}` into `models/loras/` and put a "Load LoRA" node between "Load Checkpoint" (`{base}`)
+and the sampler.
+
+sdtune (gradio_app.py, metrics.py, the batch CLI): a model entry
+`{{name: my-lora, path: {base}, lora: {args.output_dir}, lora_scale: 1.0}}`.
+"""
+    return title, summary, usage
