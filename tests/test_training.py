@@ -94,9 +94,9 @@ class TrainingWatch:
         """Wrap the training step's loss, accelerate's clipping and its tracker log for the rest of `patch`."""
         loss, clip, log = sdtune.training.loop.diffusion_loss, Accelerator.clip_grad_norm_, Accelerator.log
 
-        def watched_loss(batch, unet, parts, args, generator, weight_dtype):
+        def watched_loss(batch, unet, parts, generator, weight_dtype, **settings):
             self.loss_calls.append((unet, weight_dtype))
-            return loss(batch, unet, parts, args, generator, weight_dtype)
+            return loss(batch, unet, parts, generator, weight_dtype, **settings)
 
         def watched_clip(accelerator, parameters, max_norm, *rest, **options):
             parameters = list(parameters)

@@ -41,7 +41,8 @@ def objective_run(args, latents: torch.Tensor, prediction_type: str = "epsilon")
     batch = {"latent_mean": latents, "latent_std": torch.zeros_like(latents),
              "encoder_hidden_states": torch.zeros(BATCH, 77, 32)}
     unet = RecordingUNet()
-    loss = diffusion_loss(batch, unet, parts, args, torch.Generator().manual_seed(0), torch.float32)
+    loss = diffusion_loss(batch, unet, parts, torch.Generator().manual_seed(0), torch.float32,
+                          noise_offset=args.noise_offset, snr_gamma=args.snr_gamma)
     signal = scheduler.alphas_cumprod[unet.timesteps].view(-1, 1, 1, 1)
     # DDPM's forward process: noisy = sqrt(alpha_bar) * latents + sqrt(1 - alpha_bar) * noise
     noise = (unet.noisy_latents - signal.sqrt() * latents) / (1 - signal).sqrt()
