@@ -54,11 +54,11 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from sdtune.seeds import step_generator  # noqa: E402
 from sdtune.training.components import Components  # noqa: E402
-from sdtune.training.config import parse_args  # noqa: E402
+from sdtune.training.config import parse_args, settings_from  # noqa: E402
 from sdtune.training.loop import configure_unet, make_ema  # noqa: E402
 from sdtune.training.lora import add_training_adapter  # noqa: E402
 from sdtune.training.objective import diffusion_loss  # noqa: E402
-from sdtune.training.optim import make_optimizer, update_offloaded_ema  # noqa: E402
+from sdtune.training.optim import OptimizerSettings, make_optimizer, update_offloaded_ema  # noqa: E402
 
 GIB = 2**30
 TARGETS_GIB = {"configs/pokemon.yaml": 20, "configs/pokemon-lowmem.yaml": 12, "configs/pokemon-lora.yaml": 6}
@@ -232,7 +232,7 @@ def make_step_optimizer(args, trained) -> torch.optim.Optimizer:
     torch's AdamW picks its foreach implementation for CUDA tensors and a per-tensor loop for CPU ones; foreach is
     set here so that its temporaries (a full fp32 copy of the second moments) are those of a GPU run.
     """
-    optimizer = make_optimizer(args, trained, num_processes=1)
+    optimizer = make_optimizer(trained, settings_from(OptimizerSettings, args), num_processes=1)
     if isinstance(optimizer, torch.optim.AdamW):
         for group in optimizer.param_groups:
             group["foreach"] = True

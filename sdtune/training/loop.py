@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,13 +31,18 @@ from sdtune.training.checkpoints import (
     save_checkpoint,
 )
 from sdtune.training.components import Components, compile_unet_for_training, load_components, use_xformers
-from sdtune.training.config import save_resolved_config
+from sdtune.training.config import save_resolved_config, settings_from
 from sdtune.training.export import check_hub_reachable, push_to_hub, save_pipeline, write_model_card
 from sdtune.training.latent_cache import build_latent_cache
 from sdtune.training.lora import add_training_adapter, save_adapter
 from sdtune.training.objective import diffusion_loss
-from sdtune.training.optim import make_lr_scheduler, make_optimizer, update_offloaded_ema
-from sdtune.training.validation_images import log_grid_to_trackers, render_validation, validation_pipeline
+from sdtune.training.optim import OptimizerSettings, make_lr_scheduler, make_optimizer, update_offloaded_ema
+from sdtune.training.validation_images import (
+    GridSettings,
+    log_grid_to_trackers,
+    render_validation,
+    validation_pipeline,
+)
 from sdtune.training.validation_loss import ValidationLoss
 
 logger = logging.getLogger("sdtune.training.loop")
@@ -68,18 +73,13 @@ def main(args) -> Path:
 
 @dataclass(frozen=True)
 class StepSettings:
-    """The flags an optimizer step reads (see config.py for each), taken once from the parsed flags."""
+    """The flags an optimizer step reads (config.py has each one's help); config.settings_from(StepSettings, args)."""
 
     seed: int
-    gradient_accumulation_steps: int
     max_grad_norm: float
     noise_offset: float
     snr_gamma: float | None
     offload_ema: bool
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "StepSettings":
-        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
 
 
 @dataclass
@@ -128,19 +128,23 @@ def set_up(args, accelerator: Accelerator) -> Run:
         move_frozen_parts(parts, "cpu")  # they only come back for validation
     dataloader = make_dataloader(dataset, seed=args.seed, batch_size=args.train_batch_size,
                                  num_workers=args.dataloader_num_workers)
-    num_epochs = count_epochs(args, len(dataloader), accelerator.num_processes)
+    args.max_train_steps, num_epochs = plan_steps(len(dataloader), accelerator.num_processes,
+                                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                                  max_train_steps=args.max_train_steps,
+                                                  num_train_epochs=args.num_train_epochs)
 
     ema = make_ema(parts.unet, trained, accelerator.device, use_ema=args.use_ema, decay=args.ema_decay,
                    adapter=bool(args.lora_rank), offload=args.offload_ema)
-    optimizer = make_optimizer(args, trained, accelerator.num_processes)
-    lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
+    optimizer = make_optimizer(trained, settings_from(OptimizerSettings, args), accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, warmup_steps=args.lr_warmup_steps,
+                                     max_train_steps=args.max_train_steps, num_processes=accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
     register_checkpoint_hooks(accelerator, ema)  # must run before load_state
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         save_resolved_config(args, args.output_dir)
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
-    run = Run(args, accelerator, StepSettings.from_args(args), parts, weight_dtype, unet, trained, optimizer,
+    run = Run(args, accelerator, settings_from(StepSettings, args), parts, weight_dtype, unet, trained, optimizer,
               lr_scheduler, dataloader, ema, held_out, num_epochs, Progress())
     resume(run, args.resume_from_checkpoint, args.output_dir)
     logger.info("Training %s UNet parameters on %d rows for %d optimizer steps (%d epochs), %d process(es).",
@@ -256,14 +260,14 @@ def make_dataloader(dataset: CaptionedImages, *, seed: int, batch_size: int,
     return torch.utils.data.DataLoader(dataset, num_workers=num_workers, **order)
 
 
-def count_epochs(args, batches: int, num_processes: int) -> int:
-    """Epochs to run for --max_train_steps optimizer steps of `batches` micro-batches an epoch (split between the
-    processes); sets --max_train_steps from --num_train_epochs where it is not given."""
-    batches_per_process = math.ceil(batches / num_processes)
-    steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    return math.ceil(args.max_train_steps / steps_per_epoch)
+def plan_steps(batches: int, num_processes: int, *, gradient_accumulation_steps: int, max_train_steps: int | None,
+               num_train_epochs: int) -> tuple[int, int]:
+    """(optimizer steps, epochs) for `batches` micro-batches an epoch, split between the processes: --max_train_steps
+    where given, else --num_train_epochs' worth of steps."""
+    steps_per_epoch = math.ceil(math.ceil(batches / num_processes) / gradient_accumulation_steps)
+    if max_train_steps is None:
+        max_train_steps = num_train_epochs * steps_per_epoch
+    return max_train_steps, math.ceil(max_train_steps / steps_per_epoch)
 
 
 def move_frozen_parts(parts, device) -> None:
@@ -383,7 +387,8 @@ def render_with(run: Run, model, global_step: int) -> Path:
     accelerator = run.accelerator
     move_frozen_parts(run.parts, accelerator.device)
     with accelerator.autocast():
-        grid = render_validation(validation_pipeline(run.parts, model, accelerator.device), run.args, global_step)
+        pipeline = validation_pipeline(run.parts, model, accelerator.device)
+        grid = render_validation(pipeline, settings_from(GridSettings, run.args), global_step)
     if run.args.cache_latents:
         move_frozen_parts(run.parts, "cpu")
     log_grid_to_trackers(accelerator, grid, global_step)
