@@ -1,15 +1,15 @@
 """Benchmark: --compile (torch.compile of the UNet) on the tiny world, CPU: images/s and training steps/s with and
 without it, and what the compile itself costs.
 
-    flock /tmp/sdtune-cpu.lock env HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/compile_speed.py --part generation
-    flock /tmp/sdtune-cpu.lock env HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/compile_speed.py --part training
+    HF_HUB_OFFLINE=1 PYTHONPATH=. flock /tmp/sdtune-cpu.lock .venv/bin/python bench/compile_speed.py --part generation
+    HF_HUB_OFFLINE=1 PYTHONPATH=. flock /tmp/sdtune-cpu.lock .venv/bin/python bench/compile_speed.py --part training
 
-Generation: the tiny world's stock model (tinyworld/stock) through sdtune.generation.registry.ModelRegistry (compile=True is
-what --compile sets) and sdtune.generation.core.text_to_image, at the tiny world's settings (64 px, 25 steps, the app's
-default scheduler and guidance), the same prompts and seeds in every variant. Each variant draws one image first
-(for a compiled one: the compile), then the variants take turns, --rounds rounds of --images images each, so that
-a drift of the machine's load hits them alike. Variants besides eager and compile: channels_last, the UNet's and the
-VAE's memory format (a compiled channels_last UNet is a graph of its own: its weights' strides differ).
+Generation: the tiny world's stock model (tinyworld/stock) through sdtune.generation.registry.ModelRegistry
+(compile=True is what --compile sets) and sdtune.generation.core.text_to_image, at the tiny world's settings (64 px, 25
+steps, the app's default scheduler and guidance), the same prompts and seeds in every variant. Each variant draws one
+image first (for a compiled one: the compile), then the variants take turns, --rounds rounds of --images images each, so
+that a drift of the machine's load hits them alike. Variants besides eager and compile: channels_last, the UNet's and
+the VAE's memory format (a compiled channels_last UNet is a graph of its own: its weights' strides differ).
 
 Training: configs/tiny.yaml's shapes (tinyworld/stock, 64 px, batch 8, fp32, EMA on), one batch a step (the recipe
 accumulates two), on a synthetic shapes dataset; each mode is set up by the shipped sdtune.training.loop.set_up

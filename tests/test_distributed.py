@@ -19,8 +19,8 @@ def test_two_process_run_saves_one_loadable_pipeline(tiny_pipeline, shapes_datas
                str(REPO / "train_text_to_image.py"),
                *tiny_flags(tiny_pipeline, shapes_dataset, out, "--checkpointing_steps", "2", "--use_ema",
                            "--validation_prompts", "a red circle on a white background", "--validation_split", "0.25")]
-    result = subprocess.run(command, env=dict(subprocess_env(threads=1), ACCELERATE_USE_CPU="true"), cwd=REPO, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(command, env=dict(subprocess_env(threads=1), ACCELERATE_USE_CPU="true"), cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
     log = (out / "train.log").read_text()

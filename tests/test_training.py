@@ -276,5 +276,6 @@ def test_hub_style_dataset_folder_with_renamed_columns_and_sample_cap(train, tmp
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
     (data / "metadata.jsonl").write_text("".join(
         json.dumps({"file_name": r["file_name"], "caption": r["text"]}) + "\n" for r in rows))
-    out = train(tmp_path / "run", "--dataset_name", str(data), "--caption_column", "caption", "--max_train_samples", "10")
+    out = train(tmp_path / "run", "--dataset_name", str(data), "--caption_column", "caption",
+                "--max_train_samples", "10")
     assert "on 10 rows" in (out / "train.log").read_text()

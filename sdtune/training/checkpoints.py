@@ -3,9 +3,10 @@
 `checkpoint-500/unet/` (and with --use_ema `checkpoint-500/unet_ema/`) are diffusers models, as in diffusers' own
 training examples: `UNet2DConditionModel.from_pretrained(output_dir, subfolder="checkpoint-500/unet")` tries an
 intermediate checkpoint. A LoRA run keeps only its adapter, `checkpoint-500/unet_lora/` (diffusers' LoRA format:
-`pipeline.load_lora_weights(...)` tries it), and its EMA's shadows in `unet_lora_ema.safetensors`. Beside them accelerate keeps the optimizer, LR schedule, grad scaler and RNG states.
-A checkpoint is written to `checkpoint-500.tmp/` and renamed to `checkpoint-500/` only once complete, so a crash
-during a save never leaves a folder that `--resume_from_checkpoint latest` would pick.
+`pipeline.load_lora_weights(...)` tries it), and its EMA's shadows in `unet_lora_ema.safetensors`. Beside them
+accelerate keeps the optimizer, LR schedule, grad scaler and RNG states. A checkpoint is written to
+`checkpoint-500.tmp/` and renamed to `checkpoint-500/` only once complete, so a crash during a save never leaves a
+folder that `--resume_from_checkpoint latest` would pick.
 """
 
 import json
