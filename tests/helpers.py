@@ -22,6 +22,13 @@ def tiny_flags(pipeline: Path, data: Path, output_dir: Path, *extra: str) -> lis
 
 LORA = ("--lora_rank", "4", "--lora_alpha", "8")  # alpha != rank: a loader that ignored alpha would differ
 
+VALIDATION_PROMPT = "a red circle on a white background"
+# The flags of the suite's shared full fine-tune (conftest's finetuned_pipeline) and of the shared LoRA run
+# (lora_run): a test that needs the same run with one flag more (more workers, gradient checkpointing) compares
+# against the shared one instead of training the pair itself.
+FINETUNE = ("--random_flip", "--validation_prompts", VALIDATION_PROMPT)
+LORA_RUN = (*LORA, "--learning_rate", "1e-2", "--validation_prompts", VALIDATION_PROMPT)
+
 
 def adapter_in_memory(tiny_pipeline, output_dir, seed: int):
     """The tiny pipeline with a LoRA adapter whose B matrices are random (training starts them at zero), and the

@@ -119,6 +119,7 @@ def finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, stderr[-3000:]
 
 
+@pytest.mark.slow  # two batch processes
 def test_two_processes_give_the_single_process_result(inputs, tmp_path, tiny_pipeline, finetuned_pipeline):
     models = [f"stock={tiny_pipeline}", f"tuned={finetuned_pipeline}"]
     single, double = tmp_path / "single", tmp_path / "double"

@@ -7,11 +7,13 @@ ACCELERATE_USE_CPU gives two gloo processes, the same code path as several GPUs.
 import subprocess
 import sys
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from helpers import REPO, subprocess_env, tiny_flags
 
 
+@pytest.mark.slow  # two training processes
 def test_two_process_run_saves_one_loadable_pipeline(tiny_pipeline, shapes_dataset, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

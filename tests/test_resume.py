@@ -5,8 +5,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import REPO, subprocess_env, tiny_flags
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # three training processes a test
 
 # Every source of randomness is on: random crop and flip, caption dropout, noise offset, EMA, a warmup-cosine
 # schedule and gradient accumulation. 24 rows / batch 4 = 6 batches an epoch, 3 optimizer steps an epoch, so the
