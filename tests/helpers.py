@@ -68,3 +68,41 @@ def subprocess_env(threads: int = 1) -> dict:
                PYTHONPATH=str(REPO))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def png_header_only(path, width: int, height: int, parameters: str | None = None) -> Path:
+    """A PNG that says it is width x height, with one empty image-data chunk: what a reader of headers sees of a huge
+    image, in a few bytes (Pillow opens it; decoding it fails)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    text = chunk(b"tEXt", b"parameters\0" + parameters.encode("latin-1")) if parameters is not None else b""
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + header + text + chunk(b"IDAT", zlib.compress(b"")) +
+                           chunk(b"IEND", b""))
+    return Path(path)
+
+
+def within(seconds: float, function, *args):
+    """function(*args), run in a daemon thread so that a call that never returns (reading a named pipe) fails the test
+    instead of hanging it."""
+    import threading
+
+    outcome = {}
+
+    def call():
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # handed to the test, as if raised there
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(function, '__name__', function)} did not return in {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

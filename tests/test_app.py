@@ -1,9 +1,12 @@
 """The Gradio app through its API, as gradio_client users see it, with tiny models on the CPU."""
 
+import base64
 import concurrent.futures
 import io
 import json
 import os
+import tempfile
+import time
 import zipfile
 from types import SimpleNamespace
 
@@ -12,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from helpers import png_header_only, within
 from PIL import Image, PngImagePlugin
 
 from sdtune.app.flags import parse_app_args
@@ -164,11 +168,18 @@ def test_a_folder_batch_goes_on_past_a_name_that_is_not_utf8_and_refuses_links_o
     image_file(os.fsdecode(bytes(folder) + b"/caf\xe9.png"))
     image_file(folder / "z_red_circle.png")
     (folder / "secret.png").symlink_to(image_file(tmp_path / "secret.png"))
-    gallery, table, _, run = folder_batch(client, "odd")
+    os.mkfifo(folder / "pipe.png")  # reading it would hold the only generation slot for ever
+    gallery, table, _, run = within(300, folder_batch, client, "odd")
     errors = {row[0]: row[5] for row in table["data"]}
-    assert errors.keys() == {"caf\\xe9.png", "secret.png", "z_red_circle.png"}
+    assert errors.keys() == {"caf\\xe9.png", "secret.png", "z_red_circle.png", "pipe.png"}
     assert errors["caf\\xe9.png"] == errors["z_red_circle.png"] == "" and "outside" in errors["secret.png"]
-    assert len(gallery) == 2 and run["failed"] == 1
+    assert "not a regular file" in errors["pipe.png"] and len(gallery) == 2 and run["failed"] == 2
+
+
+def test_a_folder_name_too_long_is_refused_without_the_servers_path(client, app):
+    with pytest.raises(Exception, match="Folder x{300} cannot be read under .*File name too long") as error:
+        folder_batch(client, "x" * 300)
+    assert "Errno" not in str(error.value) and str(app["allowed"].resolve() / ("x" * 300)) not in str(error.value)
 
 
 def test_the_app_creates_its_allowed_root(tmp_path, tiny_pipeline, monkeypatch):
@@ -228,11 +239,36 @@ def test_not_an_image_and_a_decompression_bomb_are_refused(client, tmp_path):
     text.write_text("not an image")
     bomb = tmp_path / "bomb.png"
     Image.new("L", (5000, 5000)).save(bomb)  # 25 megapixels in a few kilobytes
-    for path, message in [(text, "cannot decode|cannot identify image file"), (bomb, "too large")]:
-        with pytest.raises(Exception, match=message):
+    for path, message in [(text, "notes.png: cannot decode image: cannot identify image file 'notes.png'"),
+                          (bomb, r"bomb.png: image too large \(5000x5000 > 16777216 pixels\)")]:
+        with pytest.raises(Exception, match=message) as error:
             client.predict(image=handle_file(path), prompt="x", negative_prompt="", model="stock",
                            scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5, strength=0.5, seed=1,
                            resolution=0, api_name="/img2img")
+        assert tempfile.gettempdir() not in str(error.value)  # not the file's path in Gradio's upload folder
+
+
+def call_api(app, endpoint: str, data: list) -> str:
+    """The answer of a call through the HTTP API, as its event stream's text."""
+    event = httpx.post(f"{app['url']}gradio_api/call/{endpoint}", json={"data": data}).json()["event_id"]
+    return httpx.get(f"{app['url']}gradio_api/call/{endpoint}/{event}", timeout=120).text
+
+
+def test_a_data_url_is_refused_from_its_header_before_gradio_decodes_it(app, tmp_path, monkeypatch):
+    import gradio.image_utils
+
+    decoded = []
+    decode = gradio.image_utils.decode_base64_to_image
+    monkeypatch.setattr(gradio.image_utils, "decode_base64_to_image", lambda *args: decoded.append(1) or decode(*args))
+
+    def img2img(path):
+        url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        return call_api(app, "img2img", [{"url": url}, "x", "", "stock", "dpmsolver++", 4, 7.5, 0.5, 1, 0, None])
+
+    answer = img2img(png_header_only(tmp_path / "huge.png", 13000, 13000))  # 169 megapixels in 80 bytes
+    assert "event: error" in answer and r"image too large (13000x13000 > 16777216 pixels)" in answer
+    answer = img2img(image_file(tmp_path / "small.png", size=(64, 48)))
+    assert "event: complete" in answer and decoded == []  # within the limit: kept as sent, decoded by the service
 
 
 def test_concurrent_users_get_their_own_results(app):
@@ -310,6 +346,8 @@ def test_stop_flags_of_requests_that_never_ran_are_bounded():
     ({"seed": 2**32}, "seed must be a whole number from 0 to 4294967295"),
     ({"seed": -2}, "seed must be a whole number from 0 to 4294967295"),
     ({"width": 1024, "height": 1024, "num_inference_steps": 100, "num_images": 8}, "allows 8 per request"),
+    ({"seed": 1.5}, r"seed must be a whole number, not 1\.5"),  # gr.Number(precision=0) made it 2
+    ({"num_images": 2.7}, r"num_images must be a whole number, not 2\.7"),  # int() made it 2
 ])
 def test_seeds_out_of_range_and_costly_requests_are_refused(client, override, message):
     request = dict(prompt="a red circle", model="stock", seed=1, **T2I)
@@ -426,7 +464,8 @@ def test_bad_comparisons_get_a_clear_error_and_the_server_stays_up(client):
     for override, message in [({"models": []}, "models: none chosen"),
                               ({"axis": "guidance_scale", "values": "1, x"}, "values: 'x' is not a number"),
                               ({"values": "40", "models": ["stock", "tuned"]}, "at most 64"),
-                              ({"values": ""}, "values: empty")]:
+                              ({"values": ""}, "values: empty"),
+                              ({"axis": "guidance_scale", "values": "1, 1e308"}, "0 or more and at most 20")]:
         request = dict(COMPARE, models=["stock"])
         request.update(override)
         with pytest.raises(Exception, match=message):
@@ -474,11 +513,33 @@ def test_png_info_bad_input_gets_a_clear_message_and_the_app_keeps_answering(cli
     for path, messages in [(bare, ["no generation parameters"]), (garbage, ["No settings line"]),
                            (elsewhere, ["Steps: 'abc' not applied", "Model 'sd_xl_base_1.0' is not served here",
                                         "Size: '12' not applied"]),
-                           (text, ["cannot be read as an image"])]:
+                           (text, ["notes.png cannot be read as an image: cannot decode image: cannot identify "
+                                   "image file 'notes.png'"]),
+                           (png_header_only(tmp_path / "huge.png", 30000, 30000),  # 900 megapixels, 70 bytes
+                            ["huge.png cannot be read as an image: image too large (more than 67108864 pixels)"])]:
         _, _, values, notes = png_info(client, path)
         assert all(message in notes for message in messages), notes
+        assert tempfile.gettempdir() not in notes and "DOS" not in notes
         assert "model" not in values and "num_inference_steps" not in values
     assert png_info(client, elsewhere)[2]["scheduler"] == "euler_a"  # still answering, and the rest applied
+
+
+def test_a_megabyte_of_parameters_is_answered_at_once_while_the_app_serves_another_request(app, client, tmp_path):
+    # the A1111 field pattern took 8 s on 40 KB, holding the interpreter: every other request waited
+    big = tmp_path / "big.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a " * 500_000)  # 1 MB, just under Pillow's limit on one text chunk
+    Image.new("RGB", (8, 8)).save(big, pnginfo=info)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        start = time.perf_counter()
+        answer = pool.submit(png_info, client, big)
+        other = httpx.get(f"{app['url']}gradio_api/info", timeout=60)
+        other_seconds = time.perf_counter() - start
+        _, raw, values, notes = answer.result(timeout=60)
+        seconds = time.perf_counter() - start
+    assert other.status_code == 200 and other_seconds < 1.0 and seconds < 1.0, (other_seconds, seconds)
+    assert values == {} and "1,000,000 characters long, more than the 65,536 this reads" in notes
+    assert raw == "a " * 32768  # the start of it, for the eye
 
 
 def test_the_history_keeps_the_newest_images_first_and_restores_their_settings(app):

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, subprocess_env
+from helpers import REPO, subprocess_env, within
 from PIL import Image
 
-from sdtune.batch.cli import main
+from sdtune.batch.cli import build_parser, main
+from sdtune.errors import SdtuneError
 from sdtune.generation.pnginfo import parse_parameters, read_parameters
 
 GOOD = {"a_red_circle.png": ((70, 50), "red"), "a_blue_square.png": ((64, 64), "blue"),
@@ -135,7 +136,7 @@ def test_two_processes_give_the_single_process_result(inputs, tmp_path, tiny_pip
 
 
 def test_missing_input_or_empty_model_list_stops_at_once(tmp_path, tiny_pipeline):
-    with pytest.raises(SystemExit, match="no such folder"):
+    with pytest.raises(SystemExit, match="no such folder or file"):
         main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--models",
               f"stock={tiny_pipeline}"])
     (tmp_path / "in").mkdir()
@@ -185,13 +186,65 @@ def test_a_file_name_that_is_not_utf8_is_processed_like_any_other(tmp_path, tiny
     assert run(folder, out, [f"stock={tiny_pipeline}"])["skipped"] == 2  # its manifest line reads back
 
 
-def test_a_file_link_leading_outside_the_input_is_refused(inputs, tmp_path, tiny_pipeline):
+def test_a_file_link_leading_outside_the_input_and_a_named_pipe_are_refused(inputs, tmp_path, tiny_pipeline):
     secret = tmp_path / "secret.png"
     Image.new("RGB", (64, 64), "black").save(secret)
     (inputs / "link.png").symlink_to(secret)
+    os.mkfifo(inputs / "pipe.png")  # reading it would wait for a writer for ever
     out = tmp_path / "out"
-    summary = run(inputs, out, [f"stock={tiny_pipeline}"])
-    assert summary["done"] == 6 and "outside" in manifest(out)["link.png"]["error"]
+    summary = within(600, run, inputs, out, [f"stock={tiny_pipeline}"])
+    assert summary["done"] == 6 and summary["failed"] == 4  # truncated, huge, the link and the pipe
+    assert "outside" in manifest(out)["link.png"]["error"]
+    assert "not a regular file" in manifest(out)["pipe.png"]["error"]
+
+
+def test_image_files_are_inputs_beside_folders_named_by_their_file_name(tmp_path, tiny_pipeline):
+    photo = tmp_path / "photos" / "a_red_circle.png"
+    photo.parent.mkdir()
+    Image.new("RGB", (64, 48), "red").save(photo)
+    folder = tmp_path / "more"
+    folder.mkdir()
+    Image.new("RGB", (48, 64), "blue").save(folder / "a_blue_square.png")
+    out = tmp_path / "out"
+    summary = main(["--input", str(photo), "--output", str(out), "--models", f"stock={tiny_pipeline}",
+                    "--prompt", "in the style of picasso", "--num_inference_steps", "4", "--strength", "0.5"])
+    entry = manifest(out)["a_red_circle.png"]
+    assert summary["done"] == 1 and entry["prompt"] == "in the style of picasso"
+    assert entry["output"] == f"a_red_circle-stock-{entry['seed']}.png" and (out / entry["output"]).is_file()
+    again = main(["--input", str(folder), str(photo), "--output", str(out), "--models", f"stock={tiny_pipeline}",
+                  "--prompt", "in the style of picasso", "--num_inference_steps", "4", "--strength", "0.5"])
+    assert again["skipped"] == 1 and again["done"] == 1 and manifest(out).keys() == {"a_red_circle.png",
+                                                                                      "a_blue_square.png"}
+
+
+def test_two_inputs_of_one_name_are_refused_naming_both(tmp_path):
+    from sdtune.data.folders import list_inputs
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "x.png")
+    with pytest.raises(SdtuneError, match=r"Two inputs are named x.png \(.*a/x.png and .*b/x.png\)"):
+        list_inputs([tmp_path / "a", tmp_path / "b" / "x.png"])
+
+
+def test_the_help_says_input_takes_files_and_folders():
+    text = " ".join(build_parser().format_help().split())
+    assert "and/or image files" in text and "--input photo.png" in text
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_before_loading_models(inputs, tmp_path, tiny_pipeline,
+                                                                          monkeypatch):
+    from sdtune.batch.output import locked
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr("sdtune.batch.run.ModelRegistry", no_models)
+    with locked(out):  # as another run, in another process, holds it (flock: one lock per open file)
+        with pytest.raises(SystemExit, match=r"--output .*out is in use by another batch run \(it holds batch.lock"):
+            run(inputs, out, [f"stock={tiny_pipeline}"])
+    assert not (out / "manifest.jsonl").exists()
+    with pytest.raises(AssertionError, match="models must not be loaded"):  # free again: this run gets to the models
+        run(inputs, out, [f"stock={tiny_pipeline}"])
 
 
 def test_an_output_that_cannot_be_written_stops_before_loading_models(inputs, tmp_path, tiny_pipeline, monkeypatch):
@@ -233,11 +286,14 @@ def test_one_rule_lists_the_images_of_a_folder(tmp_path):
     (folder / "linked_folder").symlink_to(outside, target_is_directory=True)
     (folder / "inside.png").symlink_to(folder / "b.JPG")
     (folder / "escape.png").symlink_to(outside / "e.png")
+    os.mkfifo(folder / "pipe.png")
     Image.new("RGB", (8, 8)).save(os.fsdecode(bytes(folder) + b"/caf\xe9.png"), format="PNG")
     listed = {image.key: image.error for image in list_images(folder, exclude=folder / "out")}
-    assert listed.keys() == {"b.JPG", "sub/a.png", "inside.png", "escape.png", os.fsdecode(b"caf\xe9.png")}
+    assert listed.keys() == {"b.JPG", "sub/a.png", "inside.png", "escape.png", "pipe.png", os.fsdecode(b"caf\xe9.png")}
     assert "outside" in listed["escape.png"] and not listed["inside.png"]
+    assert "not a regular file" in listed["pipe.png"]
     (folder / "escape.png").unlink()
+    (folder / "pipe.png").unlink()
     (folder / "out" / "d.png").unlink()
     names = sorted(read_init_images(folder))
     assert names == ["b.JPG", "caf\\xe9.png", "inside.png", "sub/a.png"]

@@ -1,5 +1,6 @@
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,23 @@ def test_caption_lists_are_sampled_per_step_and_reproducibly(tmp_path):
     assert set(picks) == {"one", "two", "three"}  # every non-empty caption, never the empty one
     again = [dataset.pick_caption(dataset.rows[0]["text"], torch.Generator().manual_seed(s)) for s in range(60)]
     assert picks == again
+
+
+def test_a_metadata_file_mixing_caption_strings_and_lists_loads(tmp_path):
+    # one type a column for datasets' Arrow JSON reader: "changed from string to array" unless read as lists
+    from PIL import Image
+
+    captions = ["a red square", ["a blue square", "a square, blue"], None, "a green square"]
+    rows = []
+    for index, caption in enumerate(captions):
+        Image.new("RGB", (40, 40), "red").save(tmp_path / f"{index}.png")
+        rows.append({"file_name": f"{index}.png", "text": caption})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    loaded = load_rows(data_args(tmp_path))
+    by_file = {Path(row["image"]["path"]).name: usable_captions(row["text"]) for row in loaded}
+    assert by_file == {"0.png": ["a red square"], "1.png": ["a blue square", "a square, blue"], "2.png": [],
+                       "3.png": ["a green square"]}
+    assert screen_rows(loaded, "image", "text").skipped == {"missing caption": 1}
 
 
 def test_caption_dropout_rate(tmp_path):

@@ -1,10 +1,12 @@
 import io
+import os
 
 import numpy as np
 import pytest
+from helpers import png_header_only, within
 from PIL import Image
 
-from sdtune.data.images import BadImageError, open_image, to_rgb
+from sdtune.data.images import MAX_IMAGE_PIXELS, BadImageError, header_size, open_image, to_rgb
 
 
 def png_bytes(image: Image.Image, **params) -> bytes:
@@ -77,3 +79,22 @@ def test_decompression_bomb_is_refused(monkeypatch):
     monkeypatch.setattr("sdtune.data.images.MAX_IMAGE_PIXELS", 100)
     with pytest.raises(BadImageError, match="too large"):
         open_image(png_bytes(Image.new("RGB", (20, 20))))
+
+
+def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
+    # opening a pipe for reading waits for a writer: the batch CLI, metrics.py and the app's folder batch hung on one
+    pipe = tmp_path / "fifo.png"
+    os.mkfifo(pipe)
+    for read in (open_image, lambda path: header_size(path, MAX_IMAGE_PIXELS)):
+        with pytest.raises(BadImageError, match="not a regular file"):
+            within(10, read, pipe)
+
+
+def test_an_image_beyond_pillows_own_limit_is_refused_in_this_projects_words(tmp_path):
+    huge = png_header_only(tmp_path / "huge.png", 30000, 30000)  # 900 megapixels: Pillow refuses it as it opens
+    for read in (open_image, lambda path: header_size(path, 4096 * 4096)):
+        with pytest.raises(BadImageError) as error:
+            read(huge)
+        assert "image too large (more than" in str(error.value) and "DOS" not in str(error.value)
+    with pytest.raises(BadImageError, match=r"image too large \(13000x13000 > 16777216 pixels\)"):
+        header_size(png_header_only(tmp_path / "big.png", 13000, 13000), 4096 * 4096)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, subprocess_env
+from helpers import REPO, subprocess_env, within
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -136,6 +136,18 @@ def test_an_empty_or_missing_reference_folder_fails_before_any_model_loads(tmp_p
               "--reference_images", str(tmp_path / "empty")])
     with pytest.raises(SystemExit, match="--reference_images .*nowhere: not a folder"):
         main(["--models", "m=x", "--prompts", str(prompts), "--reference_images", str(tmp_path / "nowhere")])
+
+
+def test_a_named_pipe_among_the_reference_images_is_skipped_and_named(tmp_path):
+    import os
+
+    from sdtune.evaluation.reference import decode_or_skip, list_reference
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "red.png")
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would wait for a writer for ever
+    reference = list_reference(str(tmp_path))
+    decoded = [within(10, decode_or_skip, image, reference.skipped) for image in reference.listed]
+    assert [image is not None for image in decoded] == [False, True] and reference.skipped == ["pipe.png"]
 
 
 def test_same_noise_for_every_model(tmp_path, tiny_pipeline, finetuned_pipeline, tiny_clip):

@@ -1,10 +1,12 @@
 """The `parameters` text of PNGs: AUTOMATIC1111's as it writes it, ours, and what a form can take from them."""
 
+import time
+
 import pytest
 
 from sdtune.app.recall import recall
 from sdtune.generation.core import GenerationSettings
-from sdtune.generation.pnginfo import format_parameters, parse_parameters
+from sdtune.generation.pnginfo import MAX_PARAMETERS_CHARS, format_parameters, parse_parameters
 
 MODELS = ["stock", "tuned", "lora"]
 
@@ -90,6 +92,7 @@ def test_a_text_without_settings_line_is_all_prompt():
     ("Size", "12", "width", "expected WIDTHxHEIGHT"),
     ("Size", "100x64", "width", "multiple of 8"),
     ("CFG scale", "nan", "guidance_scale", "finite"),
+    ("CFG scale", "25", "guidance_scale", "at most 20"),  # the forms' range, one for every caller
     ("Seed", "-1", "seed", "whole number from 0"),
     ("Seed", "12.5", "seed", "whole number from 0"),
     ("Denoising strength", "0", "strength", r"in (0, 1]"),
@@ -107,3 +110,17 @@ def test_malformed_values_are_reported_and_the_rest_applied(field, value, kept, 
 def test_an_unterminated_quote_is_kept_as_written():
     fields = parse_parameters('p\nSteps: 3, Lora hashes: "a: 1, Seed: 9, Size: 64x64')
     assert fields["Lora hashes"] == '"a: 1' and fields["Seed"] == "9"
+
+
+def test_a_long_settings_line_is_read_in_linear_time():
+    # a run of words with no colon made the A1111 pattern retry from each letter: 32 KB took 4 s, 64 KB 16 s
+    words = "a " * (MAX_PARAMETERS_CHARS // 2 - 16)
+    start = time.perf_counter()
+    fields = parse_parameters(f"p\nSteps: 3, Sampler: DDIM, Seed: 9, {words}, Size: 64x64")
+    assert time.perf_counter() - start < 1.0
+    assert fields["Steps"] == "3" and fields["Size"] == "64x64" and len(fields) == 6
+
+
+def test_a_text_longer_than_the_cap_is_refused_with_a_note():
+    result = recall("a prompt " * (MAX_PARAMETERS_CHARS // 9 + 1) + "\nSteps: 3, Sampler: DDIM, Seed: 9", MODELS)
+    assert result.values == {} and f"more than the {MAX_PARAMETERS_CHARS:,} this reads" in result.notes[0]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from sdtune.errors import SdtuneError
 from sdtune.generation.core import GenerationSettings
-from sdtune.generation.pnginfo import parse_parameters
+from sdtune.generation.pnginfo import MAX_PARAMETERS_CHARS, parse_parameters
 from sdtune.generation.schedulers import SCHEDULERS
 from sdtune.limits import check_lora_scale, check_seed
 
@@ -29,6 +29,10 @@ def recall(text: str | None, models: list[str]) -> Recall:
     if not text or not text.strip():
         return Recall(notes=["This image carries no generation parameters (no `parameters` text): nothing to "
                              "apply."])
+    if len(text) > MAX_PARAMETERS_CHARS:
+        return Recall(notes=[f"This image's generation parameters are {len(text):,} characters long, more than the "
+                             f"{MAX_PARAMETERS_CHARS:,} this reads (AUTOMATIC1111's are a few thousand): nothing "
+                             "applied."])
     fields = parse_parameters(text)
     result = Recall({"prompt": fields["prompt"], "negative_prompt": fields["negative_prompt"]}, fields=fields)
     if len(fields) == 2:

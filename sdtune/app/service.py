@@ -176,12 +176,16 @@ class Service:
 
     def folder_items(self, folder: str) -> list[InputImage]:
         """The images under a folder inside --allowed-root; a folder, or a file link, leading outside it is refused."""
-        root = (self.allowed_root / folder).resolve() if not Path(folder).is_absolute() else Path(folder).resolve()
-        if not root.is_relative_to(self.allowed_root):
-            raise RequestError(f"Folder {folder} is outside the allowed root {self.allowed_root_shown}.")
-        if not root.is_dir():
-            raise RequestError(f"Folder {folder} does not exist under {self.allowed_root_shown}.")
-        return list_images(root, root=self.allowed_root, exclude=self.output_dir)
+        try:
+            root = (self.allowed_root / folder).resolve()  # an absolute `folder` replaces the root here
+            if not root.is_relative_to(self.allowed_root):
+                raise RequestError(f"Folder {folder} is outside the allowed root {self.allowed_root_shown}.")
+            if not root.is_dir():
+                raise RequestError(f"Folder {folder} does not exist under {self.allowed_root_shown}.")
+            return list_images(root, root=self.allowed_root, exclude=self.output_dir)
+        except OSError as error:  # a name too long, a folder not readable: said without the server's path
+            raise RequestError(f"Folder {folder} cannot be read under {self.allowed_root_shown}: "
+                               f"{error.strerror or type(error).__name__}.") from error
 
     def random_batch(self, items: list[InputImage], models: list[str], prompt: str, seed: int,
                      settings: GenerationSettings, resolution: int = 0, stop: threading.Event | None = None,

@@ -1,15 +1,19 @@
 """The batch CLI's output folder, checked before any model is loaded: it can be written, and what it holds was made
 with the settings of this run (a rerun skips the inputs already done, so other settings would silently keep the old
-images). The settings are kept in batch_settings.json beside manifest.jsonl."""
+images). The settings are kept in batch_settings.json beside manifest.jsonl. One run at a time writes there: it holds
+batch.lock."""
 
+import fcntl
 import json
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from sdtune.batch.manifest import write_atomically
 from sdtune.errors import SdtuneError
 
 SETTINGS = "batch_settings.json"
+LOCK = "batch.lock"  # held by the run writing to the folder
 
 
 def check_writable(folder) -> None:
@@ -44,3 +48,19 @@ def record_settings(folder, settings: dict) -> None:
     if path.is_file():
         return
     write_atomically(path, json.dumps(settings, indent=2) + "\n")
+
+
+@contextmanager
+def locked(folder):
+    """Hold the folder's batch.lock while the block runs, or refuse: two runs into one folder would each redo every
+    image not yet in the manifest and append to it side by side. flock goes with its file, so a run that dies, however
+    it dies, leaves the folder free."""
+    handle = open(Path(folder) / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        handle.close()
+        raise SdtuneError(f"--output {folder} is in use by another batch run (it holds {LOCK} there): wait for it to "
+                          "end, or give another --output.") from error
+    with handle:
+        yield

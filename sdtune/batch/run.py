@@ -3,6 +3,7 @@ folder, generate batch by batch on this process's share, record, summarise."""
 
 import logging
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from sdtune.batch import manifest
 from sdtune.batch import output as batch_output
 from sdtune.batch.engine import generate_batch, save_output, working_resolutions
 from sdtune.batch.plan import Job, output_name, plan_batches, plan_jobs, shard
-from sdtune.data.folders import list_images
+from sdtune.data.folders import list_inputs
 from sdtune.errors import SdtuneError
 from sdtune.generation.backend import LocalBackend
 from sdtune.generation.core import GenerationSettings
@@ -69,10 +70,9 @@ def run_batch(registry, batch: list[Job], todo: set[str], resolution: int, setti
 
 
 def prepare(args, state: PartialState) -> tuple[ModelRegistry, dict[str, int]]:
-    """Everything checked before any model is loaded: the output folder, its settings, each model's resolution.
+    """Everything checked before any model is loaded: the output folder's settings, each model's resolution.
     Returns the (lazy) registry and each model's working resolution."""
     specs = parse_model_flags(args.models)
-    batch_output.check_writable(args.output)
     batch_output.check_settings(args.output, output_settings(args, specs))
     registry = ModelRegistry(specs, device=state.device, cache_dir=args.cache_dir, lazy=True, compile=args.compile)
     resolutions = resolutions_of(registry, args.resolution)
@@ -82,13 +82,37 @@ def prepare(args, state: PartialState) -> tuple[ModelRegistry, dict[str, int]]:
     return registry, resolutions
 
 
+@contextmanager
+def output_lock(folder, state: PartialState):
+    """The main process holds --output's lock for the run, its other processes work under it; when another run holds
+    it, every process stops with the reason."""
+    with ExitStack() as held:
+        problem = ""
+        if state.is_main_process:
+            try:
+                held.enter_context(batch_output.locked(folder))
+            except SdtuneError as error:
+                problem = str(error)
+        refused = [problem for problem in gather_object([problem]) if problem]
+        if refused:
+            raise SdtuneError(refused[0])
+        yield
+
+
 def run(args) -> dict:
     """Run the batch the parsed flags describe; returns the summary (on the main process)."""
     settings = GenerationSettings.from_args(args)
     settings.validate(image_to_image=True)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    batch_output.check_writable(args.output)
+    with output_lock(args.output, state):
+        return run_locked(args, settings, state)
+
+
+def run_locked(args, settings: GenerationSettings, state: PartialState) -> dict:
+    """The run, once this process's share of it may write to --output."""
     registry, resolutions = prepare(args, state)
-    jobs = plan_jobs(list_images(args.input, exclude=args.output), registry.names, args.seed, args.prompt,
+    jobs = plan_jobs(list_inputs(args.input, exclude=args.output), registry.names, args.seed, args.prompt,
                      resolutions)
     state.wait_for_everyone()  # every process reads the manifest before any writes to it
     already = manifest.completed(args.output)

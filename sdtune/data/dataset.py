@@ -5,10 +5,12 @@ Every random choice of an example (caption pick, caption dropout, flip, crop) co
 """
 
 import hashlib
+import json
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ def load_rows(args):
 
     try:
         if args.train_data_dir is not None:
-            dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+            dataset = load_folder(args.train_data_dir, args.cache_dir, args.caption_column)
         else:
             dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
     except FileNotFoundError as error:
@@ -59,6 +61,37 @@ def load_rows(args):
     if folder is not None:
         check_files_exist(rows[args.image_column], folder)
     return rows
+
+
+def load_folder(folder: str, cache_dir, caption_column: str):
+    """A folder of images and their metadata, as datasets' imagefolder reads it. Its Arrow JSON reader takes one type
+    a column, so a metadata.jsonl whose captions are strings in some rows and lists (captions to pick from) in others
+    is refused ("changed from string to array"): such a file is read here instead, each caption as a list."""
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=cache_dir)
+    except (pyarrow.ArrowInvalid, datasets.exceptions.DatasetGenerationError):
+        metadata = Path(folder) / "metadata.jsonl"
+        if not metadata.is_file():
+            raise
+        return datasets.DatasetDict(train=caption_list_rows(metadata, caption_column))
+
+
+def caption_list_rows(metadata: Path, caption_column: str):
+    """The rows of a metadata.jsonl with every caption a list (a string becomes a list of one, which usable_captions
+    reads the same) and file_name the image's path."""
+    import datasets
+
+    rows = [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise SdtuneError(f"{metadata.name} line {number}: each line must be an object with a file_name.")
+        if isinstance(row.get(caption_column), str):
+            row[caption_column] = [row[caption_column]]
+        row["image"] = str(metadata.parent / row.pop("file_name"))
+    return datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
 
 
 def _load_error_message(args, error: Exception) -> str:

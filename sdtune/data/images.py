@@ -2,7 +2,9 @@
 
 import io
 import os
+import stat
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,27 +24,71 @@ def open_image(source, max_pixels: int | None = None) -> Image.Image:
         if not source:
             raise BadImageError("empty file (0 bytes)")
         source = io.BytesIO(source)
+    max_pixels = max_pixels or MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
+        with regular_file(source) as file, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(source)
-            _check_size(image, max_pixels or MAX_IMAGE_PIXELS)
+            image = Image.open(file)
+            _check_size(image, max_pixels)
             image.load()  # decode now: a truncated file must fail here, not later in a worker
+            return ImageOps.exif_transpose(image)
     except BadImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise BadImageError(f"cannot decode image: {without_folder(error, source)}") from error
-    return ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise too_large(max_pixels) from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise cannot_decode(error, source) from error
 
 
 def header_size(path, max_pixels: int) -> tuple[int, int]:
     """(width, height) from the file's header alone (cheap, nothing decoded); BadImageError if unusable."""
+    with image_header(path, max_pixels) as image:
+        return image.size
+
+
+@contextmanager
+def image_header(path, max_pixels: int):
+    """The image at `path` opened, not decoded (its size and text chunks are read), and no larger than `max_pixels`;
+    BadImageError if unusable."""
     try:
-        with Image.open(path) as image:
-            _check_size(image, max_pixels)
-            return image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise BadImageError(f"cannot decode image: {without_folder(error, path)}") from error
+        with regular_file(path) as file, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked against ours
+            with Image.open(file) as image:
+                _check_size(image, max_pixels)
+                yield image
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise too_large(max_pixels) from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise cannot_decode(error, path) from error
+
+
+def too_large(max_pixels: int) -> BadImageError:
+    """Pillow refuses an image of over 179 megapixels when it opens it, before its size can be read: the same
+    refusal in this project's words, with its limit (Pillow's would quote Pillow's own)."""
+    return BadImageError(f"image too large (more than {max_pixels} pixels)")
+
+
+@contextmanager
+def regular_file(source):
+    """A path opened for reading if it is a regular file, else BadImageError: reading a named pipe waits for a
+    writer for ever, and a device never ends. O_NONBLOCK makes opening a pipe return at once (reading a regular file
+    ignores it). File objects are yielded as they are."""
+    if not isinstance(source, (str, os.PathLike)):
+        yield source
+        return
+    with open(source, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NONBLOCK)) as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise BadImageError("not a regular file (a named pipe, socket or device): refused")
+        yield file
+
+
+def cannot_decode(error: Exception, source) -> BadImageError:
+    """Pillow's reason, naming the file alone. It was opened here (regular_file), so Pillow names the file object."""
+    if isinstance(error, Image.UnidentifiedImageError) and isinstance(source, (str, os.PathLike)):
+        return BadImageError(f"cannot decode image: cannot identify image file {os.path.basename(source)!r}")
+    return BadImageError(f"cannot decode image: {without_folder(error, source)}")
 
 
 def without_folder(error: Exception, source) -> str:

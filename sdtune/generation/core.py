@@ -5,7 +5,6 @@ settings give the same image everywhere (batched calls agree with single ones up
 level of 255 on a few pixels).
 """
 
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -18,7 +17,7 @@ from PIL import Image
 from sdtune.errors import SdtuneError
 from sdtune.generation.preview import is_preview_step, latent_preview
 from sdtune.generation.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from sdtune.limits import MAX_SIDE
+from sdtune.limits import GUIDANCE_SCALE_RANGE, MAX_SIDE, STEPS_RANGE
 from sdtune.seeds import cpu_generator
 
 
@@ -58,10 +57,13 @@ class GenerationSettings:
 
     def validate(self, image_to_image: bool = False) -> None:
         """Refuse settings that would fail deep inside diffusers or silently do nothing."""
-        if self.num_inference_steps < 1:
-            raise GenerationError(f"num_inference_steps must be at least 1, not {self.num_inference_steps}.")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise GenerationError(f"guidance_scale must be a finite number, 0 or more, not {self.guidance_scale}.")
+        if not STEPS_RANGE[0] <= self.num_inference_steps <= STEPS_RANGE[1]:
+            raise GenerationError(f"num_inference_steps must be at least {STEPS_RANGE[0]} and at most "
+                                  f"{STEPS_RANGE[1]}, not {self.num_inference_steps}.")
+        low, high = GUIDANCE_SCALE_RANGE
+        if not low <= self.guidance_scale <= high:  # also refuses NaN
+            raise GenerationError(f"guidance_scale must be a finite number, {low:g} or more and at most {high:g}, "
+                                  f"not {self.guidance_scale}.")
         if not 0 < self.strength <= 1:  # also refuses NaN
             raise GenerationError(f"strength must be in (0, 1], not {self.strength}.")
         if self.scheduler not in SCHEDULERS:

@@ -14,12 +14,21 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from sdtune.data.images import MAX_IMAGE_PIXELS, image_header
 from sdtune.generation.core import GenerationSettings
 from sdtune.generation.schedulers import SCHEDULERS
 
 # One "Key: value" pair of the settings line; keys such as "Schedule type", "Hires upscale" or "Size-1", values quoted
-# (JSON) when they hold a comma, colon or newline, as `Lora hashes: "a: 1f2e, b: 9c0d"`
-FIELD = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# (JSON) when they hold a comma, colon or newline, as `Lora hashes: "a: 1f2e, b: 9c0d"`. A1111 finds them with one
+# pattern, r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', whose findall retries a long run of words without
+# a colon from each of its letters: time grows with the square of the line (40 KB took 8 s). settings_fields reads the
+# same pairs with a key pattern that is tried once per run of words (possessive, so it never backtracks).
+KEY = re.compile(r"\w[\w \-/]*+")
+VALUE = re.compile(r'\s*+("(?:\\.|[^\\"])*+"|[^,]*+)(?:,|$)')
+# The longest `parameters` text read back. A1111's are a few kilobytes (a long prompt and negative prompt, some twenty
+# settings, hashes); 64 KiB is ten times more than any of them, and a PNG may carry up to a megabyte (Pillow's
+# MAX_TEXT_CHUNK), which no form could use.
+MAX_PARAMETERS_CHARS = 64 * 1024
 MIN_SETTINGS_FIELDS = 3  # fewer "Key: value" pairs on the last line: it is part of the prompt ("style: watercolor")
 NEGATIVE = "Negative prompt:"
 
@@ -71,7 +80,16 @@ def parse_parameters(text: str) -> dict:
 
 
 def settings_fields(line: str) -> dict[str, str]:
-    return {key.strip(): _unquote(value.strip()) for key, value in FIELD.findall(line)}
+    """Every "Key: value" pair of a settings line, in time linear in its length."""
+    fields, position = {}, 0
+    while key := KEY.search(line, position):
+        position = key.end()
+        if not line.startswith(":", position):  # no key ends inside this run of words: go on after it
+            continue
+        value = VALUE.match(line, position + 1)  # always matches: the unquoted form takes anything up to a comma
+        fields[key.group().strip()] = _unquote(value.group(1).strip())
+        position = value.end()
+    return fields
 
 
 def _unquote(value: str) -> str:
@@ -99,5 +117,7 @@ def save_png(image: Image.Image, path, parameters: str) -> Path:
 
 
 def read_parameters(path) -> str | None:
-    with Image.open(path) as image:
+    """The PNG's `parameters` text, read without decoding its pixels; BadImageError (naming the file, never its folder)
+    for a file that is no image, or one larger than any this project makes or reads."""
+    with image_header(path, MAX_IMAGE_PIXELS) as image:
         return image.info.get("parameters")

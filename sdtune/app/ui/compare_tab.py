@@ -7,6 +7,7 @@ from sdtune.app.compare import CompareUpdate, compare, grid_image
 from sdtune.app.ui.controls import (
     RESULT_HEIGHT,
     SEED_RANGE,
+    WholeNumber,
     queued,
     result_gallery,
     run_buttons,
@@ -68,7 +69,7 @@ def compare_tab(handlers: Handlers, names, size: int):
             values = gr.Textbox("2", label="Values", info="Seeds: a count from the seed (\"4\") or a list "
                                 f"(\"1, 2, 7\"); otherwise a list (\"3, 7.5, 12\"). At most {MAX_COMPARE_CELLS} "
                                 "cells.")
-            seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
+            seed = WholeNumber(-1, name="seed", label=f"Seed ({SEED_RANGE})")
             _, scheduler, steps, guidance = sampling_controls()
             with gr.Row():
                 width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")

@@ -11,7 +11,7 @@ from sdtune.app.streaming import InFlight, stream
 from sdtune.app.ui.controls import StopSignals, served, settings_from
 from sdtune.data.folders import InputImage
 from sdtune.errors import SdtuneError
-from sdtune.limits import LORA_SCALE_RANGE
+from sdtune.limits import LORA_SCALE_RANGE, check_whole
 
 
 class Handlers:
@@ -35,8 +35,8 @@ class Handlers:
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, self.service.text2img, prompt, model, seed, int(num_images), settings, stop,
-                           lora_scale)
+            call = partial(served, self.service.text2img, prompt, model, seed, whole(num_images, "num_images"),
+                           settings, stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()), stop)
         yield [str(p) for p in outcome.paths], outcome.seeds[0], outcome.run
 
@@ -47,8 +47,8 @@ class Handlers:
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, strength=strength,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, self.service.img2img, image, prompt, model, seed, settings, int(resolution or 0),
-                           stop, lora_scale)
+            call = partial(served, self.service.img2img, image, prompt, model, seed, settings,
+                           whole(resolution or 0, "resolution"), stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images[0], gr.skip(), gr.skip()), stop)
         yield str(outcome.paths[0]), outcome.seeds[0], outcome.run
 
@@ -67,11 +67,16 @@ class Handlers:
 
         with self.stops.running(request) as stop:
             updates = partial(self.service.random_batch, items, models or [], prompt, seed, settings,
-                              int(resolution or 0), stop)
+                              whole(resolution or 0, "resolution"), stop)
             try:  # the batch checks its request when it starts, i.e. at the first iteration
                 yield from stream(updates, gallery.preview, stop, shown)
             except SdtuneError as error:
                 raise gr.Error(str(error)) from error
+
+
+def whole(value, name: str) -> int:
+    """A slider's value as an int; a fraction sent through the API (2.7 images) is refused, not rounded."""
+    return served(check_whole, value, name)
 
 
 def batch_outputs(update):

@@ -6,16 +6,18 @@ Gradio keeps per browser session, so no user sees another's images.
 """
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import gradio as gr
 
 from sdtune.app.recall import Recall, recall
-from sdtune.generation.pnginfo import parse_parameters, read_parameters
+from sdtune.data.images import without_folder
+from sdtune.generation.pnginfo import MAX_PARAMETERS_CHARS, parse_parameters, read_parameters
 from sdtune.generation.registry import ModelRegistry
 
 HISTORY_SIZE = 12  # images the strip under a result keeps, newest first
 TEXT_TAB, IMAGE_TAB, INFO_TAB = "text2img", "img2img", "png_info"  # the gr.Tab ids the Send buttons switch to
-UNREADABLE = (OSError, SyntaxError, ValueError)  # Pillow's errors for a file that is not a readable image
+UNREADABLE = (OSError, SyntaxError, ValueError)  # BadImageError (a ValueError) and OSError: not a readable image
 
 
 @dataclass
@@ -104,15 +106,17 @@ class InfoReader:
         try:
             text = read_parameters(image)
         except UNREADABLE as error:
-            text, recalled, image = "", unreadable(error), None
+            text, recalled, image = "", unreadable(error, image), None
         else:
             recalled = recall(text, self.registry.names)
         warn(recalled)
-        return image, text or "", recalled.values, "\n".join(f"- {note}" for note in recalled.notes)
+        shown = (text or "")[:MAX_PARAMETERS_CHARS]  # a longer text is refused by recall: show its start only
+        return image, shown, recalled.values, "\n".join(f"- {note}" for note in recalled.notes)
 
 
-def unreadable(error: Exception) -> Recall:
-    return Recall(notes=[f"This file cannot be read as an image: {error}"])
+def unreadable(error: Exception, path) -> Recall:
+    """The note for a file that is no readable image, naming the file alone (an upload's folder is Gradio's)."""
+    return Recall(notes=[f"{Path(path).name} cannot be read as an image: {without_folder(error, path)}"])
 
 
 def read_recall(path, models: list[str]) -> Recall:
@@ -120,7 +124,7 @@ def read_recall(path, models: list[str]) -> Recall:
     try:
         return recall(read_parameters(path), models)
     except UNREADABLE as error:
-        return unreadable(error)
+        return unreadable(error, path)
 
 
 def warn(recalled: Recall) -> None:

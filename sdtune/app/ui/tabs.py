@@ -6,6 +6,8 @@ from sdtune.app.ui.controls import (
     INPUT_HEIGHT,
     RESULT_HEIGHT,
     SEED_RANGE,
+    UploadedImage,
+    WholeNumber,
     model_and_scale,
     queued,
     result_gallery,
@@ -31,7 +33,7 @@ def text_tab(handlers: Handlers, names, size: int):
                 width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
                 height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
             with gr.Row():
-                seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
+                seed = WholeNumber(-1, name="seed", label=f"Seed ({SEED_RANGE})")
                 count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
         with gr.Column(scale=3, min_width=360):
             gallery = result_gallery("Images", columns=2)  # a few images, large
@@ -47,15 +49,15 @@ def text_tab(handlers: Handlers, names, size: int):
 def image_tab(handlers: Handlers, names):
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=360):
-            # image_mode=None: Gradio passes the file through undecoded; the service decodes it with its own limits
-            source = gr.Image(type="filepath", image_mode=None, label="Input image", format="png", height=INPUT_HEIGHT)
+            source = UploadedImage(max_pixels=handlers.service.max_upload_pixels, label="Input image", format="png",
+                                   height=INPUT_HEIGHT)
             prompt = gr.Textbox(label="Prompt", lines=2)
             negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
             run, stop = run_buttons("Generate")
             model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
             with gr.Row():
                 strength, resolution = strength_and_resolution()
-                seed = gr.Number(-1, precision=0, label=f"Seed ({SEED_RANGE})")
+                seed = WholeNumber(-1, name="seed", label=f"Seed ({SEED_RANGE})")
         with gr.Column(scale=3, min_width=360):
             result = gr.Image(label="Result", format="png", type="filepath", height=RESULT_HEIGHT,
                               elem_classes=["sdtune-result"])
@@ -80,7 +82,7 @@ def batch_tab(handlers: Handlers, names, allowed_root):
             prompt = gr.Textbox(label="Prompt (empty: from each file name)")
             run, stop = run_buttons("Run batch")
             with gr.Row():
-                seed = gr.Number(0, precision=0, label=f"Batch seed ({SEED_RANGE})")
+                seed = WholeNumber(0, name="seed", label=f"Batch seed ({SEED_RANGE})")
                 strength, resolution = strength_and_resolution()
             _, scheduler, steps, guidance = sampling_controls()
         with gr.Column(scale=3, min_width=360):
