@@ -163,6 +163,22 @@ def no_models(*args, **kwargs):
     raise AssertionError("models must not be loaded")
 
 
+@pytest.mark.parametrize("file, text, message", [
+    ("batch_settings.json", "{garbage", r"batch_settings.json is damaged .* or use another --output\.$"),
+    ("batch_settings.json", "[]", r"batch_settings.json is damaged \(\[\]\)"),
+    ("manifest.jsonl", '{"input": "x.png", "output": null}\n[]\n', r"manifest.jsonl line 2 is not a manifest entry"),
+    ("manifest.part-000.jsonl", '{"output": "x.png"}\n', r"manifest.part-000.jsonl line 1 is not a manifest entry"),
+])
+def test_a_damaged_settings_file_or_manifest_line_stops_the_run_naming_the_file(inputs, tmp_path, tiny_pipeline,
+                                                                                 file, text, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / file).write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        run(inputs, out, [f"stock={tiny_pipeline}"])
+    assert not list(out.rglob("*.png"))  # no image made: the run stopped before its first batch
+
+
 def test_an_output_folder_inside_the_input_is_never_read_as_input(inputs, tmp_path, tiny_pipeline):
     out = inputs / "out"
     first = run(inputs, out, [f"stock={tiny_pipeline}"])

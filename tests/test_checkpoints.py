@@ -119,3 +119,52 @@ def test_a_checkpoint_without_its_unet_is_refused(train, ema_run, tmp_path):
     shutil.copytree(ema_run / "checkpoint-2", copied, ignore=shutil.ignore_patterns("unet"))
     with pytest.raises(CheckpointError, match="has no unet/"):
         train(tmp_path / "run", *EMA_FLAGS, "--resume_from_checkpoint", "latest")
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {  # what is done to a copy of checkpoint-2, and the file and words the refusal names
+    "truncated UNet": (lambda c: cut_in_half(c / UNET_WEIGHTS), "diffusion_pytorch_model.safetensors is damaged"),
+    "truncated EMA": (lambda c: cut_in_half(c / "unet_ema/diffusion_pytorch_model.safetensors"),
+                      "unet_ema/diffusion_pytorch_model.safetensors is damaged"),
+    "truncated optimizer": (lambda c: cut_in_half(c / "optimizer.bin"), "optimizer.bin is damaged"),
+    "empty RNG state": (lambda c: (c / "random_states_0.pkl").write_bytes(b""), "random_states_0.pkl is damaged"),
+    "garbage state": (lambda c: (c / PROGRESS_FILE).write_text("{garbage"), f"{PROGRESS_FILE} cannot be read"),
+    "missing state": (lambda c: (c / PROGRESS_FILE).unlink(), f"{PROGRESS_FILE} cannot be read"),
+    "mistyped state": (lambda c: (c / PROGRESS_FILE).write_text('{"global_step": "2", "epoch": 0, '
+                                                                '"batches_in_epoch": 2}'), "not a training state"),
+    "a list": (lambda c: (c / PROGRESS_FILE).write_text("[]"), "not a training state"),
+    "negative step": (lambda c: (c / PROGRESS_FILE).write_text('{"global_step": -5, "epoch": 0, '
+                                                               '"batches_in_epoch": 2}'), "not a training state"),
+    "step past its name": (lambda c: (c / PROGRESS_FILE).write_text('{"global_step": 1000000, "epoch": 0, '
+                                                                    '"batches_in_epoch": 2}'),
+                           "says global_step 1000000, but the folder is checkpoint-2"),
+}
+
+
+class NoLoad:
+    def load_state(self, path):
+        raise AssertionError("a damaged checkpoint reached accelerate's load_state")
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_refused_naming_the_file_before_any_state_is_loaded(ema_run, tmp_path, damage):
+    from sdtune.training.checkpoints import load_checkpoint
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(ema_run / "checkpoint-2", checkpoint)
+    spoil, message = DAMAGE[damage]
+    spoil(checkpoint)
+    with pytest.raises(CheckpointError, match=message) as refusal:
+        load_checkpoint(NoLoad(), checkpoint)
+    assert "\n" not in str(refusal.value) and "start a new run" in str(refusal.value)
+
+
+def test_a_checkpoint_that_fails_to_restore_stops_the_run_with_its_folder_and_what_to_do(train, ema_run, tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(ema_run / "checkpoint-2", checkpoint)
+    # a full fine-tune's checkpoint resumed as a LoRA run: no adapter in it
+    with pytest.raises(CheckpointError, match="could not be restored .* the settings it was saved with"):
+        train(tmp_path / "run", "--checkpointing_steps", "2", "--lora_rank", "4", "--resume_from_checkpoint", "latest")

@@ -130,6 +130,8 @@ def final_validation_loss(output_dir) -> str:
     (("--lora_dropout", "0.1", "--lora_target_modules", "to_q"), "--lora_dropout, --lora_target_modules: LoRA"),
     (("--rank", "4", "--lora_dropout", "1.5"), "--lora_dropout 1.5"),
     (("--rank", "4", "--lora_alpha", "0"), "--lora_alpha 0.0"),
+    (("--rank", "4", "--lora_alpha", "nan"), "--lora_alpha nan must be a positive finite number"),
+    (("--rank", "4", "--lora_alpha", "inf"), "--lora_alpha inf must be a positive finite number"),
 ])
 def test_bad_lora_flags_are_refused_naming_the_flag(tmp_path, flags, message):
     with pytest.raises(SdtuneError, match=message):
@@ -139,6 +141,20 @@ def test_bad_lora_flags_are_refused_naming_the_flag(tmp_path, flags, message):
 def test_target_modules_missing_from_the_unet_are_a_clear_error(train, tmp_path):
     with pytest.raises(SdtuneError, match="--lora_target_modules to_nothing"):
         train(tmp_path / "run", "--rank", "4", "--lora_target_modules", "to_nothing")
+
+
+def test_a_rank_no_adapted_layer_can_use_is_refused_with_its_size_before_allocating(tiny_pipeline, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline / "unet")
+    largest = max(min(m.in_features, m.out_features) for name, m in unet.named_modules()
+                  if name.endswith(("to_q", "to_k", "to_v", "to_out.0")))
+    flags = tiny_flags(tiny_pipeline, tmp_path / "data", tmp_path / "run", "--rank", str(largest + 1))
+    with pytest.raises(SdtuneError, match=rf"--lora_rank {largest + 1} is larger .* is {largest}\) and would add "
+                                          r"[\d,]+ parameters: choose a rank of at most"):
+        add_training_adapter(unet, parse_args(flags))
+    assert not any("lora_" in name for name, _ in unet.named_parameters())  # nothing was added
+    add_training_adapter(unet, parse_args(flags[:-1] + [str(largest)]))  # the largest usable rank trains
 
 
 @pytest.mark.slow  # three training processes
@@ -228,6 +244,32 @@ def test_broken_adapters_are_unavailable_and_leave_the_others_serving(tiny_pipel
     assert "size mismatch" in registry.errors["other-base"] and "no LoRA adapter" in registry.errors["missing"]
     with pytest.raises(ModelUnavailable, match="other-base"):
         registry.get("other-base")
+    assert np.abs(render(registry.get("a")) - adapters["a"][1]).max() < 1e-5
+
+
+def test_adapters_with_missing_unexpected_or_non_finite_tensors_are_unavailable_with_the_reason(
+        tiny_pipeline, adapters, tmp_path):
+    weights = load_file(str(adapters["a"][0] / DIFFUSERS_WEIGHTS))
+    first = sorted(weights)[0]
+    damaged = {  # each drew black images at every scale, 0 included, and was listed as healthy
+        "downs-only": {key: value for key, value in weights.items() if "lora.down" in key},
+        "nan": {**weights, first: torch.full_like(weights[first], float("nan"))},
+        "extra": {**weights, "unet.mid_block.no_such_layer.lora.down.weight": torch.zeros(4, 8),
+                  "unet.mid_block.no_such_layer.lora.up.weight": torch.zeros(8, 4)},
+    }
+    for name, tensors in damaged.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    registry = ModelRegistry([ModelSpec("a", str(tiny_pipeline), lora=str(adapters["a"][0])),
+                              *(ModelSpec(name, str(tiny_pipeline), lora=str(tmp_path / f"{name}.safetensors"))
+                                for name in damaged)], device="cpu")
+    assert sorted(registry.errors) == sorted(damaged)
+    layers = len(weights) // 2
+    assert f"{layers} layers miss their down or up projection" in registry.errors["downs-only"]
+    assert f"1 tensors hold NaN or infinite values (e.g. {first})" in registry.errors["nan"]
+    assert "2 keys match no layer of the base model (e.g. unet.mid_block.no_such_layer" in registry.errors["extra"]
+    assert all(str(tmp_path) not in error for error in registry.errors.values())  # the app shows them
+    with pytest.raises(ModelUnavailable, match="'downs-only' could not be loaded: .*damaged or made for another"):
+        registry.get("downs-only")
     assert np.abs(render(registry.get("a")) - adapters["a"][1]).max() < 1e-5
 
 

@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from sdtune.errors import SdtuneError
+
 MANIFEST = "manifest.jsonl"
 
 
@@ -14,16 +16,26 @@ def part_path(output_dir, process_index: int) -> Path:
 
 
 def read_lines(path: Path) -> list[dict]:
-    """Complete lines of a manifest; a line cut short by a kill is ignored."""
+    """Complete lines of a manifest; a line cut short by a kill is ignored, a whole line that is no entry refused."""
     if not path.is_file():
         return []
     entries = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not is_entry(entry):
+            raise SdtuneError(f"{path} line {number} is not a manifest entry ({line[:60]}): delete that line (the "
+                              "rerun redoes its image) or use another --output.")
+        entries.append(entry)
     return entries
+
+
+def is_entry(entry) -> bool:
+    """What the resume reads of a line: the input's key, and the output file and error when there are any."""
+    return (isinstance(entry, dict) and isinstance(entry.get("input"), str)
+            and isinstance(entry.get("output"), str | None) and isinstance(entry.get("error", ""), str | None))
 
 
 def read_all(output_dir) -> dict[str, dict]:

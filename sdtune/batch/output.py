@@ -32,7 +32,13 @@ def check_settings(folder, settings: dict) -> None:
     path = Path(folder) / SETTINGS
     if not path.is_file():
         return
-    recorded = json.loads(path.read_text())
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # unreadable, not JSON or not UTF-8
+        recorded = error
+    if not isinstance(recorded, dict):
+        raise SdtuneError(f"{path} is damaged ({recorded}): delete it to resume this batch with this run's settings "
+                          "(only if they are the ones it was started with), or use another --output.")
     current = json.loads(json.dumps(settings))  # compare as stored: tuples as lists
     changes = [f"{flag} {recorded.get(flag)!r} -> {value!r}" for flag, value in current.items()
                if recorded.get(flag) != value]

@@ -21,7 +21,7 @@ import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from sdtune.errors import SdtuneError
-from sdtune.generation.adapters import activate_adapter
+from sdtune.generation.adapters import activate_adapter, check_adapter
 from sdtune.generation.compiling import AdapterSlot, compile_unet_for_serving
 from sdtune.generation.preview import latent_preview
 from sdtune.limits import check_lora_scale
@@ -243,6 +243,7 @@ class ModelRegistry:
             if spec.lora:
                 if looks_local(spec.lora) and not Path(spec.lora).exists():
                     raise FileNotFoundError(f"no LoRA adapter at {spec.lora}")
+                check_adapter(pipeline.lora_state_dict(spec.lora)[0], pipeline)  # diffusers would only warn
                 # a folder, a diffusers or kohya .safetensors file, or a hub id; diffusers removes a half-loaded one
                 if self.compile:  # swapped into the base's slot now, so that a broken adapter fails here too
                     self._slots[source_of(spec)].activate(spec.lora, spec.lora_scale)

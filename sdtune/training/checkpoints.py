@@ -9,11 +9,14 @@ accelerate keeps the optimizer, LR schedule, grad scaler and RNG states. A check
 folder that `--resume_from_checkpoint latest` would pick.
 """
 
+import dataclasses
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -22,7 +25,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sdtune.errors import SdtuneError
@@ -212,8 +215,57 @@ def load_checkpoint(accelerator, path: Path) -> Progress:
 
     Model and EMA weights are safetensors; accelerate 1.x reads its optimizer, scheduler, scaler and RNG files with
     torch.load(weights_only=True), which rebuilds tensors and plain data but runs no code from the file."""
-    accelerator.load_state(str(path))
-    progress = Progress(**json.loads((Path(path) / PROGRESS_FILE).read_text()))
+    progress = read_progress(Path(path))
+    check_state_files(Path(path))
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+        raise CheckpointError(f"{path} could not be restored ({type(error).__name__}: {str(error)[:200]}): resume it "
+                              "with the settings it was saved with (its training_config.yaml), resume an earlier "
+                              "checkpoint, or start a new run.") from error
     logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path, progress.global_step, progress.epoch,
                 progress.batches_in_epoch)
     return progress
+
+
+def read_progress(path: Path) -> Progress:
+    """The checkpoint's training_state.json, checked: whole numbers of steps, epochs and batches, and the step its
+    folder is named after (a tampered step would train past --max_train_steps, or skip training and exit 0)."""
+    file = path / PROGRESS_FILE
+    fix = "resume an earlier checkpoint, or start a new run"
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as error:  # missing, unreadable, not JSON or not UTF-8
+        raise CheckpointError(f"{file} cannot be read ({type(error).__name__}: {error}): {fix}.") from error
+    fields = [field.name for field in dataclasses.fields(Progress)]
+    if not isinstance(saved, dict) or sorted(saved) != sorted(fields) or not all(
+            type(saved[field]) is int and saved[field] >= 0 for field in fields):
+        raise CheckpointError(f"{file} is not a training state ({json.dumps(saved)[:100]}); expected whole numbers "
+                              f"from 0 for {', '.join(fields)}: {fix}.")
+    named = CHECKPOINT_PATTERN.match(path.name)
+    if named and int(named.group(1)) != saved["global_step"]:
+        raise CheckpointError(f"{file} says global_step {saved['global_step']}, but the folder is {path.name}: {fix}.")
+    return Progress(**saved)
+
+
+def check_state_files(path: Path) -> None:
+    """Refuse a checkpoint whose state files are empty or cut short (a copy interrupted, a full disk), naming the
+    file. Cheap: a safetensors file's header records its length; a torch.save file is a zip, its index at the end."""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            if file.stat().st_size == 0:
+                raise OSError("the file is empty")
+            if file.suffix == ".safetensors":
+                with safe_open(file, framework="pt"):
+                    pass
+            elif _is_zip(file):
+                with zipfile.ZipFile(file):
+                    pass
+        except (OSError, SafetensorError, zipfile.BadZipFile) as error:
+            raise CheckpointError(f"{file} is damaged ({type(error).__name__}: {error}): resume an earlier checkpoint, "
+                                  "or start a new run.") from error
+
+
+def _is_zip(file: Path) -> bool:
+    with open(file, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"

@@ -325,8 +325,10 @@ def _check_lora_args(args: argparse.Namespace) -> None:
     if lora_only and not args.lora_rank:
         raise SdtuneError(f"--{', --'.join(lora_only)}: LoRA settings, but this is a full fine-tune: add "
                           "--lora_rank N (e.g. 4) for a LoRA run, or drop them.")
-    if args.lora_alpha is not None and args.lora_alpha <= 0:
-        raise SdtuneError(f"--lora_alpha {args.lora_alpha} must be positive (the rank is the usual choice).")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        # NaN passes a `<= 0` test and trains an adapter of NaN tensors; inf scales every update to NaN too
+        raise SdtuneError(f"--lora_alpha {args.lora_alpha} must be a positive finite number (the rank is the usual "
+                          "choice).")
     if args.lora_dropout is not None and not 0.0 <= args.lora_dropout < 1.0:
         raise SdtuneError(f"--lora_dropout {args.lora_dropout} must be in [0, 1).")
 

@@ -3,6 +3,7 @@ in the model card. (Serving switches them on a shared base: sdtune/generation/ad
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -45,12 +47,39 @@ def add_training_adapter(unet, args) -> None:
     """
     unet.requires_grad_(False)
     config = lora_config(args)
+    check_rank_fits(unet, config)
     try:
         unet.add_adapter(config)
     except ValueError as error:  # peft: none of the target modules exists in this UNet
         raise SdtuneError(f"--lora_target_modules {' '.join(sorted(config.target_modules))}: {error} "
                           f"The default is {' '.join(DEFAULT_TARGET_MODULES)}.") from error
     cast_training_params(unet, torch.float32)
+
+
+def check_rank_fits(unet, config: LoraConfig) -> None:
+    """Refuse, before peft allocates anything, a rank above the rank of every layer it adapts (min(in, out) of each
+    targeted Linear or Conv2d): no such layer can use it, and its matrices can be huge (rank 100000 on the tiny
+    world's 3.7M-parameter UNet is 896M parameters, 23 GB of RAM before the kernel kills the run)."""
+    shapes = [_matrix_shape(module) for name, module in unet.named_modules()
+              if check_target_module_exists(config, name)]
+    shapes = [shape for shape in shapes if shape is not None]
+    if not shapes:
+        return  # no targeted layer: peft's own error names the modules (add_training_adapter)
+    largest = max(min(shape) for shape in shapes)
+    if config.r > largest:
+        parameters = sum(config.r * (rows + columns) for rows, columns in shapes)
+        raise SdtuneError(f"--lora_rank {config.r} is larger than any layer it adapts can use (the largest, "
+                          f"min(in, out) over {len(shapes)} layers, is {largest}) and would add {parameters:,} "
+                          f"parameters: choose a rank of at most {largest} (4 to 128 is usual).")
+
+
+def _matrix_shape(module) -> tuple[int, int] | None:
+    """(out, in) of the matrix a LoRA layer factors: a Linear's weight, or a Conv2d's flattened over its kernel."""
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, torch.nn.Conv2d):
+        return module.out_channels, module.in_channels // module.groups * math.prod(module.kernel_size)
+    return None
 
 
 def kohya_path(output_dir) -> Path:
