@@ -30,25 +30,34 @@ class Handlers:
         return gr.update(visible=True, value=scale, info=f"{model} is a LoRA on {base}, listed at {scale:g}; 0 gives "
                          f"the base model's image, from {LORA_SCALE_RANGE[0]:g} to {LORA_SCALE_RANGE[1]:g}.")
 
+    def add_trigger_words(self, model, prompt):
+        """The prompt with the model's trigger words put in front (those it does not hold yet)."""
+        words = self.service.models.trigger_words(model)
+        if not words:
+            gr.Warning(f"{model}: its files name no trigger words.")
+            return gr.skip()
+        missing = [word for word in words if word not in (prompt or "")]
+        return ", ".join([*missing, prompt] if prompt else missing)
+
     def text2img(self, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale, width,
-                 height, seed, num_images, request: gr.Request, lora_scale=None):
+                 height, seed, num_images, request: gr.Request, lora_scale=None, loras=None):
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, self.service.text2img, prompt, model, seed, int(num_images), settings, stop,
-                           lora_scale)
+            call = partial(served, partial(self.service.text2img, loras=loras), prompt, model, seed,
+                           int(num_images), settings, stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()), stop)
         yield [str(p) for p in outcome.paths], outcome.seeds[0], outcome.run
 
     def img2img(self, image, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale,
-                strength, seed, resolution, request: gr.Request, lora_scale=None):
+                strength, seed, resolution, request: gr.Request, lora_scale=None, loras=None):
         if not image:
             raise gr.Error("Upload an image first.")
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, strength=strength,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, self.service.img2img, image, prompt, model, seed, settings, int(resolution or 0),
-                           stop, lora_scale)
+            call = partial(served, partial(self.service.img2img, loras=loras), image, prompt, model, seed, settings,
+                           int(resolution or 0), stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images[0], gr.skip(), gr.skip()), stop)
         yield str(outcome.paths[0]), outcome.seeds[0], outcome.run
 
