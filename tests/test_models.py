@@ -106,10 +106,9 @@ def bad_inputs(runs: Path, outside: Path):
     import torch
     from safetensors.torch import save_file
 
-    one = torch.zeros(1)
-    save_file({"model.diffusion_model.out.0.weight": one, "cond_stage_model.model.ln_final.weight": one},
-              str(runs / "sd2.safetensors"))  # SD 2's text encoder (OpenCLIP) under an SD UNet
-    save_file({"encoder.weight": one}, str(runs / "other.safetensors"))
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(1), "cond_stage_model.model.ln_final.weight":
+               torch.zeros(1)}, str(runs / "sd2.safetensors"))  # SD 2's text encoder (OpenCLIP) under an SD UNet
+    save_file({"encoder.weight": torch.zeros(1)}, str(runs / "other.safetensors"))
     return [
         (dict(name="x", path="../outside"), SourceError, "path: ../outside is outside the models root models"),
         (dict(name="x", path=str(outside)), SourceError, "is outside the models root models"),
