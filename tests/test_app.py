@@ -321,7 +321,8 @@ def test_seeds_out_of_range_and_costly_requests_are_refused(client, override, me
 
 def test_nan_guidance_is_refused(app):
     # gradio_client refuses to send NaN, but the HTTP API parses it (Python's json does) and the slider passes it
-    body = '{"data": ["a red circle", "", "stock", "dpmsolver++", 4, NaN, 64, 64, 1, 1, null]}'
+    body = ('{"data": ["a red circle", "", "stock", "dpmsolver++", 4, NaN, 64, 64, 1, 1, null, '
+            '{"headers": ["LoRA", "weight"], "data": []}]}')
     event = httpx.post(f"{app['url']}gradio_api/call/text2img", content=body,
                        headers={"Content-Type": "application/json"}).json()["event_id"]
     answer = httpx.get(f"{app['url']}gradio_api/call/text2img/{event}", timeout=120).text
@@ -376,7 +377,8 @@ def test_bad_lora_scales_are_refused_and_the_server_stays_up(app, client):
         with pytest.raises(Exception, match=message):
             client.predict(model=model, lora_scale=scale, **request)
     for scale in ["NaN", "Infinity"]:  # gradio_client cannot send these; the HTTP API parses them
-        body = f'{{"data": ["a red circle", "", "lora", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, {scale}]}}'
+        body = (f'{{"data": ["a red circle", "", "lora", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, {scale}, '
+                '{"headers": ["LoRA", "weight"], "data": []}]}')
         event = httpx.post(f"{app['url']}gradio_api/call/text2img", content=body,
                            headers={"Content-Type": "application/json"}).json()["event_id"]
         answer = httpx.get(f"{app['url']}gradio_api/call/text2img/{event}", timeout=120).text

@@ -75,7 +75,7 @@ def compare_tab(handlers: Handlers, names, size: int):
             run, stop = run_buttons("Compare")
             models = gr.CheckboxGroup(names, value=names, label="Models (one column each)")
             with gr.Row():
-                run_folder = gr.Textbox(label=f"...and a training run's checkpoints: its folder under "
+                run_folder = gr.Textbox("", label=f"...and a training run's checkpoints: its folder under "
                                         f"{handlers.service.models.root_shown}", scale=3)
                 listed = gr.Button("List checkpoints", size="sm", scale=1)
             checkpoints = gr.CheckboxGroup([], value=[], label="Checkpoints (one column each, after the models)")

@@ -11,6 +11,7 @@ from sdtune.app.streaming import InFlight, stream
 from sdtune.app.ui.controls import StopSignals, served, settings_from
 from sdtune.data.folders import InputImage
 from sdtune.errors import SdtuneError
+from sdtune.generation.lora_stack import stack_from_rows
 from sdtune.limits import LORA_SCALE_RANGE
 
 
@@ -44,8 +45,8 @@ class Handlers:
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, partial(self.service.text2img, loras=loras), prompt, model, seed,
-                           int(num_images), settings, stop, lora_scale)
+            call = partial(served, with_stack(self.service.text2img, loras), prompt, model, seed, int(num_images),
+                           settings, stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()), stop)
         yield [str(p) for p in outcome.paths], outcome.seeds[0], outcome.run
 
@@ -56,7 +57,7 @@ class Handlers:
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, strength=strength,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, partial(self.service.img2img, loras=loras), image, prompt, model, seed, settings,
+            call = partial(served, with_stack(self.service.img2img, loras), image, prompt, model, seed, settings,
                            int(resolution or 0), stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images[0], gr.skip(), gr.skip()), stop)
         yield str(outcome.paths[0]), outcome.seeds[0], outcome.run
@@ -81,6 +82,12 @@ class Handlers:
                 yield from stream(updates, gallery.preview, stop, shown)
             except SdtuneError as error:
                 raise gr.Error(str(error)) from error
+
+
+def with_stack(call, loras):
+    """The service call with the LoRA stack rows that name a LoRA (the table's empty rows are no stack)."""
+    rows = served(stack_from_rows, loras)
+    return partial(call, loras=rows) if rows else call
 
 
 def batch_outputs(update):

@@ -59,13 +59,14 @@ def models_tab(manager: ModelManager, root_shown: str):
                 remove = gr.Button("Remove")
         with gr.Column(scale=3, min_width=360):
             status = gr.Markdown()
-            listing = gr.JSON(handler.list_models, label="Served models")
+            listing = gr.JSON(label="Served models")
             refresh = gr.Button("Refresh list", size="sm")
     added = add.click(handler.add_model, [name, path, base, scale, pickle], [status, listing], api_name="add_model",
                       concurrency_id="models")
     removed = remove.click(handler.remove_model, chosen, [status, listing], api_name="remove_model",
                            concurrency_id="models")
     refresh.click(handler.list_models, None, listing, api_name="list_models", queue=False)
+    gr.on(None, handler.list_models, None, listing, api_visibility="private", queue=False)  # at page load
     return added, removed, Pickers([chosen], []), base
 
 

@@ -26,8 +26,7 @@ def lora_rows() -> gr.Dataframe:
     <lora:NAME:WEIGHT> tokens are (sdtune/generation/lora_stack.py)."""
     with gr.Accordion("LoRA stack", open=False):
         return gr.Dataframe([["", 1.0]], headers=["LoRA", "weight"], datatype=["str", "number"], type="array",
-                            row_count=1, row_limits=(1, MAX_STACK), column_count=2, column_limits=(2, 2),
-                            label="LoRA models and weights",
+                            row_count=1, column_count=2, label=f"LoRA models and weights (at most {MAX_STACK})",
                             show_label=False)
 
 
