@@ -44,7 +44,8 @@ def image_file(path, size=(80, 48), colour="red"):
 
 def test_the_named_endpoints_exist(client):
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == \
-        {"/text2img", "/img2img", "/random_batch", "/compare", "/png_info"}
+        {"/text2img", "/img2img", "/random_batch", "/compare", "/png_info", "/add_model", "/remove_model",
+         "/list_models"}
 
 
 def test_text2img_returns_pngs_that_carry_their_parameters(client):
@@ -358,7 +359,8 @@ def test_seeds_out_of_range_and_costly_requests_are_refused(client, override, me
 
 def test_nan_guidance_is_refused(app):
     # gradio_client refuses to send NaN, but the HTTP API parses it (Python's json does) and the slider passes it
-    body = '{"data": ["a red circle", "", "stock", "dpmsolver++", 4, NaN, 64, 64, 1, 1, null]}'
+    body = ('{"data": ["a red circle", "", "stock", "dpmsolver++", 4, NaN, 64, 64, 1, 1, null, '
+            '{"headers": ["LoRA", "weight"], "data": []}]}')
     event = httpx.post(f"{app['url']}gradio_api/call/text2img", content=body,
                        headers={"Content-Type": "application/json"}).json()["event_id"]
     answer = httpx.get(f"{app['url']}gradio_api/call/text2img/{event}", timeout=120).text
@@ -413,7 +415,8 @@ def test_bad_lora_scales_are_refused_and_the_server_stays_up(app, client):
         with pytest.raises(Exception, match=message):
             client.predict(model=model, lora_scale=scale, **request)
     for scale in ["NaN", "Infinity"]:  # gradio_client cannot send these; the HTTP API parses them
-        body = f'{{"data": ["a red circle", "", "lora", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, {scale}]}}'
+        body = (f'{{"data": ["a red circle", "", "lora", "dpmsolver++", 4, 7.5, 64, 64, 1, 1, {scale}, '
+                '{"headers": ["LoRA", "weight"], "data": []}]}')
         event = httpx.post(f"{app['url']}gradio_api/call/text2img", content=body,
                            headers={"Content-Type": "application/json"}).json()["event_id"]
         answer = httpx.get(f"{app['url']}gradio_api/call/text2img/{event}", timeout=120).text

@@ -230,6 +230,37 @@ def test_a_lora_model_at_scale_zero_draws_exactly_the_base_models_image(tiny_pip
     assert not np.array_equal(render(registry.get("a")), base_image)
 
 
+def test_two_threads_on_one_base_each_get_their_own_adapters_image(tiny_pipeline, adapters):
+    import threading
+
+    from sdtune.generation.backend import LocalBackend
+    from sdtune.generation.core import GenerationSettings
+
+    registry = ModelRegistry([ModelSpec("stock", str(tiny_pipeline)),
+                              *(ModelSpec(name, str(tiny_pipeline), lora=str(adapters[name][0])) for name in "ab")],
+                             device="cpu")
+    backend, settings = LocalBackend(registry), GenerationSettings(num_inference_steps=3, width=64, height=64)
+
+    def draw(name):
+        return backend.text_to_images(name, None, PROMPT, [0], settings)[0].tobytes()
+
+    alone = {name: draw(name) for name in ["stock", "a", "b"]}
+    assert len(set(alone.values())) == 3
+    names = ["a", "b", "stock"] * 3
+    start, drawn = threading.Barrier(len(names)), [None] * len(names)  # every thread switches adapters at once
+
+    def worker(index):
+        start.wait()
+        drawn[index] = draw(names[index])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(names))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [image == alone[name] for name, image in zip(names, drawn)] == [True] * len(names)
+
+
 def test_broken_adapters_are_unavailable_and_leave_the_others_serving(tiny_pipeline, adapters, tmp_path):
     weights = load_file(str(adapters["a"][0] / DIFFUSERS_WEIGHTS))
     # an adapter made for a wider UNet: every down projection expects 8 more input features

@@ -7,6 +7,7 @@ single ones by float rounding), so a cell equals the text-to-image tab's image o
 
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,12 +67,13 @@ class CompareUpdate:
     run: dict | None = None
 
 
-def chosen_models(service: Service, models) -> list[str]:
-    """The models to compare, each once: all listed when None; an empty choice is an error, not "all"."""
+def chosen_models(service: Service, models, checkpoints=None) -> list[str]:
+    """The models to compare, each once: all listed when None (and no checkpoint is chosen); an empty choice is an
+    error, not "all", unless a run's checkpoints are the columns."""
     if models is None:
-        return service.registry.names
-    if not models:
-        raise RequestError("models: none chosen; choose at least one model to compare.")
+        return [] if checkpoints else service.registry.names
+    if not models and not checkpoints:
+        raise RequestError("models: none chosen; choose at least one model (or a run's checkpoints) to compare.")
     unknown = [model for model in models if model not in service.registry.specs]
     if unknown:
         raise RequestError(f"models: unknown {unknown}; available: {', '.join(service.registry.names)}.")
@@ -145,9 +147,7 @@ def axis_rows(axis: str, values, seed, settings: GenerationSettings) -> list[Row
 
 def plan_cells(service: Service, models: list[str], axis: str, rows: list[Row]) -> list[Cell]:
     """Every cell, row by row (so the grid grows a row of models at a time); refused past MAX_COMPARE_CELLS."""
-    if len(models) * len(rows) > MAX_COMPARE_CELLS:
-        raise RequestError(f"{len(models)} models x {len(rows)} values = {len(models) * len(rows)} cells; a "
-                           f"comparison holds at most {MAX_COMPARE_CELLS}: choose fewer models or values.")
+    check_cell_count(len(models), len(rows))
     adapters = [model for model in models if service.registry.configured_scale(model) is not None]
     if axis == "lora_scale" and not adapters:
         raise RequestError(f"axis lora_scale: none of {models} has a LoRA adapter; choose a LoRA model.")
@@ -191,18 +191,40 @@ def generate_cell(service: Service, prompt: str, cell: Cell, path: Path, stop: t
 
 
 def compare(service: Service, prompt: str, models, axis: str, values, seed, settings: GenerationSettings,
-            stop: threading.Event | None = None):
-    """Yields a CompareUpdate after every cell, and a last one with the grid PNG and the run record.
+            stop: threading.Event | None = None, run: str = "", checkpoints=None):
+    """Yields a CompareUpdate after every cell, and a last one with the grid PNG and the run record. `checkpoints`
+    (names of `run`'s checkpoint-N folders, or "final") add a column each after the models, served for the length
+    of the comparison (a full fine-tune's as its UNet on the base's other components, a LoRA run's as adapters on
+    the base).
 
-    Everything is checked before any model time is spent (at the first iteration). A model that fails to generate
-    gets failed cells and the others go on; Stop ends the comparison within one denoising step, keeping the cells
-    finished before it."""
-    models = chosen_models(service, models)
+    Everything is checked before any model time is spent (at the first iteration; a run's checkpoints then load). A
+    model that fails to generate gets failed cells and the others go on; Stop ends the comparison within one
+    denoising step, keeping the cells finished before it."""
+    checkpoints = list(dict.fromkeys(checkpoints or []))
+    if checkpoints and not str(run or "").strip():
+        raise RequestError("run: choose the training run whose checkpoints to compare.")
+    models = chosen_models(service, models, checkpoints)
     rows = axis_rows(axis, values, seed, settings)
+    check_cell_count(len(models) + len(checkpoints), len(rows))
+    with service.models.borrowed(run, checkpoints) if checkpoints else nullcontext([]) as borrowed:
+        columns = models + [name for name, _ in borrowed]
+        labels = {name: label for name, label in borrowed}
+        yield from compare_columns(service, prompt, columns, labels, axis, rows, settings, stop)
+
+
+def check_cell_count(columns: int, rows: int) -> None:
+    if columns * rows > MAX_COMPARE_CELLS:
+        raise RequestError(f"{columns} models x {rows} values = {columns * rows} cells; a comparison holds at most "
+                           f"{MAX_COMPARE_CELLS}: choose fewer models or values.")
+
+
+def compare_columns(service: Service, prompt: str, models: list[str], labels: dict[str, str], axis: str,
+                    rows: list[Row], settings: GenerationSettings, stop: threading.Event | None):
+    """The comparison of `models` (a run's checkpoints among them, labelled by `labels`) over `rows`."""
     cells = plan_cells(service, models, axis, rows)
     check_total_cost(service, cells)
-    update = CompareUpdate([column_label(service, m, axis) for m in models], [row.label for row in rows],
-                           (settings.width, settings.height), [])
+    update = CompareUpdate([labels.get(m) or column_label(service, m, axis) for m in models],
+                           [row.label for row in rows], (settings.width, settings.height), [])
     with RunRecorder("compare", service.run_log, service.registry.device) as recorder:
         folder = service.output_dir / recorder.run_id
         folder.mkdir(parents=True, exist_ok=True)

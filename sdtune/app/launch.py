@@ -58,7 +58,8 @@ def serve(args) -> None:
     Path(args.allowed_root).mkdir(parents=True, exist_ok=True)  # the batch tab's folder mode works on a fresh clone
     backend = generation_backend(args, registry)
     service = Service(registry, args.output_dir, args.allowed_root, max_request_cost=args.max_request_cost,
-                      backend=backend)
+                      backend=backend, models_root=args.models_root)
+    service.models.restore()  # the models added while serving before, after the configured list
     demo = build_ui(service)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, prevent_thread_lock=True,

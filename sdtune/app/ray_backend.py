@@ -41,7 +41,7 @@ class HeldModel:
 
     def __init__(self, registry: ModelRegistry, name: str):
         self.registry, self.name, self.held = registry, name, False
-        registry.get(name)  # loads it, or raises ModelUnavailable to this request alone
+        registry.load(name)  # loads it, or raises ModelUnavailable to this request alone
         self.held = True
 
     def __del__(self):
@@ -65,20 +65,20 @@ class Generator:
         # wired here rather than by decorating a method: the cache's size is a flag
         self.hold = serve.multiplexed(max_num_models_per_replica=models_per_replica)(hold)
 
-    async def text_to_images(self, lora_scale, prompt, seeds, settings):
-        return await self._generate(text_to_images, lora_scale, prompt, seeds, settings)
+    async def text_to_images(self, lora_scale, prompt, seeds, settings, stack=()):
+        return await self._generate(text_to_images, lora_scale, stack, prompt, seeds, settings)
 
-    async def images_to_images(self, lora_scale, images, prompts, seeds, settings, resolution):
-        return await self._generate(images_to_images, lora_scale, images, prompts, seeds, settings, resolution)
+    async def images_to_images(self, lora_scale, images, prompts, seeds, settings, resolution, stack=()):
+        return await self._generate(images_to_images, lora_scale, stack, images, prompts, seeds, settings, resolution)
 
-    async def _generate(self, core, lora_scale, *args):
+    async def _generate(self, core, lora_scale, stack, *args):
         """Run the generation core on the request's model in a worker thread. A cancelled request (the app's Stop)
         sets the core's stop flag and waits for it to end at its next denoising step before the replica takes the
         next request, which would otherwise share the pipeline with it."""
         model = serve.get_multiplexed_model_id()
         await self.hold(model)
-        pipeline, stop = self.registry.get(model, lora_scale), threading.Event()
-        work = asyncio.ensure_future(asyncio.to_thread(core, pipeline, *args, stop))
+        stop = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(self._run, core, model, lora_scale, stack, *args, stop))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -86,10 +86,15 @@ class Generator:
             await asyncio.wait([work])
             raise
 
+    def _run(self, core, model, lora_scale, stack, *args):
+        with self.registry.use(model, lora_scale, stack) as pipeline:  # the adapters held for the whole call
+            return core(pipeline, *args)
+
 
 class RayBackend:
-    """The app's side of the deployment, with LocalBackend's calls (sdtune/generation/backend.py). A call whose replica
-    dies mid-request is sent once more, to another replica: generation is deterministic, so it gives the same image."""
+    """The app's side of the deployment, with LocalBackend's calls (sdtune/generation/backend.py). A call whose
+    replica dies mid-request is sent once more, to another replica: generation is deterministic, so it gives the same
+    image."""
 
     def __init__(self, handle, registry: ModelRegistry, concurrency: int, device: str):
         self.handle, self.registry = handle, registry
@@ -102,12 +107,13 @@ class RayBackend:
 
     # `preview` is accepted and not called: the replicas send back finished images only, so the app shows no live
     # previews over Ray
-    def text_to_images(self, model, lora_scale, prompt, seeds, settings, stop=None, preview=None):
-        return self.call("text_to_images", model, stop, lora_scale, prompt, seeds, settings)
+    def text_to_images(self, model, lora_scale, prompt, seeds, settings, stop=None, preview=None, stack=()):
+        return self.call("text_to_images", model, stop, lora_scale, prompt, seeds, settings, tuple(stack))
 
     def images_to_images(self, model, lora_scale, images, prompts, seeds, settings, resolution, stop=None,
-                         preview=None):
-        return self.call("images_to_images", model, stop, lora_scale, images, prompts, seeds, settings, resolution)
+                         preview=None, stack=()):
+        return self.call("images_to_images", model, stop, lora_scale, images, prompts, seeds, settings, resolution,
+                         tuple(stack))
 
     def call(self, method: str, model: str, stop: threading.Event | None, *args):
         lost = None

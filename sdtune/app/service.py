@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
+from sdtune.app.models import ModelManager
 from sdtune.batch.engine import STOPPED, generate_batch, save_output
 from sdtune.batch.engine import Outcome as BatchOutcome
 from sdtune.batch.plan import Job, plan_batches, plan_jobs
@@ -18,6 +19,7 @@ from sdtune.data.images import BadImageError, open_image, to_rgb, without_folder
 from sdtune.errors import SdtuneError
 from sdtune.generation.backend import LocalBackend
 from sdtune.generation.core import GenerationSettings, Preview, working_size
+from sdtune.generation.lora_stack import MAX_STACK, a1111_hash, parse_prompt, recorded_prompt, stack_from_rows
 from sdtune.generation.pnginfo import format_parameters, save_png
 from sdtune.generation.registry import ModelRegistry, ModelUnavailable
 from sdtune.generation.runlog import RunRecorder
@@ -74,9 +76,11 @@ def request_cost(settings: GenerationSettings, images: int, image_to_image: bool
 
 class Service:
     def __init__(self, registry: ModelRegistry, output_dir, allowed_root, max_upload_pixels=MAX_UPLOAD_PIXELS,
-                 max_request_cost: float | None = None, backend=None):
+                 max_request_cost: float | None = None, backend=None, models_root="."):
         self.registry, self.output_dir = registry, Path(output_dir)
         self.backend = backend or LocalBackend(registry)  # where generation runs: sdtune/generation/backend.py
+        # models added and removed while serving (the Models tab), from under --models_root only
+        self.models = ModelManager(registry, models_root, self.output_dir, local=isinstance(self.backend, LocalBackend))
         self.allowed_root_shown = str(allowed_root)  # as the operator gave it: error messages show no server paths
         self.allowed_root = Path(allowed_root).resolve()
         self.max_upload_pixels = max_upload_pixels
@@ -131,48 +135,78 @@ class Service:
 
     def text2img(self, prompt: str, model: str, seed: int, num_images: int, settings: GenerationSettings,
                  stop: threading.Event | None = None, lora_scale: float | None = None,
-                 preview: Preview | None = None) -> Outcome:
+                 preview: Preview | None = None, loras=None) -> Outcome:
         """`num_images` images from seeds seed, seed+1, ... in one batch; a LoRA model's adapter at `lora_scale`
-        (None: its listed scale); `preview` sees them forming."""
+        (None: its listed scale), and a LoRA stack from `loras` rows and the prompt's `<lora:...>` tokens;
+        `preview` sees them forming."""
         if not 1 <= num_images <= MAX_IMAGES:
             raise RequestError(f"num_images must be between 1 and {MAX_IMAGES}.")
         self.check_cost(settings, num_images)
         seed = resolve_seed(seed)
         lora_scale = self.prepare(model, lora_scale)
+        stack = self.lora_stack(model, prompt, loras)
         seeds = [(seed + i) % SEED_LIMIT for i in range(num_images)]  # past 2**32 - 1 they wrap round to 0
         with RunRecorder("text2img", self.run_log, self.registry.device) as recorder, unavailable_as_request_error():
             start = time.perf_counter()
-            images = self.backend.text_to_images(model, lora_scale, prompt, seeds, settings, stop, preview)
+            images = self.backend.text_to_images(model, lora_scale, stack.text, seeds, settings, stop, preview,
+                                                 **stack.call)
             for _ in images:
                 recorder.image_done((time.perf_counter() - start) / len(images))
             folder = self.output_dir / recorder.run_id
             folder.mkdir(parents=True, exist_ok=True)
             paths = [save_png(image, folder / f"{index:02d}-{model}-{s}.png",
-                              format_parameters(prompt, settings, s, model, lora_scale=lora_scale))
+                              format_parameters(stack.recorded, settings, s, model, lora_scale=lora_scale,
+                                                extra=stack.hashes))
                      for index, (s, image) in enumerate(zip(seeds, images))]
-            return Outcome(paths, seeds, recorder.finish(model=model, lora_scale=lora_scale))
+            return Outcome(paths, seeds, recorder.finish(model=model, lora_scale=lora_scale, **stack.run))
+
+    def lora_stack(self, model: str, prompt: str, loras) -> "Stack":
+        """The request's LoRA stack: the prompt's `<lora:NAME:WEIGHT>` tokens, then the `loras` rows, each a served
+        LoRA model on `model`'s base, once (sdtune/generation/lora_stack.py)."""
+        text, from_prompt = parse_prompt(prompt)
+        rows = stack_from_rows(loras)
+        for source, items in (("loras", rows), ("prompt", from_prompt)):
+            for name, _ in items:
+                if self.registry.configured_scale(name) is None:
+                    served = [n for n in self.registry.names if self.registry.configured_scale(n) is not None]
+                    raise RequestError(f"{source}: '{name}' is not a served LoRA model; served LoRA models: "
+                                       f"{', '.join(served) or 'none'}.")
+        stack = [*from_prompt, *rows]  # the order a recorded prompt (its tokens, then the rows' as tokens) gives back
+        names = [model, *(name for name, _ in stack)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise RequestError(f"loras: {repeated} given twice (with the model, in the rows or in the prompt's "
+                               "<lora:...> tokens); give each LoRA once.")
+        if len(stack) > MAX_STACK:
+            raise RequestError(f"loras: {len(stack)} LoRA models; a request stacks at most {MAX_STACK}.")
+        self.registry.check_stack(self.registry.specs[model], [self.registry.specs[name] for name, _ in stack])
+        hashes = [(name, a1111_hash(self.registry.specs[name].lora)) for name, _ in stack]
+        return Stack(text, stack, recorded_prompt(prompt, rows),
+                     {"Lora hashes": ", ".join(f"{name}: {h}" for name, h in hashes if h)} if stack else {})
 
     def img2img(self, image_path, prompt: str, model: str, seed: int, settings: GenerationSettings,
                 resolution: int = 0, stop: threading.Event | None = None, lora_scale: float | None = None,
-                preview: Preview | None = None) -> Outcome:
+                preview: Preview | None = None, loras=None) -> Outcome:
         """One edit of an uploaded image, returned at the upload's size; a LoRA model's adapter at `lora_scale`
         (None: its listed scale); `preview` sees it forming."""
         image, seed = self.load_upload(image_path), resolve_seed(seed)
         lora_scale = self.prepare(model, lora_scale)
+        stack = self.lora_stack(model, prompt, loras)
         resolution = self.working_resolution(resolution, model)
         used = settings.sized(*working_size(image.size, resolution))  # the size the model works at
         used.validate(image_to_image=True)
         self.check_cost(used, image_to_image=True)
         with RunRecorder("img2img", self.run_log, self.registry.device) as recorder, unavailable_as_request_error():
             start = time.perf_counter()
-            edited, = self.backend.images_to_images(model, lora_scale, [image], [prompt], [seed], settings, resolution,
-                                                    stop, preview)
+            edited, = self.backend.images_to_images(model, lora_scale, [image], [stack.text], [seed], settings,
+                                                    resolution, stop, preview, **stack.call)
             recorder.image_done(time.perf_counter() - start)
             folder = self.output_dir / recorder.run_id
             folder.mkdir(parents=True, exist_ok=True)
             path = save_png(edited, folder / f"{model}-{seed}.png",
-                            format_parameters(prompt, used, seed, model, image_to_image=True, lora_scale=lora_scale))
-            return Outcome([path], [seed], recorder.finish(model=model, lora_scale=lora_scale))
+                            format_parameters(stack.recorded, used, seed, model, image_to_image=True,
+                                              lora_scale=lora_scale, extra=stack.hashes))
+            return Outcome([path], [seed], recorder.finish(model=model, lora_scale=lora_scale, **stack.run))
 
     def folder_items(self, folder: str) -> list[InputImage]:
         """The images under a folder inside --allowed-root; a folder, or a file link, leading outside it is refused."""
@@ -240,6 +274,23 @@ class Service:
         side = max(resolutions.values())
         self.check_cost(settings.sized(side, side), image_to_image=True)
         return resolutions
+
+
+@dataclass
+class Stack:
+    """A request's LoRA stack, as the generation and the saved PNGs use it."""
+    text: str  # the prompt the text encoder sees: without its <lora:...> tokens
+    items: list[tuple[str, float]]  # (LoRA model, weight)
+    recorded: str  # the prompt the PNGs keep: as given, plus the rows' stack as tokens
+    hashes: dict  # the PNGs' `Lora hashes` field (A1111's), when there is a stack
+
+    @property
+    def call(self) -> dict:
+        return {"stack": self.items} if self.items else {}
+
+    @property
+    def run(self) -> dict:
+        return {"loras": [list(item) for item in self.items]} if self.items else {}
 
 
 @contextmanager

@@ -134,14 +134,14 @@ def run(args) -> dict:
     for spec in specs:
         resolution = args.resolution or registry.native_resolution(spec.name)
         settings = GenerationSettings.from_args(args, width=resolution, height=resolution)
-        pipeline = registry.get(spec.name)
         logger.info("Scoring '%s' on %d %s x %d seeds", spec.name, len(inputs),
                     "inputs" if args.init_images else "prompts", args.num_images_per_prompt)
         try:
-            if args.init_images:
-                rows, grids[spec.name] = score_edits(pipeline, inputs, args, settings, scorer, resolution)
-            else:
-                rows, grids[spec.name] = score_prompts(pipeline, inputs, args, settings, scorer)
+            with registry.use(spec.name) as pipeline:  # its adapter held while it is scored
+                if args.init_images:
+                    rows, grids[spec.name] = score_edits(pipeline, inputs, args, settings, scorer, resolution)
+                else:
+                    rows, grids[spec.name] = score_prompts(pipeline, inputs, args, settings, scorer)
         except GenerationError as error:
             raise SdtuneError(f"Cannot generate with '{spec.name}': {error}") from error
         results[spec.name] = dict(model_summary(rows, baseline, args.seed), path=spec.path)

@@ -13,15 +13,16 @@ PAIRED = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_linear_layer.
 UNPAIRED = (".lora_B.bias", ".lora_magnitude_vector", ".alpha")  # a LoRA's bias, DoRA's magnitudes, kohya's alpha
 
 
-def activate_adapter(pipeline, adapter_name: str | None, scale: float) -> None:
-    """Make `adapter_name` at `scale` the only active adapter of a shared base pipeline, or with None none of them."""
+def activate_adapters(pipeline, adapter_names: list[str], weights: list[float]) -> None:
+    """Make `adapter_names` at `weights` the only active adapters of a shared base pipeline (a LoRA model, or a stack
+    of them), or with none of them none."""
     if not any(pipeline.get_list_adapters().values()):
         return  # no adapter was ever loaded on this base
-    if adapter_name is None:
+    if not adapter_names:
         pipeline.disable_lora()
         return
     pipeline.enable_lora()
-    pipeline.set_adapters([adapter_name], [scale])
+    pipeline.set_adapters(list(adapter_names), list(weights))
 
 
 def check_adapter(state_dict: dict[str, torch.Tensor], pipeline) -> None:

@@ -12,7 +12,8 @@ from sdtune.generation.registry import ModelRegistry
 
 
 class LocalBackend:
-    """The registry's pipelines in this process: one generation at a time on one device."""
+    """The registry's pipelines in this process: one generation at a time on one device (the registry would let
+    generations on different modules run side by side, but one device gains nothing from it)."""
 
     concurrency = 1  # generating requests the app runs at once: the device runs one at a time anyway
 
@@ -21,18 +22,21 @@ class LocalBackend:
 
     def load(self, model: str, lora_scale: float | None = None) -> None:
         """Load `model` now (raises ModelUnavailable), so that a model that cannot load fails before a run starts."""
-        self.registry.get(model, lora_scale)
+        self.registry.load(model)
 
     def text_to_images(self, model: str, lora_scale: float | None, prompt: str, seeds: list[int],
                        settings: GenerationSettings, stop: threading.Event | None = None,
-                       preview: Preview | None = None) -> list[Image.Image]:
-        return text_to_images(self.registry.get(model, lora_scale), prompt, seeds, settings, stop, preview)
+                       preview: Preview | None = None, stack=()) -> list[Image.Image]:
+        """`stack`: [(LoRA model, weight)] applied beside `model`'s own adapter (sdtune/generation/lora_stack.py)."""
+        with self.registry.use(model, lora_scale, stack) as pipeline:  # the adapters held for the whole call
+            return text_to_images(pipeline, prompt, seeds, settings, stop, preview)
 
     def images_to_images(self, model: str, lora_scale: float | None, images: list[Image.Image], prompts: list[str],
                          seeds: list[int], settings: GenerationSettings, resolution: int,
-                         stop: threading.Event | None = None, preview: Preview | None = None) -> list[Image.Image]:
-        return images_to_images(self.registry.get(model, lora_scale), images, prompts, seeds, settings, resolution,
-                                stop, preview)
+                         stop: threading.Event | None = None, preview: Preview | None = None,
+                         stack=()) -> list[Image.Image]:
+        with self.registry.use(model, lora_scale, stack) as pipeline:
+            return images_to_images(pipeline, images, prompts, seeds, settings, resolution, stop, preview)
 
     def status(self) -> str | None:
         """A line on the generation workers for the app to show; the local backend has none beyond the models'."""

@@ -3,10 +3,11 @@
 `checkpoint-500/unet/` (and with --use_ema `checkpoint-500/unet_ema/`) are diffusers models, as in diffusers' own
 training examples: `UNet2DConditionModel.from_pretrained(output_dir, subfolder="checkpoint-500/unet")` tries an
 intermediate checkpoint. A LoRA run keeps only its adapter, `checkpoint-500/unet_lora/` (diffusers' LoRA format:
-`pipeline.load_lora_weights(...)` tries it), and its EMA's shadows in `unet_lora_ema.safetensors`. Beside them
-accelerate keeps the optimizer, LR schedule, grad scaler and RNG states. A checkpoint is written to
-`checkpoint-500.tmp/` and renamed to `checkpoint-500/` only once complete, so a crash during a save never leaves a
-folder that `--resume_from_checkpoint latest` would pick.
+`pipeline.load_lora_weights(...)` tries it, with its LoraConfig so that it draws as the final adapter does), and its
+EMA's shadows in `unet_lora_ema.safetensors`. Beside them accelerate keeps the optimizer, LR schedule, grad scaler and
+RNG states.
+A checkpoint is written to `checkpoint-500.tmp/` and renamed to `checkpoint-500/` only once complete, so a crash
+during a save never leaves a folder that `--resume_from_checkpoint latest` would pick.
 """
 
 import dataclasses
@@ -139,9 +140,10 @@ def is_lora(unet) -> bool:
 def _save_lora(unet, ema: EMAModel | None, folder: Path) -> None:
     """The adapter only (the frozen base comes from the pretrained model on resume), and the EMA's shadows in the
     order of the trained parameters, with its step count."""
+    # with its LoraConfig, as the final adapter: without it a loader takes alpha = rank and draws another image
     StableDiffusionPipeline.save_lora_weights(
         folder / LORA_FOLDER, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        safe_serialization=True)
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
     if ema is not None:
         shadows = {f"{index:05d}": shadow.contiguous() for index, shadow in enumerate(ema.shadow_params)}
         save_file(shadows, folder / LORA_EMA_FILE, metadata={"optimization_step": str(ema.optimization_step)})

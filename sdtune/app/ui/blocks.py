@@ -12,6 +12,7 @@ from sdtune.app.service import Service
 from sdtune.app.ui.compare_tab import compare_tab
 from sdtune.app.ui.controls import default_size
 from sdtune.app.ui.handlers import Handlers
+from sdtune.app.ui.models_tab import Pickers, follow_changes, models_tab
 from sdtune.app.ui.recall_tab import IMAGE_TAB, INFO_TAB, TEXT_TAB, png_info_tab, wire
 from sdtune.app.ui.tabs import batch_tab, image_tab, text_tab
 
@@ -54,11 +55,15 @@ def build_ui(service: Service) -> gr.Blocks:
             with gr.Tab("Image to image", id=IMAGE_TAB):
                 image_event, image_stop, image_form = image_tab(handlers, names)
             with gr.Tab("Compare"):
-                _, compare_stop = compare_tab(handlers, names, default_size(service))
+                _, compare_stop, compare_models = compare_tab(handlers, names, default_size(service))
             with gr.Tab("Random-model batch"):
-                _, batch_stop = batch_tab(handlers, names, service.allowed_root_shown)
+                _, batch_stop, batch_models = batch_tab(handlers, names, service.allowed_root_shown)
             with gr.Tab("PNG info", id=INFO_TAB):
                 info = png_info_tab(service.registry)
+            with gr.Tab("Models"):
+                added, removed, own, base = models_tab(service.models, service.models.root_shown)
+        pickers = Pickers([text_form.model, image_form.model, *own.single], [compare_models, batch_models])
+        follow_changes(service.models, [added, removed], pickers, base)
         wire(text_form, image_form, info, tabs, service.registry, {TEXT_TAB: text_event, IMAGE_TAB: image_event})
         for button in (text_stop, image_stop, batch_stop, compare_stop):
             # a running generation stops at its next denoising step (a batch or comparison keeps what it finished

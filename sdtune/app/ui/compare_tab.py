@@ -12,6 +12,7 @@ from sdtune.app.ui.controls import (
     result_gallery,
     run_buttons,
     sampling_controls,
+    served,
     settings_from,
 )
 from sdtune.app.ui.handlers import Handlers
@@ -30,17 +31,26 @@ class CompareHandler:
         self.service, self.stops = handlers.service, handlers.stops
 
     def compare(self, prompt, negative_prompt, models, axis, values, seed, scheduler, num_inference_steps,
-                guidance_scale, width, height, request: gr.Request, progress=gr.Progress()):
+                guidance_scale, width, height, request: gr.Request, progress=gr.Progress(), run="",
+                checkpoints=None):
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            updates = compare(self.service, prompt, models, axis, values, seed, settings, stop)
+            updates = compare(self.service, prompt, models, axis, values, seed, settings, stop, run, checkpoints)
             try:  # the comparison checks its request when it starts, i.e. at the first iteration
                 for update in updates:
                     progress((len(update.cells), len(update.columns) * len(update.rows)), desc="cells", unit="cells")
                     yield compare_outputs(update)
             except SdtuneError as error:
                 raise gr.Error(str(error)) from error
+
+
+    def run_checkpoints(self, run):
+        """The chosen run's checkpoints (and its final model) to tick, all ticked."""
+        if not str(run or "").strip():
+            return gr.update(choices=[], value=[])
+        choices = served(self.service.models.run_choices, run)
+        return gr.update(choices=choices, value=choices)
 
 
 def compare_outputs(update: CompareUpdate):
@@ -57,7 +67,7 @@ def compare_outputs(update: CompareUpdate):
 
 
 def compare_tab(handlers: Handlers, names, size: int):
-    """The tab's controls and results; returns its Generate event and its Stop button."""
+    """The tab's controls and results; returns its Generate event, its Stop button and its model choice."""
     handler = CompareHandler(handlers)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=360):
@@ -65,6 +75,11 @@ def compare_tab(handlers: Handlers, names, size: int):
             negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
             run, stop = run_buttons("Compare")
             models = gr.CheckboxGroup(names, value=names, label="Models (one column each)")
+            with gr.Row():
+                run_folder = gr.Textbox("", label=f"...and a training run's checkpoints: its folder under "
+                                        f"{handlers.service.models.root_shown}", scale=3)
+                listed = gr.Button("List checkpoints", size="sm", scale=1)
+            checkpoints = gr.CheckboxGroup([], value=[], label="Checkpoints (one column each, after the models)")
             axis = gr.Radio(AXIS_CHOICES, value="seed", label="Rows")
             values = gr.Textbox("2", label="Values", info="Seeds: a count from the seed (\"4\") or a list "
                                 f"(\"1, 2, 7\"); otherwise a list (\"3, 7.5, 12\"). At most {MAX_COMPARE_CELLS} "
@@ -80,6 +95,8 @@ def compare_tab(handlers: Handlers, names, size: int):
             cells = result_gallery("Cells", columns=4)
             download, record = gr.File(label="Grid PNG"), gr.JSON(label="Run")
     event = queued(run, handlers, handler.compare, [prompt, negative, models, axis, values, seed, scheduler, steps,
-                                                    guidance, width, height], [grid, cells, download, record],
-                   "compare")
-    return event, stop
+                                                    guidance, width, height, run_folder, checkpoints],
+                   [grid, cells, download, record], "compare")
+    gr.on([listed.click, run_folder.submit], handler.run_checkpoints, run_folder, checkpoints,
+          api_visibility="private", queue=False)
+    return event, stop, models

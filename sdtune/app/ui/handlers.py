@@ -11,6 +11,7 @@ from sdtune.app.streaming import InFlight, stream
 from sdtune.app.ui.controls import StopSignals, served, settings_from
 from sdtune.data.folders import InputImage
 from sdtune.errors import SdtuneError
+from sdtune.generation.lora_stack import stack_from_rows
 from sdtune.limits import LORA_SCALE_RANGE, check_whole
 
 
@@ -30,24 +31,34 @@ class Handlers:
         return gr.update(visible=True, value=scale, info=f"{model} is a LoRA on {base}, listed at {scale:g}; 0 gives "
                          f"the base model's image, from {LORA_SCALE_RANGE[0]:g} to {LORA_SCALE_RANGE[1]:g}.")
 
+    def add_trigger_words(self, model, prompt):
+        """The prompt with the model's trigger words put in front (those it does not hold yet)."""
+        words = self.service.models.trigger_words(model)
+        if not words:
+            gr.Warning(f"{model}: its files name no trigger words.")
+            return gr.skip()
+        missing = [word for word in words if word not in (prompt or "")]
+        return ", ".join([*missing, prompt] if prompt else missing)
+
     def text2img(self, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale, width,
-                 height, seed, num_images, request: gr.Request, lora_scale=None):
+                 height, seed, num_images, request: gr.Request, lora_scale=None, loras=None):
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, self.service.text2img, prompt, model, seed, whole(num_images, "num_images"),
+            call = partial(served, with_stack(self.service.text2img, loras), prompt, model, seed,
+                           whole(num_images, "num_images"),
                            settings, stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()), stop)
         yield [str(p) for p in outcome.paths], outcome.seeds[0], outcome.run
 
     def img2img(self, image, prompt, negative_prompt, model, scheduler, num_inference_steps, guidance_scale,
-                strength, seed, resolution, request: gr.Request, lora_scale=None):
+                strength, seed, resolution, request: gr.Request, lora_scale=None, loras=None):
         if not image:
             raise gr.Error("Upload an image first.")
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, strength=strength,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, self.service.img2img, image, prompt, model, seed, settings,
+            call = partial(served, with_stack(self.service.img2img, loras), image, prompt, model, seed, settings,
                            whole(resolution or 0, "resolution"), stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images[0], gr.skip(), gr.skip()), stop)
         yield str(outcome.paths[0]), outcome.seeds[0], outcome.run
@@ -77,6 +88,12 @@ class Handlers:
 def whole(value, name: str) -> int:
     """A slider's value as an int; a fraction sent through the API (2.7 images) is refused, not rounded."""
     return served(check_whole, value, name)
+
+
+def with_stack(call, loras):
+    """The service call with the LoRA stack rows that name a LoRA (the table's empty rows are no stack)."""
+    rows = served(stack_from_rows, loras)
+    return partial(call, loras=rows) if rows else call
 
 
 def batch_outputs(update):

@@ -59,9 +59,11 @@ def result_tools(tab: str) -> ResultTools:
     with gr.Row():
         send_text = gr.Button("Send to text→image", size="sm")
         send_image = gr.Button("Send to image→image", size="sm")
+    # thumbnails whole (object_fit contain, as the results: Gradio crops them to squares by default), one column
+    # each (fit_columns=False: Gradio would widen a short row's thumbnails into bands across the strip)
     history = gr.Gallery(label=f"This session's last {HISTORY_SIZE} (click one to restore its settings)",
                          format="png", columns=6, height=160, allow_preview=False, elem_id=f"{tab}-history",
-                         elem_classes=["sdtune-result"])
+                         object_fit="contain", fit_columns=False, elem_classes=["sdtune-result"])
     return ResultTools(send_text, send_image, history, gr.State([]), gr.State(0))
 
 

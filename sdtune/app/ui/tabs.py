@@ -17,9 +17,26 @@ from sdtune.app.ui.controls import (
 )
 from sdtune.app.ui.handlers import Handlers
 from sdtune.app.ui.recall_tab import IMAGE_TAB, TEXT_TAB, Form, result_tools
+from sdtune.generation.lora_stack import MAX_STACK
 from sdtune.limits import MAX_IMAGES, MAX_SIDE
 
 TABLE_HEADERS = ["file", "model", "prompt", "seed", "seconds", "error"]
+
+
+def lora_rows() -> gr.Dataframe:
+    """The request's LoRA stack: rows of (LoRA model, weight) applied beside the chosen model, as the prompt's
+    <lora:NAME:WEIGHT> tokens are (sdtune/generation/lora_stack.py)."""
+    with gr.Accordion("LoRA stack", open=False):
+        return gr.Dataframe([["", 1.0]], headers=["LoRA", "weight"], datatype=["str", "number"], type="array",
+                            row_count=1, column_count=2, label=f"LoRA models and weights (at most {MAX_STACK})",
+                            show_label=False)
+
+
+def trigger_button(handlers: Handlers, model, prompt) -> None:
+    """One click puts the chosen model's trigger words (its training settings' or its LoRA file's tags) in the
+    prompt."""
+    button = gr.Button("Add the model's trigger words to the prompt", size="sm")
+    button.click(handlers.add_trigger_words, [model, prompt], prompt, api_visibility="private", queue=False)
 
 
 def text_tab(handlers: Handlers, names, size: int):
@@ -29,6 +46,8 @@ def text_tab(handlers: Handlers, names, size: int):
             negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
             run, stop = run_buttons("Generate")
             model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
+            trigger_button(handlers, model, prompt)
+            loras = lora_rows()
             with gr.Row():
                 width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
                 height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
@@ -40,8 +59,8 @@ def text_tab(handlers: Handlers, names, size: int):
             tools = result_tools(TEXT_TAB)
             seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.text2img, [prompt, negative, model, scheduler, steps, guidance, width,
-                                                      height, seed, count, scale], [gallery, seed_used, record],
-                   "text2img")
+                                                      height, seed, count, scale, loras],
+                   [gallery, seed_used, record], "text2img")
     return event, stop, Form(TEXT_TAB, prompt, negative, model, scale, scheduler, steps, guidance, seed, gallery,
                              tools, width=width, height=height)
 
@@ -55,6 +74,8 @@ def image_tab(handlers: Handlers, names):
             negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
             run, stop = run_buttons("Generate")
             model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
+            trigger_button(handlers, model, prompt)
+            loras = lora_rows()
             with gr.Row():
                 strength, resolution = strength_and_resolution()
                 seed = WholeNumber(-1, name="seed", label=f"Seed ({SEED_RANGE})")
@@ -64,8 +85,8 @@ def image_tab(handlers: Handlers, names):
             tools = result_tools(IMAGE_TAB)
             seed_used, record = gr.Number(label="Seed used", precision=0), gr.JSON(label="Run")
     event = queued(run, handlers, handlers.img2img, [source, prompt, negative, model, scheduler, steps, guidance,
-                                                     strength, seed, resolution, scale], [result, seed_used, record],
-                   "img2img")
+                                                     strength, seed, resolution, scale, loras],
+                   [result, seed_used, record], "img2img")
     return event, stop, Form(IMAGE_TAB, prompt, negative, model, scale, scheduler, steps, guidance, seed, result,
                              tools, strength=strength, image=source)
 
@@ -92,4 +113,4 @@ def batch_tab(handlers: Handlers, names, allowed_root):
     event = queued(run, handlers, handlers.random_batch, [uploads, folder, chosen, prompt, seed, strength, steps,
                                                           guidance, scheduler, resolution],
                    [gallery, table, archive, record], "random_batch")
-    return event, stop
+    return event, stop, chosen
