@@ -299,6 +299,17 @@ def test_training_runs_on_kohya_caption_files(tmp_path, train):
     assert "on 8 rows" in (out / "train.log").read_text()
 
 
+def test_a_caption_file_is_read_as_kohya_reads_it(tmp_path):
+    from sdtune.data.captions import read_caption_file, repeats_of
+
+    (tmp_path / "a.txt").write_text("\ufeffsks dog, on a sofa\nnotes kohya does not read\n", encoding="utf-8")
+    assert read_caption_file(tmp_path / "a.txt") == "sks dog, on a sofa"  # first line, byte-order mark dropped
+    assert read_caption_file(tmp_path / "none.txt") is None
+    assert [repeats_of(key) for key in ("10_sks dog/a.png", "a.png", "10_x.png", "sks/a.png")] == [10, 1, 1, 1]
+    with pytest.raises(SdtuneError, match="0_sks dog asks for 0 repeats"):
+        repeats_of("0_sks dog/a.png")
+
+
 def test_the_trainer_names_a_caption_file_not_in_utf8(tmp_path, tiny_pipeline):
     from sdtune.data.check import main as check_data
     from sdtune.training.config import parse_args
