@@ -1,6 +1,7 @@
 """Caption a folder: list its images, keep the captions it has, caption the rest batch by batch, write as it goes."""
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,7 @@ def check_writable(folder, todo: list[InputImage], output_format: str) -> None:
     """Refuse a read-only destination before a model is loaded, naming the folder."""
     folders = {Path(folder)} if output_format == "jsonl" else {image.path.parent for image in todo}
     for destination in sorted(folders):
-        probe = destination / f".sdtune-caption-probe-{id(todo)}"
+        probe = destination / f".sdtune-caption-probe-{os.getpid()}"  # hidden: never listed
         try:
             probe.touch()
             probe.unlink()
