@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from statistics import median_low
 
 from sdtune.data.buckets import BucketSpec, assign_buckets, bucket_table
+from sdtune.data.captions import caption_sources
 from sdtune.data.dataset import EXAMPLE_NAMES, ScreenResult, inspect_rows, load_rows, usable_captions
 from sdtune.data.folders import list_images
 from sdtune.data.splits import split_validation_rows
@@ -37,6 +38,7 @@ class DataReport:
     caption_counts: Counter  # caption -> how many usable rows have it
     unlisted: list[str]  # image files of a --train_data_dir that no metadata row names (imagefolder leaves them out)
     buckets: list[tuple[int, int]] | None = None  # under --enable_bucket: each usable image's (width, height)
+    sources: tuple[str, ...] = ()  # where the captions come from, and which images have none (caption_sources)
 
     @property
     def shared_captions(self) -> list[tuple[str, int]]:
@@ -57,8 +59,8 @@ class DataReport:
         unlisted = ([f"Not in the metadata, so left out: {len(self.unlisted)} image file(s), e.g. "
                      f"{', '.join(self.unlisted[:EXAMPLE_NAMES])}"] if self.unlisted else [])
         buckets = bucket_table(self.buckets) if self.buckets is not None else []
-        return [*self._row_lines(), *unlisted, self._caption_line(), *self._size_lines(resolution), *buckets,
-                self._duplicate_line(), self._shared_caption_line()]
+        return [*self._row_lines(), *self.sources, *unlisted, self._caption_line(), *self._size_lines(resolution),
+                *buckets, self._duplicate_line(), self._shared_caption_line()]
 
     def _row_lines(self) -> list[str]:
         screened = self.screened
@@ -127,8 +129,10 @@ def build_report(rows, screened: ScreenResult, args, tokenizer) -> DataReport:
                 if args.train_data_dir is not None and args.max_train_samples is None else [])
     buckets = (assign_buckets([(image.width, image.height) for image in screened.images], BucketSpec.from_args(args))
                if args.enable_bucket else None)
+    sources = (caption_sources(args.train_data_dir) if args.train_data_dir is not None
+               else (f"Captions from: the dataset's '{args.caption_column}' column.",))
     return DataReport(screened, lengths, tokenizer.model_max_length, duplicate_groups(screened), counts, unlisted,
-                      buckets)
+                      buckets, sources)
 
 
 def unlisted_images(image_values, folder: str) -> list[str]:
@@ -139,10 +143,10 @@ def unlisted_images(image_values, folder: str) -> list[str]:
 
 
 def duplicate_groups(screened: ScreenResult) -> list[list[str]]:
-    by_digest = defaultdict(list)
+    by_digest = defaultdict(dict)  # digest -> names, each once: kohya's repeated rows are one file, not duplicates
     for image in screened.images:
-        by_digest[image.digest].append(image.name)
-    return sorted((names for names in by_digest.values() if len(names) > 1), key=len, reverse=True)
+        by_digest[image.digest][image.name] = None
+    return sorted((list(names) for names in by_digest.values() if len(names) > 1), key=len, reverse=True)
 
 
 def load_tokenizer(args):

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from sdtune.data.buckets import cover_size
+from sdtune.data.captions import caption_file_rows, is_caption_file_folder
 from sdtune.data.images import BadImageError, open_image, to_rgb
 from sdtune.errors import SdtuneError
 from sdtune.seeds import example_generator, shuffle_generator, split_generator
@@ -43,16 +44,10 @@ def load_rows(args):
     """The dataset's train split, with images left undecoded so that broken files can be screened one by one."""
     import datasets
 
-    try:
-        if args.train_data_dir is not None:
-            dataset = load_folder(args.train_data_dir, args.cache_dir, args.caption_column)
-        else:
-            dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
-    except FileNotFoundError as error:
-        raise SdtuneError(f"Dataset not found: {error}. Check --train_data_dir or --dataset_name.") from error
-    except Exception as error:  # the hub raises many types: offline, gated, removed, no network
-        raise SdtuneError(_load_error_message(args, error)) from error
-    rows = dataset["train"]
+    if args.train_data_dir is not None and is_caption_file_folder(args.train_data_dir):
+        rows = caption_file_rows(args.train_data_dir, args.image_column, args.caption_column)
+    else:
+        rows = _load_dataset(args)["train"]
     check_columns(rows.column_names, args)
     rows = rows.cast_column(args.image_column, datasets.Image(decode=False))
     if args.max_train_samples is not None:
@@ -61,6 +56,19 @@ def load_rows(args):
     if folder is not None:
         check_files_exist(rows[args.image_column], folder)
     return rows
+
+
+def _load_dataset(args):
+    import datasets
+
+    try:
+        if args.train_data_dir is not None:
+            return load_folder(args.train_data_dir, args.cache_dir, args.caption_column)
+        return datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    except FileNotFoundError as error:
+        raise SdtuneError(f"Dataset not found: {error}. Check --train_data_dir or --dataset_name.") from error
+    except Exception as error:  # the hub raises many types: offline, gated, removed, no network
+        raise SdtuneError(_load_error_message(args, error)) from error
 
 
 def load_folder(folder: str, cache_dir, caption_column: str):
