@@ -12,15 +12,17 @@ from sdtune.training.loss_plot import loss_curve_section
 logger = logging.getLogger(__name__)
 
 
-def save_pipeline(args, unet) -> StableDiffusionPipeline:
-    """The base pipeline with the trained UNet, saved as safetensors in --output_dir.
+def save_pipeline(args, unet, text_encoder=None) -> StableDiffusionPipeline:
+    """The base pipeline with the trained UNet (and with --train_text_encoder the trained text encoder), saved as
+    safetensors in --output_dir.
 
     The frozen parts are reloaded from the base rather than taken from training, where they may have been cast to
-    fp16: the saved pipeline then differs from the stock one in its UNet only.
+    fp16: the saved pipeline then differs from the stock one in its trained parts only.
     """
+    trained = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant,
-        cache_dir=args.cache_dir,
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+        **trained,
     )
     if args.prediction_type is not None:
         pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)

@@ -1,5 +1,7 @@
 """Optimizer, learning-rate schedule and the offloaded EMA update."""
 
+import importlib
+
 import torch
 from diffusers.optimization import get_scheduler
 
@@ -7,20 +9,35 @@ from sdtune.errors import SdtuneError
 
 
 def make_optimizer(args, parameters, num_processes: int) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' AdamW8bit with --use_8bit_adam; the learning rate scaled with --scale_lr."""
+    """--optimizer (resolved by the flag check): torch's AdamW, bitsandbytes' AdamW8bit or Prodigy; the learning
+    rate scaled with --scale_lr. Every one keeps its state in `state_dict`, so accelerate's checkpoints hold it and a
+    resumed run continues exactly."""
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise SdtuneError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
-        optimizer_class = bnb.optim.AdamW8bit
+    betas, weight_decay = (args.adam_beta1, args.adam_beta2), args.adam_weight_decay
+    if args.optimizer == "prodigy":
+        return _prodigy(parameters, learning_rate, betas, weight_decay, args.adam_epsilon)
+    if args.optimizer == "adamw8bit":
+        optimizer_class = _package("bitsandbytes", args.optimizer).optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    return optimizer_class(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return optimizer_class(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=args.adam_epsilon)
+
+
+def _prodigy(parameters, learning_rate: float, betas, weight_decay: float, eps: float) -> torch.optim.Optimizer:
+    """Prodigy with the settings diffusers' DreamBooth examples recommend for diffusion: decoupled weight decay, Adam's
+    bias correction, and the step-size estimate held back during warmup (safeguard_warmup)."""
+    prodigy = _package("prodigyopt", "prodigy").Prodigy
+    return prodigy(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps,
+                   decouple=True, use_bias_correction=True, safeguard_warmup=True)
+
+
+def _package(name: str, optimizer: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise SdtuneError(f"--optimizer {optimizer} needs the {name} package: pip install {name}") from error
 
 
 def make_lr_scheduler(args, optimizer, max_train_steps: int, num_processes: int):
