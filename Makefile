@@ -1,7 +1,9 @@
 # Set-up and the two everyday commands. Everything runs inside .venv/ at the repository root.
 #   make demo   set up, write the tiny world's data, fine-tune its shipped stock model, score stock against
 #               fine-tuned with metrics.py, then serve both in gradio_app.py (CPU, no network; docs/tinyworld.md)
-#   make test   set up and run the test suite (offline)
+#   make test   set up and run the whole test suite (offline; CI's, after make lint): TEST_FULL_TIME
+#   make test-quick   the suite without the tests marked slow, for the edit loop: TEST_QUICK_TIME
+#   make lint   ruff (style, unused names, import order) and lint-imports (the rooms' import direction)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo lint test test-quick clean-demo
 
 setup: $(VENV)/.installed
 
@@ -48,6 +50,15 @@ demo: setup $(TINY_REPORT)
 # as two processes there do little more work than one with two threads, and the fine-tune alone takes half the suite
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# `slow` (pyproject.toml): training processes, a Ray cluster, an inductor compile, the tiny world's fine-tune and
+# quality checks. What is left covers every module in seconds a test.
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean-demo:
 	rm -rf data/tinyworld outputs/tiny-finetuned outputs/tiny-metrics

@@ -5,8 +5,8 @@
 The tiny world's models (configs/models-tiny.yaml: its stock model and the fine-tune `make demo` writes to
 outputs/tiny-finetuned), M models x S seeds at its settings (64 px, 25 steps, the app's default scheduler and
 guidance). The comparison is sdtune.app.compare.compare through sdtune.app.service.Service, as the Compare tab runs it:
-checks, each cell through the service's backend (sdtune/generation/backend.py: the generation core in this process), every
-cell's PNG with its parameters, the labelled grid PNG and the run log. The baseline is the leanest way to the same
+checks, each cell through the service's backend (sdtune/generation/backend.py: the generation core in this process),
+every cell's PNG with its parameters, the labelled grid PNG and the run log. The baseline is the leanest way to the same
 images: the pipelines in hand, then text_to_image for each (seed, model) in the grid's order, nothing saved. The two
 take turns, --rounds times, the first of each round alternating, so that a drift in the machine's load hits both
 alike; both are warmed up first. The bench also checks that the two give the same images, pixel for pixel.

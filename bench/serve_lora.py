@@ -4,9 +4,10 @@ pipeline, and the time to switch adapter between two requests against one image'
     flock /tmp/sdtune-cpu.lock env HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/serve_lora.py
 
 The adapters are made here, with sdtune's own code: the base's UNet gets an adapter from
-sdtune.training.lora.add_training_adapter, its lora_B weights (zero at initialisation) are drawn at random, as training leaves
-them, and sdtune.training.lora.save_adapter writes it in diffusers' format, as a --lora_rank run does. Every model is served
-through sdtune.generation.registry.ModelRegistry: the LoRA models are named adapters on the stock model's one pipeline.
+sdtune.training.lora.add_training_adapter, its lora_B weights (zero at initialisation) are drawn at random, as training
+leaves them, and sdtune.training.lora.save_adapter writes it in diffusers' format, as a --lora_rank run does. Every
+model is served through sdtune.generation.registry.ModelRegistry: the LoRA models are named adapters on the stock
+model's one pipeline.
 
 Memory (fresh subprocesses, as bench/serve_batch.py's memory part): the registry with the stock model alone, and with
 the stock model + 4 LoRA models, each after one image through every model (diffusers memory-maps safetensors, so
@@ -17,10 +18,10 @@ glibc's malloc_trim (freed blocks given back to the system) say where resident m
 
 Switch time (in this process): the tiny world's stock model (tinyworld/stock) with 4 adapters of rank --switch_rank
 (configs/tiny-lora.yaml's 16), at the tiny world's settings (64 px, 25 steps, the app's default scheduler and
-guidance). A request is registry.get(model) then sdtune.generation.core.text_to_image; the switch is the get that changes
-the active adapter (LoRA to LoRA, LoRA to stock, stock to LoRA). Target: the median switch under 5% of the median
-generation of one image. The bench also checks that a switch takes effect: two adapters give different images from
-one seed, and stock after the adapters gives stock's first image exactly.
+guidance). A request is registry.get(model) then sdtune.generation.core.text_to_image; the switch is the get that
+changes the active adapter (LoRA to LoRA, LoRA to stock, stock to LoRA). Target: the median switch under 5% of the
+median generation of one image. The bench also checks that a switch takes effect: two adapters give different images
+from one seed, and stock after the adapters gives stock's first image exactly.
 """
 
 import argparse
@@ -74,7 +75,8 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
 
 
 def write_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
-    """`count` random rank-`rank` adapters of `base`'s UNet, each saved by sdtune.training.lora.save_adapter in its folder."""
+    """`count` random rank-`rank` adapters of `base`'s UNet, each saved by sdtune.training.lora.save_adapter in its
+    folder."""
     folders = []
     for index in range(count):
         folder = root / f"lora{index}"

@@ -13,21 +13,22 @@ Three recipes, read from their YAML files through sdtune.training.config:
 How it measures: the models are built from SD v1-4's published configs (below; no download) with random weights
 under FakeTensorMode, so every tensor has its real shape and dtype but no storage: a step of the 860M-parameter UNet
 costs seconds and no RAM. torch's MemTracker counts every tensor the step allocates, by category, and keeps the
-snapshot at the peak. The step is sdtune's: sdtune.training.objective.diffusion_loss, sdtune.training.optim.make_optimizer, diffusers'
-EMAModel through sdtune.training.loop.make_ema, sdtune.training.optim.update_offloaded_ema; around them, what accelerate does on a GPU
-under fp16 (autocast around the UNet's forward, loss scaling, unscaling before clipping). One step is run first so
-that the optimizer state exists, as it does at every later step; the second step is measured. bitsandbytes' AdamW8bit
-runs under FakeTensorMode too: its own init_state makes its state tensors and its update op has a fake kernel; only
-its constructor runs outside (it builds its quantisation map from real numbers). The LoRA recipe's UNet is built in
-fp16, as sdtune.training.components.load_components loads it for --lora_rank, and gets its adapter from
-sdtune.training.lora.add_training_adapter itself (peft's layers through diffusers' add_adapter, then cast_training_params to
-fp32). peft moves each new layer to its base layer's device and dtype with Module.to, which cannot swap a parameter
-under FakeTensorMode (the fake mode holds weak references to its tensors); so the UNet is built on the meta device
-(shapes and dtypes, no storage), sdtune.training.loop.configure_unet and add_training_adapter run on it unchanged, and then
-Module.to_empty gives every tensor fake CPU storage of the same shape and dtype. The output states the dtypes of the
-trained and frozen UNet weights. MemTracker hooks the gradient of every parameter of a module it sees run and torch
-refuses a hook on a frozen one, so frozen parameters are registered as already hooked (FrozenAwareMemTracker): they
-are still counted, and they never get a gradient to count.
+snapshot at the peak. The step is sdtune's: sdtune.training.objective.diffusion_loss,
+sdtune.training.optim.make_optimizer, diffusers' EMAModel through sdtune.training.loop.make_ema,
+sdtune.training.optim.update_offloaded_ema; around them, what accelerate does on a GPU under fp16 (autocast around the
+UNet's forward, loss scaling, unscaling before clipping). One step is run first so that the optimizer state exists, as
+it does at every later step; the second step is measured. bitsandbytes' AdamW8bit runs under FakeTensorMode too: its own
+init_state makes its state tensors and its update op has a fake kernel; only its constructor runs outside (it builds its
+quantisation map from real numbers). The LoRA recipe's UNet is built in fp16, as
+sdtune.training.components.load_components loads it for --lora_rank, and gets its adapter from
+sdtune.training.lora.add_training_adapter itself (peft's layers through diffusers' add_adapter, then
+cast_training_params to fp32). peft moves each new layer to its base layer's device and dtype with Module.to, which
+cannot swap a parameter under FakeTensorMode (the fake mode holds weak references to its tensors); so the UNet is built
+on the meta device (shapes and dtypes, no storage), sdtune.training.loop.configure_unet and add_training_adapter run on
+it unchanged, and then Module.to_empty gives every tensor fake CPU storage of the same shape and dtype. The output
+states the dtypes of the trained and frozen UNet weights. MemTracker hooks the gradient of every parameter of a module
+it sees run and torch refuses a hook on a frozen one, so frozen parameters are registered as already hooked
+(FrozenAwareMemTracker): they are still counted, and they never get a gradient to count.
 
 The GPU is emulated where the CPU differs: AdamW runs its foreach implementation (torch's default for CUDA tensors;
 the CPU default is a per-tensor loop with smaller temporaries), and fp16 autocast follows CUDA's casting rules (CPU
@@ -54,11 +55,11 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from sdtune.seeds import step_generator  # noqa: E402
 from sdtune.training.components import Components  # noqa: E402
-from sdtune.training.config import parse_args  # noqa: E402
+from sdtune.training.config import parse_args, settings_from  # noqa: E402
 from sdtune.training.loop import configure_unet, make_ema  # noqa: E402
 from sdtune.training.lora import add_training_adapter  # noqa: E402
 from sdtune.training.objective import diffusion_loss  # noqa: E402
-from sdtune.training.optim import make_optimizer, update_offloaded_ema  # noqa: E402
+from sdtune.training.optim import OptimizerSettings, make_optimizer, update_offloaded_ema  # noqa: E402
 
 GIB = 2**30
 TARGETS_GIB = {"configs/pokemon.yaml": 20, "configs/pokemon-lowmem.yaml": 12, "configs/pokemon-lora.yaml": 6}
@@ -171,8 +172,8 @@ class AutocastForward:
 
 
 def build_parts(args, weight_dtype, fake: FakeTensorMode) -> Components:
-    """SD v1-4's UNet, set up as sdtune.training.loop.main sets it up, and its frozen VAE and text encoder (in the recipe's
-    dtype), all with fake storage."""
+    """SD v1-4's UNet, set up as sdtune.training.loop.set_up sets it up, and its frozen VAE and text encoder (in the
+    recipe's dtype), all with fake storage."""
     torch.manual_seed(0)
     unet = build_unet(args, weight_dtype, fake)
     with fake:
@@ -186,7 +187,8 @@ def build_unet(args, weight_dtype, fake: FakeTensorMode) -> UNet2DConditionModel
         unet = build_in_dtype(lambda: UNet2DConditionModel(**SD14_UNET),
                               weight_dtype if args.lora_rank else torch.float32)
     unet.train()
-    configure_unet(unet, args)
+    configure_unet(unet, gradient_checkpointing=args.gradient_checkpointing, allow_tf32=args.allow_tf32,
+                   xformers=args.enable_xformers_memory_efficient_attention, compile=args.compile)
     if args.lora_rank:
         add_training_adapter(unet, args)
     with fake:
@@ -231,7 +233,7 @@ def make_step_optimizer(args, trained) -> torch.optim.Optimizer:
     torch's AdamW picks its foreach implementation for CUDA tensors and a per-tensor loop for CPU ones; foreach is
     set here so that its temporaries (a full fp32 copy of the second moments) are those of a GPU run.
     """
-    optimizer = make_optimizer(args, trained, num_processes=1)
+    optimizer = make_optimizer(trained, settings_from(OptimizerSettings, args), num_processes=1)
     if isinstance(optimizer, torch.optim.AdamW):
         for group in optimizer.param_groups:
             group["foreach"] = True
@@ -239,7 +241,8 @@ def make_step_optimizer(args, trained) -> torch.optim.Optimizer:
 
 
 def training_step(args, parts, trained, unet_call, optimizer, ema, peaks, tracker=None) -> None:
-    """One step in sdtune.training.loop's order; appends (phase, the peak so far by category) after each phase if tracked."""
+    """One step in sdtune.training.loop.train_step's order; appends (phase, the peak so far by category) after each
+    phase if tracked."""
     weight_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
 
     def record(phase):
@@ -247,7 +250,8 @@ def training_step(args, parts, trained, unet_call, optimizer, ema, peaks, tracke
             peaks.append((phase, by_category(tracker.get_tracker_snapshot("peak"))))
 
     batch = make_batch(args, weight_dtype)  # made here, so that the tracked step counts it as it lands
-    loss = diffusion_loss(batch, unet_call, parts, args, step_generator(args.seed, 0, 0, 0), weight_dtype)
+    loss = diffusion_loss(batch, unet_call, parts, step_generator(args.seed, 0, 0, 0), weight_dtype,
+                          noise_offset=args.noise_offset, snr_gamma=args.snr_gamma)
     record("forward")
     (loss * LOSS_SCALE).backward()  # accelerator.backward: GradScaler.scale(loss).backward()
     record("backward")
@@ -303,7 +307,8 @@ def measure_recipe(recipe: str) -> dict:
     parts = build_parts(args, weight_dtype, fake)
     trained = [p for p in parts.unet.parameters() if p.requires_grad]
     with fake:
-        ema = make_ema(args, parts.unet, trained, "cpu")
+        ema = make_ema(parts.unet, trained, "cpu", use_ema=args.use_ema, decay=args.ema_decay,
+                       adapter=bool(args.lora_rank), offload=args.offload_ema)
     optimizer = make_step_optimizer(args, trained)
     unet_call = AutocastForward(parts.unet, weight_dtype) if args.mixed_precision == "fp16" else parts.unet
 

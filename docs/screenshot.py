@@ -37,7 +37,8 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 RESULT_WAIT_MS = 300_000  # a generation on a CPU: seconds for the tiny world, minutes for SD v1-4
 # Done: no component shows Gradio's progress overlay (its status tracker is hidden when idle), and every result image
 # shown has loaded its file (Gradio's gallery loads lazily, so a visible img may still be empty).
-FINISHED = """() => [...document.querySelectorAll("[data-testid=status-tracker]")].every(e => e.classList.contains("hide"))
+FINISHED = """() => [...document.querySelectorAll("[data-testid=status-tracker]")]
+        .every(e => e.classList.contains("hide"))
     && [...document.querySelectorAll(".sdtune-result img")].every(img => !img.offsetParent || img.complete)"""
 
 

@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from helpers import adapter_in_memory, run_in_process, tiny_flags  # noqa: E402
+from helpers import FINETUNE, LORA_RUN, adapter_in_memory, run_in_process, tiny_flags  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -132,8 +132,19 @@ def tiny_clip(tmp_path_factory, tiny_pipeline) -> Path:
 
 @pytest.fixture(scope="session")
 def finetuned_pipeline(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
-    """The tiny pipeline after a short fine-tune: same VAE and text encoder, different UNet."""
-    return run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, tmp_path_factory.mktemp("finetuned") / "pipeline"))
+    """The tiny pipeline after a short fine-tune (helpers.FINETUNE: random flips, a validation image): same VAE and
+    text encoder, different UNet. The suite's one plain full fine-tune: test_training.py checks what it wrote, the
+    app, serving and batch tests serve it."""
+    output = tmp_path_factory.mktemp("finetuned") / "pipeline"
+    return run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, output, *FINETUNE))
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tiny_pipeline, shapes_dataset) -> Path:
+    """The suite's one plain LoRA run (helpers.LORA_RUN: rank 4, alpha 8, a learning rate that changes the image in
+    4 steps, a validation image); its output folder is named shapes-lora, as the kohya file is."""
+    output = tmp_path_factory.mktemp("lora-run") / "shapes-lora"
+    return run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, output, *LORA_RUN))
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_flags(pipeline: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Flags of a few-second CPU fine-tune; `extra` flags override them (a --dataset_name replaces `data`)."""
-    data_flags = [] if "--dataset_name" in extra else ["--train_data_dir", str(data)]
+    """Flags of a few-second CPU fine-tune; `extra` flags override them (a --dataset_name or --instance_data_dir
+    replaces `data`)."""
+    data_flags = [] if {"--dataset_name", "--instance_data_dir"} & set(extra) else ["--train_data_dir", str(data)]
     return [
         "--pretrained_model_name_or_path", str(pipeline), *data_flags,
         "--output_dir", str(output_dir), "--resolution", "64", "--center_crop", "--train_batch_size", "4",
@@ -21,6 +22,13 @@ def tiny_flags(pipeline: Path, data: Path, output_dir: Path, *extra: str) -> lis
 
 
 LORA = ("--lora_rank", "4", "--lora_alpha", "8")  # alpha != rank: a loader that ignored alpha would differ
+
+VALIDATION_PROMPT = "a red circle on a white background"
+# The flags of the suite's shared full fine-tune (conftest's finetuned_pipeline) and of the shared LoRA run
+# (lora_run): a test that needs the same run with one flag more (more workers, gradient checkpointing) compares
+# against the shared one instead of training the pair itself.
+FINETUNE = ("--random_flip", "--validation_prompts", VALIDATION_PROMPT)
+LORA_RUN = (*LORA, "--learning_rate", "1e-2", "--validation_prompts", VALIDATION_PROMPT)
 
 
 def adapter_in_memory(tiny_pipeline, output_dir, seed: int):

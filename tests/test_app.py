@@ -189,8 +189,9 @@ def test_the_app_creates_its_allowed_root(tmp_path, tiny_pipeline, monkeypatch):
     models = tmp_path / "models.yaml"
     models.write_text(f"models:\n  - name: stock\n    path: {tiny_pipeline}\n")
     monkeypatch.setattr(app_module, "build_ui", lambda service: Demo())
-    app_module.serve(parse_app_args(["--models", str(models), "--lazy", "--allowed-root",
-                                     str(tmp_path / "data" / "input_images"), "--output_dir", str(tmp_path / "outputs")]))
+    app_module.serve(parse_app_args(["--models", str(models), "--lazy",
+                                     "--allowed-root", str(tmp_path / "data" / "input_images"),
+                                     "--output_dir", str(tmp_path / "outputs")]))
     assert (tmp_path / "data" / "input_images").is_dir()
 
 
@@ -212,7 +213,8 @@ def test_bad_text2img_requests_get_a_clear_error_and_the_server_stays_up(client,
     assert client.predict(prompt="still up", model="stock", seed=1, **T2I, api_name="/text2img")[1] == 1
 
 
-@pytest.mark.parametrize("strength, message", [(0.0, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]|greater than maximum value 1"),
+@pytest.mark.parametrize("strength, message", [(0.0, r"in \(0, 1\]"),
+                                               (1.5, r"in \(0, 1\]|greater than maximum value 1"),
                                                (0.1, "no denoising step")])
 def test_bad_strength_is_refused(client, tmp_path, strength, message):
     with pytest.raises(Exception, match=message):
@@ -264,7 +266,8 @@ def test_only_files_handed_to_a_client_are_served(app, client):
     for private in [app["service"].run_log, next(other_run.glob("*.png")), other_run]:
         assert httpx.get(f"{app['url']}gradio_api/file={private}").status_code == 403, private
     # what is served sits under a name derived from a server secret and the file's bytes, not its run or seed
-    assert run["run_id"] not in given[0]["image"]["url"] and str(app["service"].output_dir) not in given[0]["image"]["url"]
+    url = given[0]["image"]["url"]
+    assert run["run_id"] not in url and str(app["service"].output_dir) not in url
 
 
 class FakeService:

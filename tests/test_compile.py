@@ -16,6 +16,7 @@ from sdtune.generation.schedulers import SCHEDULERS
 from sdtune.training.lora import save_adapter
 
 PROMPT = "a red circle on a white background"
+pytestmark = pytest.mark.slow  # a cold inductor compile
 
 
 @pytest.fixture(scope="module")

@@ -123,8 +123,8 @@ def test_nothing_usable_prints_the_report_then_exits_non_zero(tmp_path, tiny_pip
 def test_the_check_loads_no_model(odd_dataset, tiny_pipeline):
     script = ("import runpy, sys; sys.argv = ['train_text_to_image.py', *sys.argv[1:]]\n"
               "try:\n    runpy.run_path('train_text_to_image.py', run_name='__main__')\n"
-              "finally:\n    print(sorted(m for m in ('diffusers', 'accelerate', 'transformers.models.clip.modeling_clip')"
-              " if m in sys.modules))")
+              "finally:\n    print(sorted(m for m in ('diffusers', 'accelerate',"
+              " 'transformers.models.clip.modeling_clip') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script, *check_flags(tiny_pipeline, odd_dataset)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

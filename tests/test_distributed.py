@@ -7,11 +7,13 @@ ACCELERATE_USE_CPU gives two gloo processes, the same code path as several GPUs.
 import subprocess
 import sys
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from helpers import REPO, subprocess_env, tiny_flags
 
 
+@pytest.mark.slow  # two training processes
 def test_two_process_run_saves_one_loadable_pipeline(tiny_pipeline, shapes_dataset, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -19,8 +21,8 @@ def test_two_process_run_saves_one_loadable_pipeline(tiny_pipeline, shapes_datas
                str(REPO / "train_text_to_image.py"),
                *tiny_flags(tiny_pipeline, shapes_dataset, out, "--checkpointing_steps", "2", "--use_ema",
                            "--validation_prompts", "a red circle on a white background", "--validation_split", "0.25")]
-    result = subprocess.run(command, env=dict(subprocess_env(threads=1), ACCELERATE_USE_CPU="true"), cwd=REPO, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(command, env=dict(subprocess_env(threads=1), ACCELERATE_USE_CPU="true"), cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
     log = (out / "train.log").read_text()

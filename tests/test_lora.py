@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import LORA, adapter_in_memory, tiny_flags
+from helpers import LORA, LORA_RUN, VALIDATION_PROMPT, adapter_in_memory, run_in_process, tiny_flags
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -17,7 +17,7 @@ from sdtune.generation.registry import ModelRegistry, ModelSpec, ModelUnavailabl
 from sdtune.training.config import parse_args
 from sdtune.training.lora import DIFFUSERS_WEIGHTS, add_training_adapter, save_adapter
 
-PROMPT = "a red circle on a white background"
+PROMPT = VALIDATION_PROMPT  # the shared LoRA run's (conftest's lora_run)
 
 
 def render(pipeline) -> np.ndarray:
@@ -58,12 +58,12 @@ def test_kohya_file_has_kohya_keys_the_trained_alpha_and_the_settings(tiny_pipel
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "8.0")
 
 
-def test_lora_run_saves_the_adapter_that_draws_the_validation_image(train, tmp_path, tiny_pipeline):
+def test_lora_run_saves_the_adapter_that_draws_the_validation_image(lora_run, tiny_pipeline):
     from PIL import Image
 
     from sdtune.generation.core import GenerationSettings, text_to_image
 
-    out = train(tmp_path / "shapes-lora", *LORA, "--learning_rate", "1e-2", "--validation_prompts", PROMPT)
+    out = lora_run  # helpers.LORA_RUN, in a folder named shapes-lora
     assert not (out / "model_index.json").exists() and not (out / "unet").exists()  # no full pipeline
     assert sorted(p.name for p in out.glob("*.safetensors")) == [DIFFUSERS_WEIGHTS, "shapes-lora.safetensors"]
 
@@ -95,9 +95,10 @@ def test_adapter_trains_in_fp32_on_a_frozen_unet_held_in_the_mixed_precision_dty
     assert {p.dtype for p in frozen.values()} == {torch.bfloat16}
 
 
-def test_gradient_checkpointing_trains_the_same_adapter(train, tmp_path):
-    plain = adapter_weights(train(tmp_path / "plain", *LORA))
-    checkpointed = adapter_weights(train(tmp_path / "checkpointed", *LORA, "--gradient_checkpointing"))
+def test_gradient_checkpointing_trains_the_same_adapter(lora_run, tiny_pipeline, shapes_dataset, tmp_path):
+    plain = adapter_weights(lora_run)
+    checkpointed = adapter_weights(run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, tmp_path / "checkpointed",
+                                                             *LORA_RUN, "--gradient_checkpointing")))
     for key, value in plain.items():
         assert torch.allclose(value, checkpointed[key], atol=1e-6), key
     assert any(value.abs().max() > 0 for key, value in plain.items() if "lora.up" in key)  # B starts at zero
@@ -140,6 +141,7 @@ def test_target_modules_missing_from_the_unet_are_a_clear_error(train, tmp_path)
         train(tmp_path / "run", "--rank", "4", "--lora_target_modules", "to_nothing")
 
 
+@pytest.mark.slow  # three training processes
 def test_lora_resume_after_sigkill_gives_bit_identical_adapter_weights(tiny_pipeline, shapes_dataset, tmp_path):
     from test_resume import straight_and_resumed
 
@@ -151,6 +153,7 @@ def test_lora_resume_after_sigkill_gives_bit_identical_adapter_weights(tiny_pipe
     assert "Resumed from" in (interrupted / "train.log").read_text()
 
 
+@pytest.mark.slow  # two training processes
 def test_two_process_lora_run_saves_the_adapter_once(tiny_pipeline, mixed_aspect_dataset, tmp_path):
     import subprocess
     import sys

@@ -87,6 +87,7 @@ def assert_same(first, second, what=None) -> None:
 
 
 @needs_ray
+@pytest.mark.slow  # a local Ray cluster of 2 replicas
 def test_the_same_request_gives_the_same_image_through_either_backend(deployment):
     remote, local = deployment
     # stock, its LoRA at two scales and stock again: with one model per replica, each switch evicts and reloads
@@ -100,6 +101,7 @@ def test_the_same_request_gives_the_same_image_through_either_backend(deployment
 
 
 @needs_ray
+@pytest.mark.slow
 def test_a_model_that_cannot_load_fails_its_own_request_only(deployment, tmp_path):
     remote, local = deployment
     service = Service(remote.registry, tmp_path, tmp_path, backend=remote)
@@ -113,6 +115,7 @@ def test_a_model_that_cannot_load_fails_its_own_request_only(deployment, tmp_pat
 
 
 @needs_ray
+@pytest.mark.slow
 def test_a_replica_killed_under_load_loses_no_request(deployment):
     import ray
 

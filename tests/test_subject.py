@@ -81,8 +81,6 @@ class ZeroUNet:
 
 
 def test_prior_loss_is_the_instance_loss_plus_the_weighted_class_loss():
-    args = parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--seed", "0"])
-    args.with_prior_preservation, args.prior_loss_weight = True, 0.3
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     parts = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)),
                             noise_scheduler=scheduler, text_encoder=None)
@@ -90,7 +88,7 @@ def test_prior_loss_is_the_instance_loss_plus_the_weighted_class_loss():
     batch = {"latent_mean": latents, "latent_std": torch.zeros_like(latents),
              "encoder_hidden_states": torch.zeros(8, 77, 32)}
     unet = ZeroUNet()
-    loss = diffusion_loss(batch, unet, parts, args, torch.Generator().manual_seed(0), torch.float32)
+    loss = diffusion_loss(batch, unet, parts, torch.Generator().manual_seed(0), torch.float32, prior_loss_weight=0.3)
     alpha_bar = scheduler.alphas_cumprod[unet.timesteps].view(-1, 1, 1, 1)
     noise = unet.noisy_latents / (1 - alpha_bar).sqrt()
     # the prediction is zero, so each half's loss is its noise's mean square
@@ -192,3 +190,33 @@ def test_dora_adapters_on_the_unet_and_text_encoder_save_in_both_formats_and_loa
         latents, step = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10])
         trained_out, loaded_out = (p.unet(latents, step, trained_text).sample for p in (trained, loaded))
         assert torch.allclose(trained_out, loaded_out, atol=1e-4)  # and the UNet's, DoRA magnitudes included
+
+
+# DreamBooth LoRA with everything of this issue on: prior preservation with class images drawn by the run, a DoRA
+# adapter on the UNet and on the text encoder, Prodigy; random flips and crops, noise offset, a warmup-cosine
+# schedule. 4 instance and 4 class images, batch 4 (+4): one micro-batch an epoch.
+SUBJECT_FLAGS = ("--instance_prompt", "a red circle", "--with_prior_preservation", "--class_prompt", "a circle",
+                 "--num_class_images", "4", "--sample_batch_size", "2", "--train_text_encoder", "--rank", "4",
+                 "--use_dora", "--optimizer", "prodigy", "--learning_rate", "1.0", "--random_flip",
+                 "--noise_offset", "0.1", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3",
+                 "--max_train_steps", "8", "--checkpointing_steps", "4")
+
+
+@pytest.mark.slow
+def test_dreambooth_lora_resumes_exactly_after_sigkill_and_saves_both_adapters(tiny_pipeline, tmp_path):
+    from safetensors.torch import load_file
+    from test_resume import straight_and_resumed
+
+    instance = write_images(tmp_path / "instance", 4)
+    flags = ("--instance_data_dir", str(instance), "--class_data_dir", str(tmp_path / "class"), *SUBJECT_FLAGS)
+    straight, interrupted = straight_and_resumed(tiny_pipeline, None, tmp_path, flags=flags)
+
+    assert sorted(path.name for path in (tmp_path / "class").glob("*.png")) == [f"class-0000{i}.png" for i in range(4)]
+    first, second = (load_file(str(folder / "pytorch_lora_weights.safetensors")) for folder in (straight, interrupted))
+    assert first.keys() == second.keys()
+    assert {key.split(".")[0] for key in first} == {"unet", "text_encoder"}
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    kohya = load_file(str(interrupted / "interrupted.safetensors"))
+    assert any(key.startswith("lora_te_") for key in kohya) and any(key.startswith("lora_unet_") for key in kohya)
+    assert (interrupted / "checkpoint-4" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()

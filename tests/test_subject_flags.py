@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from sdtune.errors import SdtuneError
-from sdtune.training.config import parse_args
-from sdtune.training.optim import make_optimizer
+from sdtune.training.config import parse_args, settings_from
+from sdtune.training.optim import OptimizerSettings, make_optimizer
 
 MODEL = ["--pretrained_model_name_or_path", "no-such-model", "--seed", "0"]
 
@@ -84,6 +84,7 @@ PRIOR = ["--with_prior_preservation", "--class_prompt", "a dog"]
     ("dora without lora", "--use_dora: LoRA settings, but this is a full fine-tune"),
     ("text encoder with cached latents", "--train_text_encoder cannot be used with --cache_latents"),
     ("validation split", "--validation_split does not apply to subject training"),
+    ("text encoder with EMA", "--use_ema averages the UNet only"),
 ])
 def test_bad_subject_input_names_the_flag_and_the_fix(tmp_path, instance_dir, case, message):
     empty = tmp_path / "empty"
@@ -107,6 +108,7 @@ def test_bad_subject_input_names_the_flag_and_the_fix(tmp_path, instance_dir, ca
         "dora without lora": [*instance, "--use_dora"],
         "text encoder with cached latents": [*instance, "--train_text_encoder", "--cache_latents", "--center_crop"],
         "validation split": [*instance, "--validation_split", "0.2"],
+        "text encoder with EMA": [*instance, "--train_text_encoder", "--use_ema"],
     }[case]
     with pytest.raises(SdtuneError, match=message):
         parse_args([*MODEL, *flags])
@@ -140,7 +142,7 @@ def test_use_8bit_adam_is_still_adamw8bit(instance_dir):
 def test_prodigy_resumes_exactly_from_its_state_dict(instance_dir):
     """accelerate's checkpoint holds optimizer.state_dict(): Prodigy's step-size estimate (d) must be in it, or a
     resumed run steps differently from one that never stopped."""
-    args = subject_args(instance_dir, "--optimizer", "prodigy", "--lr_warmup_steps", "0")
+    settings = settings_from(OptimizerSettings, subject_args(instance_dir, "--optimizer", "prodigy"))
 
     def loss(weight):
         return ((weight - torch.linspace(-3, 3, 64)) ** 2).sum()
@@ -151,7 +153,7 @@ def test_prodigy_resumes_exactly_from_its_state_dict(instance_dir):
         optimizer.step()
 
     weight = torch.nn.Parameter(torch.ones(64))
-    optimizer = make_optimizer(args, [weight], num_processes=1)
+    optimizer = make_optimizer([weight], settings, num_processes=1)
     assert type(optimizer).__name__ == "Prodigy"
     for _ in range(20):  # Prodigy's estimate starts growing after about 15 steps here
         step(optimizer, weight)
@@ -162,7 +164,7 @@ def test_prodigy_resumes_exactly_from_its_state_dict(instance_dir):
         step(optimizer, weight)
 
     resumed = torch.nn.Parameter(saved_weight.clone())
-    fresh = make_optimizer(args, [resumed], num_processes=1)
+    fresh = make_optimizer([resumed], settings, num_processes=1)
     fresh.load_state_dict(saved_state)
     for _ in range(5):
         step(fresh, resumed)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from helpers import run_in_process, tiny_flags
+from helpers import FINETUNE, run_in_process, tiny_flags
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -31,8 +31,8 @@ def checkpoint_unet(output_dir, subfolder) -> dict:
     return UNet2DConditionModel.from_pretrained(output_dir, subfolder=subfolder).state_dict()
 
 
-def test_fine_tune_writes_a_pipeline_that_loads_runs_and_differs_only_in_its_unet(train, tmp_path, tiny_pipeline):
-    out = train(tmp_path / "run", "--validation_prompts", "a red circle on a white background")
+def test_fine_tune_writes_a_pipeline_that_loads_runs_and_differs_only_in_its_unet(finetuned_pipeline, tiny_pipeline):
+    out = finetuned_pipeline  # the suite's shared run: flags helpers.FINETUNE
     pipeline = StableDiffusionPipeline.from_pretrained(out)
     image = pipeline("a red circle on a white background", num_inference_steps=2, height=64, width=64,
                      generator=torch.Generator().manual_seed(0)).images[0]
@@ -77,26 +77,41 @@ def validation_losses(output_dir) -> list[float]:
     return [record["validation_loss"] for record in map(json.loads, lines) if "validation_loss" in record]
 
 
-def test_data_loader_workers_do_not_change_the_result(train, tmp_path):
-    in_process = train(tmp_path / "zero", "--random_flip")
-    workers = train(tmp_path / "two", "--random_flip", "--dataloader_num_workers", "2")
-    assert max_difference(weights(in_process), weights(workers)) == 0.0
+@pytest.fixture(scope="module")
+def workers_run(tmp_path_factory, tiny_pipeline, shapes_dataset):
+    """The shared fine-tune (finetuned_pipeline) again, its batches loaded by two worker processes."""
+    output = tmp_path_factory.mktemp("workers") / "run"
+    return run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, output, *FINETUNE, "--dataloader_num_workers", "2"))
+
+
+def test_data_loader_workers_do_not_change_the_result(finetuned_pipeline, workers_run):
+    # the random flips are drawn in the workers: each example's own generator must give the same draws there
+    assert max_difference(weights(finetuned_pipeline), weights(workers_run)) == 0.0
 
 
 @dataclass
 class TrainingWatch:
-    """What a training run did, seen from outside: its loss calls, gradient clips and logged steps."""
+    """What a training run did, seen from outside: its loss calls, gradient clips, gathers and logged steps."""
     loss_calls: list = field(default_factory=list)  # (unet, weight_dtype) of each micro-batch
     clips: list = field(default_factory=list)  # (max_norm, norm before, norm after) of each optimizer step
     logged: list = field(default_factory=list)  # (step, values) sent to the trackers
+    losses: list = field(default_factory=list)  # each micro-batch's loss
+    gathers: int = 0  # accelerator.gather calls
 
     def observe(self, patch: pytest.MonkeyPatch) -> "TrainingWatch":
-        """Wrap the training step's loss, accelerate's clipping and its tracker log for the rest of `patch`."""
+        """Wrap the training step's loss, accelerate's clipping, gather and tracker log for the rest of `patch`."""
         loss, clip, log = sdtune.training.loop.diffusion_loss, Accelerator.clip_grad_norm_, Accelerator.log
+        gather = Accelerator.gather
 
-        def watched_loss(batch, unet, parts, args, generator, weight_dtype):
+        def watched_loss(batch, unet, parts, generator, weight_dtype, **settings):
             self.loss_calls.append((unet, weight_dtype))
-            return loss(batch, unet, parts, args, generator, weight_dtype)
+            value = loss(batch, unet, parts, generator, weight_dtype, **settings)
+            self.losses.append(value.item())
+            return value
+
+        def watched_gather(accelerator, tensor):
+            self.gathers += 1
+            return gather(accelerator, tensor)
 
         def watched_clip(accelerator, parameters, max_norm, *rest, **options):
             parameters = list(parameters)
@@ -112,6 +127,7 @@ class TrainingWatch:
         patch.setattr(sdtune.training.loop, "diffusion_loss", watched_loss)
         patch.setattr(Accelerator, "clip_grad_norm_", watched_clip)
         patch.setattr(Accelerator, "log", watched_log)
+        patch.setattr(Accelerator, "gather", watched_gather)
         return self
 
 
@@ -145,6 +161,13 @@ def test_accumulation_clipping_and_the_scaled_cosine_learning_rate_act_in_traini
     assert rates == pytest.approx([4e-3, 8e-3, 4e-3, 0.0], abs=1e-12)
 
 
+def test_the_logged_loss_is_the_mean_of_each_steps_micro_batches_gathered_once_a_step(optimisation_runs):
+    *_, watch = optimisation_runs
+    assert watch.gathers == 4  # one CPU-GPU sync per optimizer step, not one per micro-batch
+    step_means = [(first + second) / 2 for first, second in zip(watch.losses[::2], watch.losses[1::2])]
+    assert [values["train_loss"] for _, values in watch.logged] == pytest.approx(step_means, rel=1e-6)
+
+
 def test_final_pipeline_carries_the_ema_weights(optimisation_runs):
     plain, averaged, _ = optimisation_runs
     # checkpoint-4/unet is the raw trained weights, a diffusers model; the exported UNet is their average only with
@@ -176,12 +199,44 @@ def test_offloaded_ema_update_matches_diffusers(tmp_path):
     assert reference.optimization_step == offloaded.optimization_step
 
 
-def test_memory_flags_run_on_the_cpu(train, tmp_path, monkeypatch):
+# Four flag groups that act on different things, trained together in one watched run (one run instead of four): the
+# memory flags, the diffusion objective's, checkpoint pruning, and a hub-style dataset folder with a renamed caption
+# column and a sample cap. Each test below checks its own group's effect on the run.
+MEMORY_FLAGS = ("--gradient_checkpointing", "--mixed_precision", "bf16", "--allow_tf32")
+OBJECTIVE_FLAGS = ("--snr_gamma", "5", "--noise_offset", "0.05", "--prediction_type", "v_prediction",
+                   "--proportion_empty_prompts", "0.2")
+CHECKPOINT_LIMIT_FLAGS = ("--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
+HUB_STYLE_FLAGS = ("--caption_column", "caption", "--max_train_samples", "10")
+
+
+def renamed_columns(dataset, folder):
+    """A copy of an imagefolder whose captions are in a column named `caption`, as on many hub datasets."""
+    shutil.copytree(dataset, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": r["file_name"], "caption": r["text"]}) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def combined_run(tmp_path_factory, tiny_pipeline, shapes_dataset):
+    """(output folder, its TrainingWatch, whether TF32 was on after the run) of the four flag groups' run."""
+    folder = tmp_path_factory.mktemp("combined")
+    data = renamed_columns(shapes_dataset, folder / "renamed")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # for the run to turn on; it changes nothing on the CPU
-    watch = TrainingWatch().observe(monkeypatch)
-    out = train(tmp_path / "run", "--gradient_checkpointing", "--mixed_precision", "bf16", "--allow_tf32")
+    with pytest.MonkeyPatch.context() as patch:
+        watch = TrainingWatch().observe(patch)
+        out = run_in_process(tiny_flags(tiny_pipeline, data, folder / "run", *MEMORY_FLAGS, *OBJECTIVE_FLAGS,
+                                        *CHECKPOINT_LIMIT_FLAGS, "--dataset_name", str(data), *HUB_STYLE_FLAGS))
+    turned_on, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32
+    return out, watch, turned_on
+
+
+def test_memory_flags_run_on_the_cpu(combined_run):
+    out, watch, tf32_turned_on = combined_run
     assert (out / "model_index.json").is_file()
-    assert torch.backends.cuda.matmul.allow_tf32
+    assert tf32_turned_on
     assert watch.loss_calls and all(unet.is_gradient_checkpointing and dtype == torch.bfloat16
                                     for unet, dtype in watch.loss_calls)
     # master weights stay fp32 under mixed precision
@@ -198,10 +253,9 @@ def test_missing_xformers_is_a_clear_error(train, tmp_path):
         train(tmp_path / "run", "--enable_xformers_memory_efficient_attention")
 
 
-def test_diffusion_objective_flags(train, tmp_path):
+def test_diffusion_objective_flags(combined_run):
     # the flags' effects on the loss and the captions: tests/test_training_flags.py; here they train together
-    out = train(tmp_path / "run", "--snr_gamma", "5", "--noise_offset", "0.05", "--prediction_type",
-                "v_prediction", "--proportion_empty_prompts", "0.2")
+    out, _, _ = combined_run
     scheduler = json.loads((out / "scheduler/scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"  # the saved pipeline samples what it was trained on
 
@@ -231,15 +285,15 @@ def test_validation_grids_loss_and_tensorboard(train, tmp_path):
     assert f"Lowest validation loss: {min(validation_losses(out)):.4f} at step {lowest_step}" in card
 
 
-def test_validation_images_are_reproducible(train, tmp_path):
-    first = train(tmp_path / "a", "--validation_prompts", "a red circle on a white background")
-    second = train(tmp_path / "b", "--validation_prompts", "a red circle on a white background")
+def test_validation_images_are_reproducible(finetuned_pipeline, workers_run):
+    # two runs training the same weights (the test above) draw the same validation image
+    first, second = finetuned_pipeline, workers_run
     assert Image.open(first / "validation/step-000004.png").tobytes() == \
         Image.open(second / "validation/step-000004.png").tobytes()
 
 
-def test_checkpoint_limit_keeps_the_newest_complete_checkpoints(train, tmp_path):
-    out = train(tmp_path / "run", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
+def test_checkpoint_limit_keeps_the_newest_complete_checkpoints(combined_run):
+    out, _, _ = combined_run
     names = sorted(p.name for p in out.glob("checkpoint-*"))
     assert names == ["checkpoint-3", "checkpoint-4"]
     state = json.loads((out / "checkpoint-4" / "training_state.json").read_text())
@@ -253,11 +307,6 @@ def test_push_to_hub_offline_fails_before_any_training(train, tmp_path):
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
-def test_hub_style_dataset_folder_with_renamed_columns_and_sample_cap(train, tmp_path, shapes_dataset):
-    data = tmp_path / "renamed"
-    shutil.copytree(shapes_dataset, data)
-    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
-    (data / "metadata.jsonl").write_text("".join(
-        json.dumps({"file_name": r["file_name"], "caption": r["text"]}) + "\n" for r in rows))
-    out = train(tmp_path / "run", "--dataset_name", str(data), "--caption_column", "caption", "--max_train_samples", "10")
+def test_hub_style_dataset_folder_with_renamed_columns_and_sample_cap(combined_run):
+    out, _, _ = combined_run
     assert "on 10 rows" in (out / "train.log").read_text()

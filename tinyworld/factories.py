@@ -1,6 +1,6 @@
 """Random tiny stand-ins for Stable Diffusion and its dataset: the fastest inputs for tests of code paths.
 
-    python -m tinyworld.factories pipeline DIR   # a randomly initialised SD-shaped pipeline (diffusers format, safetensors)
+    python -m tinyworld.factories pipeline DIR   # a random SD-shaped pipeline (diffusers format, safetensors)
     python -m tinyworld.factories dataset DIR    # captioned shape images in imagefolder layout
 
 The pipeline has Stable Diffusion's architecture at a scale that trains on a CPU in seconds: 64 px images, 16x16

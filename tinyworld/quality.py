@@ -2,8 +2,8 @@
 
 Each (shape, colour) pair is drawn from several seeds, the background word cycling through the three backgrounds;
 every image is drawn with the settings used everywhere else (DPM-Solver++, 25 steps, guidance 7.5) from its own seeded
-generator, as sdtune.generation.core.text_to_image draws it, and is read by judge.py. bench/tinyworld_quality.py runs the
-full measurement, the tests a subset.
+generator, as sdtune.generation.core.text_to_image draws it, and is read by judge.py. bench/tinyworld_quality.py runs
+the full measurement, the tests a subset.
 """
 
 from collections import defaultdict

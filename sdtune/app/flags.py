@@ -31,7 +31,8 @@ def app_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_request_cost", "--max-request-cost", type=float, default=None,
                         help="Most work one request may ask for, in megapixel-steps (width x height x steps x "
                              "images / 10^6; image to image: steps x strength); a random batch is bounded per image. "
-                             "Default by device: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MAX_REQUEST_COST.items()))
+                             "Default by device: "
+                             + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MAX_REQUEST_COST.items()))
     parser.add_argument("--lazy", action="store_true", help="Load each model on first use instead of at start.")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None,

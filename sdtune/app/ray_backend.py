@@ -88,8 +88,8 @@ class Generator:
 
 
 class RayBackend:
-    """The app's side of the deployment, with LocalBackend's calls (sdtune/generation/backend.py). A call whose replica dies
-    mid-request is sent once more, to another replica: generation is deterministic, so it gives the same image."""
+    """The app's side of the deployment, with LocalBackend's calls (sdtune/generation/backend.py). A call whose replica
+    dies mid-request is sent once more, to another replica: generation is deterministic, so it gives the same image."""
 
     def __init__(self, handle, registry: ModelRegistry, concurrency: int, device: str):
         self.handle, self.registry = handle, registry

@@ -46,8 +46,8 @@ def decode(batch: list[Job]) -> tuple[list[Job], list[Image.Image], list[Outcome
 def generate_batch(backend, batch: list[Job], settings: GenerationSettings, resolution: int,
                    stop: threading.Event | None = None, preview: Preview | None = None) -> list[Outcome]:
     """Image to image for one planned batch (one model, one working size), in one call of `backend` (a
-    sdtune.generation.backend one); if the call fails (or is stopped), every image of the batch fails with the reason and the
-    caller goes on."""
+    sdtune.generation.backend one); if the call fails (or is stopped), every image of the batch fails with the reason
+    and the caller goes on."""
     start = time.perf_counter()
     usable, images, failed = decode(batch)
     if not usable:

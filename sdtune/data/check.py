@@ -1,8 +1,8 @@
 """The data check: what a dataset holds and what training will make of it, before any model loads.
 
 `train_text_to_image.py --check_data` prints the report and exits; every training run logs the same report at its
-start. It costs no extra decoding: the screening (sdtune/data/dataset.py) decodes every image once anyway, and notes each
-usable image's size and pixel digest on the way.
+start. It costs no extra decoding: the screening (sdtune/data/dataset.py) decodes every image once anyway, and notes
+each usable image's size and pixel digest on the way.
 """
 
 import bisect

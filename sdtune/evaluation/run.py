@@ -2,7 +2,8 @@
 
 Every model renders every prompt from the same seeds (one CPU generator per (prompt, image), re-created for every
 model), so differences between models are not differences in noise. Differences to the first model get a paired
-bootstrap interval over prompts. With --reference_images, the same images are also scored by CMMD (sdtune/evaluation/cmmd.py).
+bootstrap interval over prompts. With --reference_images, the same images are also scored by CMMD
+(sdtune/evaluation/cmmd.py).
 """
 
 import logging

@@ -1,7 +1,7 @@
 """Where the app's generation runs. The service (checks, PNG saving, run log) calls a backend with a model's name and
 gets images back; `LocalBackend` runs the generation core in this process on the registry's device, and
-sdtune/app/ray_backend.py's `RayBackend` sends the same call to a Ray Serve replica. Both take the same arguments and run
-the same core, so a request gives the same image through either at the same torch thread count."""
+sdtune/app/ray_backend.py's `RayBackend` sends the same call to a Ray Serve replica. Both take the same arguments and
+run the same core, so a request gives the same image through either at the same torch thread count."""
 
 import threading
 

@@ -57,7 +57,9 @@ def check_record(folder: Path, record: dict, write: bool) -> None:
                               f"({', '.join(f'{key}={earlier.get(key)!r}' for key in changed)}; see {RECORD_NAME}). "
                               "Use a new --class_data_dir, or delete the generated class-*.png and the record.")
     elif write:
-        path.write_text(json.dumps(record, indent=1, sort_keys=True))
+        partial = path.with_name(f".{RECORD_NAME}.partial")
+        partial.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(partial, path)  # whole or absent, for a run reading it at the same time
 
 
 def generate_class_images(pipeline, folder, class_prompt: str, indices: list[int], settings: GenerationSettings,

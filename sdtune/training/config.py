@@ -9,6 +9,7 @@ import importlib.util
 import math
 import os
 import random
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
@@ -405,6 +406,9 @@ def _check_subject_args(args: argparse.Namespace) -> None:
     elif not args.instance_prompt:
         raise SdtuneError("--instance_data_dir needs --instance_prompt, the prompt of every instance image with a "
                           "rare token for the subject, e.g. --instance_prompt 'a photo of sks dog'.")
+    if args.train_text_encoder and args.use_ema:
+        raise SdtuneError("--use_ema averages the UNet only, not a trained text encoder: drop --use_ema or "
+                          "--train_text_encoder (diffusers' DreamBooth scripts have no EMA either).")
     if args.train_text_encoder and args.cache_latents:
         raise SdtuneError("--train_text_encoder cannot be used with --cache_latents: the text embeddings change as "
                           "the encoder trains, so they cannot be cached. Drop one of them.")
@@ -448,3 +452,9 @@ def save_resolved_config(args: argparse.Namespace, folder: str) -> Path:
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "hub_token")}
     path.write_text(yaml.safe_dump(settings, sort_keys=True))
     return path
+
+
+def settings_from(settings_class, args: argparse.Namespace):
+    """A settings dataclass whose fields are named after flags, filled from the parsed flags: the narrow interface
+    a function takes instead of the whole namespace."""
+    return settings_class(**{field.name: getattr(args, field.name) for field in fields(settings_class)})

@@ -79,13 +79,21 @@ def save_adapter(args, unet, text_encoder=None) -> tuple[Path, Path]:
     StableDiffusionPipeline.save_lora_weights(
         args.output_dir, unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True,
-        **({"text_encoder_lora_layers": convert_state_dict_to_diffusers(text_state),
+        **({"text_encoder_lora_layers": text_encoder_layers(text_state),
             "text_encoder_lora_adapter_metadata": text_encoder.peft_config["default"].to_dict()} if text_state else {}))
     save_file(kohya_state(unet_state, text_state, float(lora_alpha(args))), kohya_path(args.output_dir),
               metadata=kohya_metadata(args))
     logger.info("Saved the LoRA adapter to %s (diffusers) and %s (kohya)", DIFFUSERS_WEIGHTS,
                 kohya_path(args.output_dir).name)
     return Path(args.output_dir) / DIFFUSERS_WEIGHTS, kohya_path(args.output_dir)
+
+
+def text_encoder_layers(text_state: dict) -> dict[str, torch.Tensor]:
+    """The text encoder's adapter in diffusers' format. DoRA's magnitudes get the `.weight` suffix that transformers'
+    load_adapter (which diffusers' load_lora_weights calls for the text encoder) expects; peft's state dict leaves it
+    off, and without it the loaded magnitudes were silently re-initialised."""
+    layers = convert_state_dict_to_diffusers(text_state)
+    return {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value for key, value in layers.items()}
 
 
 def kohya_state(unet_state: dict, text_state: dict, alpha: float) -> dict[str, torch.Tensor]:

@@ -31,16 +31,19 @@ def text_conditioning(batch, text_encoder):
     return text_encoder(batch["input_ids"], return_dict=False)[0]
 
 
-def diffusion_loss(batch, unet, parts, args, generator: torch.Generator, weight_dtype,
+def diffusion_loss(batch, unet, parts, generator: torch.Generator, weight_dtype, *, noise_offset: float = 0.0,
+                   snr_gamma: float | None = None, prior_loss_weight: float | None = None,
                    text_encoder=None) -> torch.Tensor:
-    """One micro-batch's training loss; `text_encoder`: the one being trained (--train_text_encoder), whose
-    gradients flow, else the frozen parts.text_encoder (or the cached embeddings) is used."""
+    """One micro-batch's training loss; --noise_offset and --snr_gamma as in config.py. `prior_loss_weight`: with
+    --with_prior_preservation, the batch's second half is class examples (prior_preservation_loss). `text_encoder`:
+    the one being trained (--train_text_encoder), whose gradients flow; else the frozen parts.text_encoder (or the
+    cached embeddings) gives the conditioning."""
     mean, std = latent_distribution(batch, parts.vae, weight_dtype)
     latents = (mean + std * randn(mean.shape, generator, mean)) * parts.vae.config.scaling_factor
     noise = randn(latents.shape, generator, latents)
-    if args.noise_offset:
+    if noise_offset:
         # https://www.crosslabs.org//blog/diffusion-with-offset-noise: lets the model learn overall brightness
-        noise = noise + args.noise_offset * randn((*latents.shape[:2], 1, 1), generator, latents)
+        noise = noise + noise_offset * randn((*latents.shape[:2], 1, 1), generator, latents)
     scheduler = parts.noise_scheduler
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     timesteps = timesteps.to(latents.device)
@@ -49,10 +52,10 @@ def diffusion_loss(batch, unet, parts, args, generator: torch.Generator, weight_
     encoder_hidden_states = (text_conditioning(batch, parts.text_encoder) if text_encoder is None
                              else text_encoder(batch["input_ids"], return_dict=False)[0])
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    if args.with_prior_preservation:
-        return prior_preservation_loss(prediction.float(), target.float(), scheduler, timesteps, args.snr_gamma,
-                                       args.prior_loss_weight)
-    return weighted_mse(prediction.float(), target.float(), scheduler, timesteps, args.snr_gamma)
+    if prior_loss_weight is not None:
+        return prior_preservation_loss(prediction.float(), target.float(), scheduler, timesteps, snr_gamma,
+                                       prior_loss_weight)
+    return weighted_mse(prediction.float(), target.float(), scheduler, timesteps, snr_gamma)
 
 
 def prior_preservation_loss(prediction, target, scheduler, timesteps, snr_gamma, prior_loss_weight) -> torch.Tensor:

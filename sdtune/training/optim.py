@@ -1,6 +1,7 @@
 """Optimizer, learning-rate schedule and the offloaded EMA update."""
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -8,21 +9,37 @@ from diffusers.optimization import get_scheduler
 from sdtune.errors import SdtuneError
 
 
-def make_optimizer(args, parameters, num_processes: int) -> torch.optim.Optimizer:
-    """--optimizer (resolved by the flag check): torch's AdamW, bitsandbytes' AdamW8bit or Prodigy; the learning
-    rate scaled with --scale_lr. Every one keeps its state in `state_dict`, so accelerate's checkpoints hold it and a
-    resumed run continues exactly."""
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    betas, weight_decay = (args.adam_beta1, args.adam_beta2), args.adam_weight_decay
-    if args.optimizer == "prodigy":
-        return _prodigy(parameters, learning_rate, betas, weight_decay, args.adam_epsilon)
-    if args.optimizer == "adamw8bit":
-        optimizer_class = _package("bitsandbytes", args.optimizer).optim.AdamW8bit
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer's flags (config.py has each one's help); config.settings_from(OptimizerSettings, args)."""
+
+    learning_rate: float
+    scale_lr: bool  # multiply learning_rate by the samples an optimizer step sees
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    optimizer: str  # adamw, adamw8bit or prodigy: resolved by the flag check (--use_8bit_adam is adamw8bit)
+    adam_beta1: float
+    adam_beta2: float
+    adam_weight_decay: float
+    adam_epsilon: float
+
+
+def make_optimizer(parameters, settings: OptimizerSettings, num_processes: int) -> torch.optim.Optimizer:
+    """--optimizer: torch's AdamW, bitsandbytes' AdamW8bit or Prodigy; the learning rate scaled with --scale_lr.
+    Every one keeps its state in `state_dict`, so accelerate's checkpoints hold it and a resumed run continues
+    exactly."""
+    learning_rate = settings.learning_rate
+    if settings.scale_lr:
+        learning_rate *= settings.gradient_accumulation_steps * settings.train_batch_size * num_processes
+    betas, weight_decay = (settings.adam_beta1, settings.adam_beta2), settings.adam_weight_decay
+    eps = settings.adam_epsilon
+    if settings.optimizer == "prodigy":
+        return _prodigy(parameters, learning_rate, betas, weight_decay, eps)
+    if settings.optimizer == "adamw8bit":
+        optimizer_class = _package("bitsandbytes", settings.optimizer).optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    return optimizer_class(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=args.adam_epsilon)
+    return optimizer_class(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
 def _prodigy(parameters, learning_rate: float, betas, weight_decay: float, eps: float) -> torch.optim.Optimizer:
@@ -40,11 +57,13 @@ def _package(name: str, optimizer: str):
         raise SdtuneError(f"--optimizer {optimizer} needs the {name} package: pip install {name}") from error
 
 
-def make_lr_scheduler(args, optimizer, max_train_steps: int, num_processes: int):
-    """diffusers' schedules; counts are multiplied by the process count because accelerate steps the scheduler
-    once per process for every optimizer step."""
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                         num_warmup_steps=args.lr_warmup_steps * num_processes,
+
+
+def make_lr_scheduler(optimizer, schedule: str, *, warmup_steps: int, max_train_steps: int, num_processes: int):
+    """diffusers' schedule named `schedule` (--lr_scheduler) with --lr_warmup_steps; counts are multiplied by the
+    process count because accelerate steps the scheduler once per process for every optimizer step."""
+    return get_scheduler(schedule, optimizer=optimizer,
+                         num_warmup_steps=warmup_steps * num_processes,
                          num_training_steps=max_train_steps * num_processes)
 
 
