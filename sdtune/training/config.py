@@ -403,6 +403,9 @@ def _check_subject_args(args: argparse.Namespace) -> None:
         if subject_only:
             raise SdtuneError(f"--{', --'.join(subject_only)}: subject-training settings without "
                               "--instance_data_dir: add it (the folder of your subject's pictures), or drop them.")
+    elif args.check_data:
+        raise SdtuneError("--check_data reports on --train_data_dir or --dataset_name; the subject folders are checked "
+                          "(every image decoded) whenever the flags are parsed: run without --check_data.")
     elif not args.instance_prompt:
         raise SdtuneError("--instance_data_dir needs --instance_prompt, the prompt of every instance image with a "
                           "rare token for the subject, e.g. --instance_prompt 'a photo of sks dog'.")
