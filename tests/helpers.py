@@ -9,8 +9,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_flags(pipeline: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Flags of a few-second CPU fine-tune; `extra` flags override them (a --dataset_name replaces `data`)."""
-    data_flags = [] if "--dataset_name" in extra else ["--train_data_dir", str(data)]
+    """Flags of a few-second CPU fine-tune; `extra` flags override them (a --dataset_name or --instance_data_dir
+    replaces `data`)."""
+    data_flags = [] if {"--dataset_name", "--instance_data_dir"} & set(extra) else ["--train_data_dir", str(data)]
     return [
         "--pretrained_model_name_or_path", str(pipeline), *data_flags,
         "--output_dir", str(output_dir), "--resolution", "64", "--center_crop", "--train_batch_size", "4",

@@ -19,9 +19,9 @@ FLAGS = ("--random_flip", "--proportion_empty_prompts", "0.2", "--noise_offset",
          "--max_train_steps", "14", "--checkpointing_steps", "4")
 
 
-def start(tiny_pipeline, data, output_dir, *extra):
+def start(tiny_pipeline, data, output_dir, *extra, flags=FLAGS):
     command = [sys.executable, str(REPO / "train_text_to_image.py"),
-               *tiny_flags(tiny_pipeline, data, output_dir, *FLAGS, *extra)]
+               *tiny_flags(tiny_pipeline, data, output_dir, *flags, *extra)]
     return subprocess.Popen(command, env=subprocess_env(threads=1), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -43,15 +43,15 @@ def kill_after_first_checkpoint(process, output_dir):
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
-def straight_and_resumed(tiny_pipeline, data, tmp_path, *extra):
+def straight_and_resumed(tiny_pipeline, data, tmp_path, *extra, flags=FLAGS):
     """An uninterrupted run and one killed after its first checkpoint then resumed, side by side (one thread each on
-    two cores); returns their output folders once both are done."""
+    two cores); returns their output folders once both are done. `flags`: the runs' settings (FLAGS by default)."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    uninterrupted = start(tiny_pipeline, data, straight, *extra)
-    kill_after_first_checkpoint(start(tiny_pipeline, data, interrupted, *extra), interrupted)
+    uninterrupted = start(tiny_pipeline, data, straight, *extra, flags=flags)
+    kill_after_first_checkpoint(start(tiny_pipeline, data, interrupted, *extra, flags=flags), interrupted)
     final_outputs = ["model_index.json", "pytorch_lora_weights.safetensors"]  # a pipeline, or a LoRA run's adapter
     assert not any((interrupted / name).exists() for name in final_outputs)  # killed before writing either
-    resumed = start(tiny_pipeline, data, interrupted, *extra, "--resume_from_checkpoint", "latest")
+    resumed = start(tiny_pipeline, data, interrupted, *extra, "--resume_from_checkpoint", "latest", flags=flags)
     finish(uninterrupted)
     finish(resumed)
     return straight, interrupted

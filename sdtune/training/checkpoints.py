@@ -2,10 +2,11 @@
 
 `checkpoint-500/unet/` (and with --use_ema `checkpoint-500/unet_ema/`) are diffusers models, as in diffusers' own
 training examples: `UNet2DConditionModel.from_pretrained(output_dir, subfolder="checkpoint-500/unet")` tries an
-intermediate checkpoint. A LoRA run keeps only its adapter, `checkpoint-500/unet_lora/` (diffusers' LoRA format:
-`pipeline.load_lora_weights(...)` tries it, with its LoraConfig so that it draws as the final adapter does), and its
-EMA's shadows in `unet_lora_ema.safetensors`. Beside them accelerate keeps the optimizer, LR schedule, grad scaler and
-RNG states.
+intermediate checkpoint. With --train_text_encoder, `checkpoint-500/text_encoder/` beside it, as in diffusers'
+train_dreambooth.py. A LoRA run keeps only its adapter, `checkpoint-500/unet_lora/` (diffusers' LoRA format, with the
+text encoder's adapter as `text_encoder.` keys, and with its LoraConfig so that it draws as the final adapter does:
+`pipeline.load_lora_weights(...)` tries it), and its EMA's shadows in `unet_lora_ema.safetensors`. Beside them
+accelerate keeps the optimizer, LR schedule, grad scaler and RNG states.
 A checkpoint is written to `checkpoint-500.tmp/` and renamed to `checkpoint-500/` only once complete, so a crash
 during a save never leaves a folder that `--resume_from_checkpoint latest` would pick.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PROGRESS_FILE = "training_state.json"
 UNET_FOLDER = "unet"
+TEXT_ENCODER_FOLDER = "text_encoder"
 EMA_FOLDER = "unet_ema"
 LORA_FOLDER = "unet_lora"
 LORA_EMA_FILE = "unet_lora_ema.safetensors"
@@ -99,27 +101,35 @@ def register_checkpoint_hooks(accelerator, ema: EMAModel | None) -> None:
     accelerator.register_load_state_pre_hook(partial(_load_models, accelerator, ema))
 
 
+def trained_models(accelerator, models) -> tuple:
+    """(unet, text_encoder or None), unwrapped, from accelerate's list of prepared models."""
+    unwrapped = [accelerator.unwrap_model(model) for model in models]
+    unet = next(model for model in unwrapped if isinstance(model, UNet2DConditionModel))
+    return unet, next((model for model in unwrapped if model is not unet), None)
+
+
 def _save_models(accelerator, ema, models, weights, output_dir) -> None:
     """accelerate's save hook. `models` is accelerate's own list, so it stays whole; emptying `weights` is what
-    stops accelerate writing the same UNet again as model.safetensors."""
-    (unet,) = models
-    unet, folder = accelerator.unwrap_model(unet), Path(output_dir)
+    stops accelerate writing the same models again as model.safetensors."""
+    (unet, text_encoder), folder = trained_models(accelerator, models), Path(output_dir)
     if accelerator.is_main_process and is_lora(unet):
-        _save_lora(unet, ema, folder)
+        _save_lora(unet, text_encoder, ema, folder)
     elif accelerator.is_main_process:
         unet.save_pretrained(folder / UNET_FOLDER)
+        if text_encoder is not None:
+            text_encoder.save_pretrained(folder / TEXT_ENCODER_FOLDER)
         if ema is not None:
             ema.save_pretrained(folder / EMA_FOLDER)
     weights.clear()
 
 
 def _load_models(accelerator, ema, models, input_dir) -> None:
-    """accelerate's load hook. `models` is a list made for this load: taking the UNet out of it means accelerate
+    """accelerate's load hook. `models` is a list made for this load: taking the models out of it means accelerate
     looks for no model.safetensors."""
     folder = Path(input_dir)
-    (unet,) = models
-    if is_lora(accelerator.unwrap_model(unet)):
-        _load_lora(accelerator.unwrap_model(unet), ema, folder)
+    unet, text_encoder = trained_models(accelerator, models)
+    if is_lora(unet):
+        _load_lora(unet, text_encoder, ema, folder)
         models.clear()
         return
     if not (folder / UNET_FOLDER).is_dir():
@@ -127,9 +137,17 @@ def _load_models(accelerator, ema, models, input_dir) -> None:
                               "from one it wrote, or start a new run.")
     if ema is not None:
         _load_ema(ema, folder)
-    saved = UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER)
-    accelerator.unwrap_model(unet).load_state_dict(saved.state_dict())
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER).state_dict())
+    if text_encoder is not None:
+        text_encoder.load_state_dict(_saved_text_encoder(text_encoder, folder).state_dict())
     models.clear()
+
+
+def _saved_text_encoder(text_encoder, folder: Path):
+    if not (folder / TEXT_ENCODER_FOLDER).is_dir():
+        raise CheckpointError(f"{folder} has no {TEXT_ENCODER_FOLDER}/: it was saved without --train_text_encoder: "
+                              "resume without it, or start a new run.")
+    return type(text_encoder).from_pretrained(folder / TEXT_ENCODER_FOLDER)
 
 
 def is_lora(unet) -> bool:
@@ -137,23 +155,34 @@ def is_lora(unet) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
 
-def _save_lora(unet, ema: EMAModel | None, folder: Path) -> None:
-    """The adapter only (the frozen base comes from the pretrained model on resume), and the EMA's shadows in the
+def _save_lora(unet, text_encoder, ema: EMAModel | None, folder: Path) -> None:
+    """The adapters only (the frozen base comes from the pretrained model on resume), and the EMA's shadows in the
     order of the trained parameters, with its step count."""
-    # with its LoraConfig, as the final adapter: without it a loader takes alpha = rank and draws another image
+    # with their LoraConfig, as the final adapter: without it a loader takes alpha = rank and draws another image
+    text_layers = {} if text_encoder is None else {
+        "text_encoder_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)),
+        "text_encoder_lora_adapter_metadata": text_encoder.peft_config["default"].to_dict()}
     StableDiffusionPipeline.save_lora_weights(
         folder / LORA_FOLDER, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True, **text_layers)
     if ema is not None:
         shadows = {f"{index:05d}": shadow.contiguous() for index, shadow in enumerate(ema.shadow_params)}
         save_file(shadows, folder / LORA_EMA_FILE, metadata={"optimization_step": str(ema.optimization_step)})
 
 
-def _load_lora(unet, ema: EMAModel | None, folder: Path) -> None:
-    """Restore what _save_lora wrote: the adapter into the UNet's (already added) adapter, and the EMA."""
+def _load_lora(unet, text_encoder, ema: EMAModel | None, folder: Path) -> None:
+    """Restore what _save_lora wrote: the adapters into the UNet's and text encoder's (already added) adapters, and
+    the EMA."""
     state, _ = StableDiffusionPipeline.lora_state_dict(folder / LORA_FOLDER)
     unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
     set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    if text_encoder is not None:
+        text_state = {key.removeprefix("text_encoder."): value for key, value in state.items()
+                      if key.startswith("text_encoder.")}
+        if not text_state:
+            raise CheckpointError(f"{folder} has no text-encoder adapter: it was saved without --train_text_encoder: "
+                                  "resume without it, or start a new run.")
+        set_peft_model_state_dict(text_encoder, convert_state_dict_to_peft(text_state), adapter_name="default")
     if ema is None:
         return
     if not (folder / LORA_EMA_FILE).is_file():

@@ -5,6 +5,7 @@ users coming from it find what they know. Precedence: built-in defaults < `--con
 """
 
 import argparse
+import importlib.util
 import math
 import os
 import random
@@ -17,6 +18,9 @@ from sdtune.errors import SdtuneError
 from sdtune.limits import MAX_SIDE, check_seed
 
 RESOLVED_CONFIG_NAME = "training_config.yaml"
+# --optimizer: the package each needs (None: torch's own) and the learning rate it defaults to
+OPTIMIZERS = {"adamw": (None, 1e-4), "adamw8bit": ("bitsandbytes", 1e-4), "prodigy": ("prodigyopt", 1.0)}
+PRODIGY_MIN_LEARNING_RATE = 0.1  # below it Prodigy barely moves: its learning rate multiplies an estimated step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML recipe (see configs/); its keys are flag names, flags given here override it.")
     _add_model_flags(parser.add_argument_group("model"))
     _add_data_flags(parser.add_argument_group("data"))
+    _add_subject_flags(parser.add_argument_group("subject training (DreamBooth; diffusers' train_dreambooth.py flags)"))
     _add_optimisation_flags(parser.add_argument_group("optimisation"))
     _add_lora_flags(parser.add_argument_group("LoRA (instead of the full UNet fine-tune)"))
     _add_memory_flags(parser.add_argument_group("memory and speed"))
@@ -69,6 +74,31 @@ def _add_data_flags(group):
                             "training; the VAE and text encoder then leave the device. Needs --center_crop.")
 
 
+def _add_subject_flags(group):
+    group.add_argument("--instance_data_dir", type=str, default=None,
+                       help="A folder of pictures of your subject (3 to 30); each is trained with --instance_prompt. "
+                            "Instead of --train_data_dir or --dataset_name.")
+    group.add_argument("--instance_prompt", type=str, default=None,
+                       help="The prompt of every instance image, with a rare token for the subject, e.g. "
+                            "'a photo of sks dog'.")
+    group.add_argument("--class_data_dir", type=str, default=None,
+                       help="Class images for --with_prior_preservation: pictures of the subject's kind. Missing "
+                            "ones (up to --num_class_images) are drawn by the base model from --class_prompt and "
+                            "saved here as class-00000.png...")
+    group.add_argument("--class_prompt", type=str, default=None,
+                       help="The prompt of the class images, e.g. 'a photo of a dog'.")
+    group.add_argument("--with_prior_preservation", action="store_true",
+                       help="Add the prior-preservation loss: every batch also holds as many class images, so the "
+                            "class does not drift to the subject.")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    group.add_argument("--num_class_images", type=int, default=100,
+                       help="Class images used; those --class_data_dir lacks are generated first.")
+    group.add_argument("--sample_batch_size", type=int, default=4,
+                       help="Images per batch when generating class images.")
+    group.add_argument("--train_text_encoder", action="store_true",
+                       help="Train the text encoder too (with --lora_rank: a LoRA adapter on its attention).")
+
+
 def _add_optimisation_flags(group):
     group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
     group.add_argument("--num_train_epochs", type=int, default=100)
@@ -76,7 +106,9 @@ def _add_optimisation_flags(group):
                        help="Total optimizer steps; overrides --num_train_epochs when set.")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Micro-batches accumulated before each optimizer step.")
-    group.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate after warmup.")
+    group.add_argument("--learning_rate", type=float, default=None,
+                       help="Learning rate after warmup; default 1e-4, and 1.0 with --optimizer prodigy (its "
+                            "convention: Prodigy estimates the step size, this scales it).")
     group.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by batch size x accumulation x number of processes.")
     group.add_argument("--lr_scheduler", type=str, default="constant",
@@ -88,7 +120,12 @@ def _add_optimisation_flags(group):
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
     group.add_argument("--adam_epsilon", type=float, default=1e-08)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (needs bitsandbytes).")
+    group.add_argument("--optimizer", type=str.lower, default=None, choices=list(OPTIMIZERS),
+                       help="adamw (torch), adamw8bit (bitsandbytes: optimizer states in 8 bits) or prodigy "
+                            "(prodigyopt: learning-rate free, use --learning_rate 1.0). Default: adamw, or adamw8bit "
+                            "with --use_8bit_adam.")
+    group.add_argument("--use_8bit_adam", action="store_true",
+                       help="bitsandbytes' AdamW8bit (needs bitsandbytes): the same as --optimizer adamw8bit.")
     group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the UNet.")
     group.add_argument("--ema_decay", type=float, default=0.9999, help="Upper bound of the EMA decay.")
     group.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory.")
@@ -103,6 +140,9 @@ def _add_lora_flags(group):
     group.add_argument("--lora_alpha", type=float, default=None,
                        help="LoRA scaling numerator (the update is scaled by alpha / rank); default: the rank.")
     group.add_argument("--lora_dropout", type=float, default=None, help="Dropout on the LoRA input; default: 0.")
+    group.add_argument("--use_dora", action="store_true",
+                       help="DoRA (weight-decomposed LoRA, Liu et al. 2024, through peft) instead of plain LoRA: a "
+                            "trained magnitude per output channel beside the low-rank direction update.")
     group.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
                        help="UNet module names that get an adapter; default: the attention projections "
                             "to_k to_q to_v to_out.0, as in diffusers' LoRA example.")
@@ -273,8 +313,12 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse combinations that cannot work, naming the fix."""
     if not args.pretrained_model_name_or_path:
         raise SdtuneError("--pretrained_model_name_or_path is required (a hub id or a local pipeline folder).")
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise SdtuneError("Give --dataset_name (hub or local imagefolder) or --train_data_dir.")
+    sources = [flag for flag in ("dataset_name", "train_data_dir", "instance_data_dir") if getattr(args, flag)]
+    if not sources:
+        raise SdtuneError("Give --dataset_name (hub or local imagefolder), --train_data_dir, or --instance_data_dir "
+                          "with --instance_prompt for subject training.")
+    if len(sources) > 1:
+        raise SdtuneError(f"--{' and --'.join(sources)} both give the training images: give one.")
     if args.cache_latents and not args.center_crop:
         raise SdtuneError("--cache_latents needs --center_crop: a random crop would be frozen at caching time, "
                           "which changes what the model is trained on.")
@@ -288,6 +332,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_validation_args(args)
     _check_validation_loss_args(args)
     _check_lora_args(args)
+    _check_optimizer_args(args)
+    _check_subject_args(args)
     _check_caption_args(args)
     _check_bucket_args(args)
 
@@ -321,7 +367,7 @@ def _check_lora_args(args: argparse.Namespace) -> None:
         raise SdtuneError(f"--lora_rank {args.lora_rank}: a LoRA rank is a positive number of dimensions "
                           "(4 to 128 is usual); 0 or no flag trains the full UNet.")
     lora_only = [flag for flag in ("lora_alpha", "lora_dropout", "lora_target_modules")
-                 if getattr(args, flag) is not None]
+                 if getattr(args, flag) is not None] + (["use_dora"] if args.use_dora else [])
     if lora_only and not args.lora_rank:
         raise SdtuneError(f"--{', --'.join(lora_only)}: LoRA settings, but this is a full fine-tune: add "
                           "--lora_rank N (e.g. 4) for a LoRA run, or drop them.")
@@ -331,6 +377,78 @@ def _check_lora_args(args: argparse.Namespace) -> None:
                           "choice).")
     if args.lora_dropout is not None and not 0.0 <= args.lora_dropout < 1.0:
         raise SdtuneError(f"--lora_dropout {args.lora_dropout} must be in [0, 1).")
+
+
+def _check_optimizer_args(args: argparse.Namespace) -> None:
+    """Resolve --optimizer (and --use_8bit_adam, its older spelling) and its learning rate; refuse an optimizer whose
+    package is missing here, before any model loads."""
+    if args.use_8bit_adam and args.optimizer not in (None, "adamw8bit"):
+        raise SdtuneError(f"--use_8bit_adam asks for adamw8bit but --optimizer is {args.optimizer}: drop one.")
+    args.optimizer = args.optimizer or ("adamw8bit" if args.use_8bit_adam else "adamw")
+    args.use_8bit_adam = args.optimizer == "adamw8bit"
+    package, default_learning_rate = OPTIMIZERS[args.optimizer]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise SdtuneError(f"--optimizer {args.optimizer} needs the {package} package: pip install {package} "
+                          "(or choose --optimizer adamw).")
+    if args.learning_rate is None:
+        args.learning_rate = default_learning_rate
+    if args.optimizer == "prodigy" and args.learning_rate < PRODIGY_MIN_LEARNING_RATE:
+        raise SdtuneError(f"--learning_rate {args.learning_rate} with --optimizer prodigy: Prodigy estimates the step "
+                          "size itself and the learning rate scales it; use 1.0 (its convention) or leave it out.")
+
+
+def _check_subject_args(args: argparse.Namespace) -> None:
+    """DreamBooth's flags: the combinations first, then the folders (every image decoded once, no model loaded)."""
+    if args.instance_data_dir is None:
+        subject_only = [flag for flag in ("instance_prompt", "class_data_dir", "class_prompt") if getattr(args, flag)]
+        subject_only += ["with_prior_preservation"] if args.with_prior_preservation else []
+        if subject_only:
+            raise SdtuneError(f"--{', --'.join(subject_only)}: subject-training settings without "
+                              "--instance_data_dir: add it (the folder of your subject's pictures), or drop them.")
+    elif args.check_data:
+        raise SdtuneError("--check_data reports on --train_data_dir or --dataset_name; the subject folders are checked "
+                          "(every image decoded) whenever the flags are parsed: run without --check_data.")
+    elif not args.instance_prompt:
+        raise SdtuneError("--instance_data_dir needs --instance_prompt, the prompt of every instance image with a "
+                          "rare token for the subject, e.g. --instance_prompt 'a photo of sks dog'.")
+    if args.train_text_encoder and args.use_ema:
+        raise SdtuneError("--use_ema averages the UNet only, not a trained text encoder: drop --use_ema or "
+                          "--train_text_encoder (diffusers' DreamBooth scripts have no EMA either).")
+    if args.train_text_encoder and args.cache_latents:
+        raise SdtuneError("--train_text_encoder cannot be used with --cache_latents: the text embeddings change as "
+                          "the encoder trains, so they cannot be cached. Drop one of them.")
+    if args.sample_batch_size < 1:
+        raise SdtuneError(f"--sample_batch_size {args.sample_batch_size} must be at least 1.")
+    if args.instance_data_dir is not None:
+        _check_subject_data(args)
+
+
+def _check_subject_data(args: argparse.Namespace) -> None:
+    from sdtune.data.subject import class_images, instance_images
+
+    for flag in ("shuffle_caption", "validation_split"):
+        if getattr(args, flag):
+            other = " (--validation_data_dir gives a validation loss)" if flag == "validation_split" else ""
+            raise SdtuneError(f"--{flag} does not apply to subject training, where every image has "
+                              f"--instance_prompt: drop it{other}.")
+    if args.with_prior_preservation:
+        missing = [flag for flag in ("class_data_dir", "class_prompt") if not getattr(args, flag)]
+        if missing:
+            raise SdtuneError(f"--with_prior_preservation needs --{' and --'.join(missing)}: the folder of class "
+                              "images (missing ones are generated there) and their prompt, e.g. --class_prompt "
+                              "'a photo of a dog'.")
+        if args.num_class_images < 1:
+            raise SdtuneError(f"--num_class_images {args.num_class_images} with --with_prior_preservation: the prior "
+                              "loss needs class images; 100 to 200 is usual (the default is 100).")
+        if not (math.isfinite(args.prior_loss_weight) and args.prior_loss_weight >= 0):
+            raise SdtuneError(f"--prior_loss_weight {args.prior_loss_weight} must be a finite number >= 0 (1.0 is "
+                              "diffusers' default).")
+    elif args.class_data_dir or args.class_prompt:
+        raise SdtuneError("--class_data_dir and --class_prompt are only used with --with_prior_preservation: add it, "
+                          "or drop them.")
+    instance_images(args.instance_data_dir)
+    if args.with_prior_preservation:
+        class_images(args.class_data_dir, args.num_class_images)
 
 
 def save_resolved_config(args: argparse.Namespace, folder: str) -> Path:

@@ -12,15 +12,17 @@ from sdtune.training.loss_plot import loss_curve_section
 logger = logging.getLogger(__name__)
 
 
-def save_pipeline(args, unet) -> StableDiffusionPipeline:
-    """The base pipeline with the trained UNet, saved as safetensors in --output_dir.
+def save_pipeline(args, unet, text_encoder=None) -> StableDiffusionPipeline:
+    """The base pipeline with the trained UNet (and with --train_text_encoder the trained text encoder), saved as
+    safetensors in --output_dir.
 
     The frozen parts are reloaded from the base rather than taken from training, where they may have been cast to
-    fp16: the saved pipeline then differs from the stock one in its UNet only.
+    fp16: the saved pipeline then differs from the stock one in its trained parts only.
     """
+    trained = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant,
-        cache_dir=args.cache_dir,
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+        **trained,
     )
     if args.prediction_type is not None:
         pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -32,7 +34,7 @@ def save_pipeline(args, unet) -> StableDiffusionPipeline:
 def write_model_card(args, trainable_parameters: int, validation_grid: Path | None, loss_history=None) -> Path:
     """README.md of the output: base model, data, hyperparameters, the last validation grid, the loss curve (with a
     validation loss: `loss_history`, a validation_loss.LossHistory), how to use it."""
-    dataset = args.dataset_name or args.train_data_dir
+    dataset = args.dataset_name or args.train_data_dir or f"{args.instance_data_dir} ('{args.instance_prompt}')"
     sections = lora.card_sections if args.lora_rank else full_fine_tune_sections
     title, summary, usage = sections(args, trainable_parameters, dataset)
     grid = f"![validation]({validation_grid.relative_to(args.output_dir)})\n" if validation_grid else ""

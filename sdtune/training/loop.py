@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from sdtune.data.buckets import BucketBatchSampler
 from sdtune.data.check import build_report, load_tokenizer
 from sdtune.data.dataset import CaptionedImages, EpochShuffleSampler, load_rows, screen_rows
-from sdtune.data.splits import split_validation_rows
+from sdtune.data.splits import load_validation_folder, split_validation_rows
 from sdtune.logs import setup_logging
 from sdtune.seeds import step_generator
 from sdtune.training.checkpoints import (
@@ -37,6 +37,7 @@ from sdtune.training.latent_cache import build_latent_cache
 from sdtune.training.lora import add_training_adapter, save_adapter
 from sdtune.training.objective import diffusion_loss
 from sdtune.training.optim import OptimizerSettings, make_lr_scheduler, make_optimizer, update_offloaded_ema
+from sdtune.training.subject import draw_class_images, make_subject_dataset, make_text_encoder_trainable
 from sdtune.training.validation_images import (
     GridSettings,
     log_grid_to_trackers,
@@ -80,6 +81,8 @@ class StepSettings:
     noise_offset: float
     snr_gamma: float | None
     offload_ema: bool
+    with_prior_preservation: bool  # the batch's second half is class examples
+    prior_loss_weight: float
 
 
 @dataclass
@@ -92,7 +95,9 @@ class Run:
     parts: Components  # the frozen parts run in weight_dtype; parts.unet is the UNet before accelerator.prepare
     weight_dtype: torch.dtype
     unet: torch.nn.Module  # after accelerator.prepare
-    trained: list  # the parameters the optimizer updates: the UNet's, or with --lora_rank its adapter's
+    text_encoder: torch.nn.Module | None  # with --train_text_encoder, after accelerator.prepare; else None (frozen)
+    trained: list  # the parameters the optimizer updates: the UNet's (or with --lora_rank its adapter's), then the
+    # text encoder's with --train_text_encoder
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     dataloader: torch.utils.data.DataLoader
@@ -107,24 +112,31 @@ class Run:
 def set_up(args, accelerator: Accelerator) -> Run:
     """Everything before the first step, in the order it must happen; resumes from a checkpoint if asked to."""
     set_seed(args.seed)
-    # the data check: a bad dataset stops before any model loads
-    dataset, held_out_rows = make_dataset(args, load_tokenizer(args))
+    tokenizer = load_tokenizer(args)
+    # the data check: a bad dataset stops before any model loads (subject folders: already at the flag check)
+    subject = args.instance_data_dir is not None
+    dataset, held_out_rows = (make_dataset(args, tokenizer) if not subject else
+                              (None, load_validation_folder(args) if args.validation_data_dir else None))
     # The frozen parts run in the mixed-precision dtype; the trained weights (the UNet, or with --lora_rank only its
     # adapter) are fp32 master weights.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     parts = load_components(args, weight_dtype)
     configure_unet(parts.unet, gradient_checkpointing=args.gradient_checkpointing, allow_tf32=args.allow_tf32,
                    xformers=args.enable_xformers_memory_efficient_attention, compile=args.compile)
+    move_frozen_parts(parts, accelerator.device)
+    if args.with_prior_preservation:  # drawn by the base model: before any adapter is added
+        draw_class_images(args, parts, accelerator)
+    if subject:
+        dataset = make_subject_dataset(args, tokenizer)
     if args.lora_rank:
         add_training_adapter(parts.unet, args)
     trained = [p for p in parts.unet.parameters() if p.requires_grad]
-    move_frozen_parts(parts, accelerator.device)
+    if args.train_text_encoder:
+        trained += make_text_encoder_trainable(parts.text_encoder, args)
     held_out = (ValidationLoss.from_rows(held_out_rows, parts, args, accelerator.device, weight_dtype)
                 if held_out_rows is not None and accelerator.is_main_process else None)
     if args.cache_latents:
-        dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,
-                                           args.train_batch_size, accelerator.is_local_main_process)
-        logger.info("Cached latents and text embeddings: %.1f MiB", dataset.cache.nbytes() / 2**20)
+        cache_latents(dataset, parts, accelerator, args.train_batch_size)
         move_frozen_parts(parts, "cpu")  # they only come back for validation
     dataloader = make_dataloader(dataset, seed=args.seed, batch_size=args.train_batch_size,
                                  num_workers=args.dataloader_num_workers)
@@ -138,14 +150,20 @@ def set_up(args, accelerator: Accelerator) -> Run:
     optimizer = make_optimizer(trained, settings_from(OptimizerSettings, args), accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, warmup_steps=args.lr_warmup_steps,
                                      max_train_steps=args.max_train_steps, num_processes=accelerator.num_processes)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
+    text_encoder = None
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+            parts.unet, parts.text_encoder, optimizer, dataloader, lr_scheduler)
+    else:
+        unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader,
+                                                                        lr_scheduler)
     register_checkpoint_hooks(accelerator, ema)  # must run before load_state
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         save_resolved_config(args, args.output_dir)
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
-    run = Run(args, accelerator, settings_from(StepSettings, args), parts, weight_dtype, unet, trained, optimizer,
-              lr_scheduler, dataloader, ema, held_out, num_epochs, Progress())
+    run = Run(args, accelerator, settings_from(StepSettings, args), parts, weight_dtype, unet, text_encoder, trained,
+              optimizer, lr_scheduler, dataloader, ema, held_out, num_epochs, Progress())
     resume(run, args.resume_from_checkpoint, args.output_dir)
     logger.info("Training %s UNet parameters on %d rows for %d optimizer steps (%d epochs), %d process(es).",
                 f"{trainable_count(run):,}", len(dataset), args.max_train_steps, num_epochs,
@@ -158,11 +176,14 @@ def train_step(run: Run, batches: Iterator, log: "StepLog") -> bool:
     where an epoch ends (accelerate then steps early); False if `batches` ran out first."""
     accelerator, settings = run.accelerator, run.step
     step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
+    models = [run.unet] + ([run.text_encoder] if run.text_encoder is not None else [])
+    prior_loss_weight = settings.prior_loss_weight if settings.with_prior_preservation else None
     for epoch, batch_index, batch in batches:
-        with accelerator.accumulate(run.unet):
+        with accelerator.accumulate(*models):
             generator = step_generator(settings.seed, accelerator.process_index, epoch, batch_index)
             loss = diffusion_loss(batch, run.unet, run.parts, generator, run.weight_dtype,
-                                  noise_offset=settings.noise_offset, snr_gamma=settings.snr_gamma)
+                                  noise_offset=settings.noise_offset, snr_gamma=settings.snr_gamma,
+                                  prior_loss_weight=prior_loss_weight, text_encoder=run.text_encoder)
             step_loss += loss.detach()
             micro_steps += 1
             accelerator.backward(loss)
@@ -190,12 +211,13 @@ def export(run: Run) -> None:
     if not accelerator.is_main_process:
         return
     final_unet = accelerator.unwrap_model(run.unet)
+    final_text_encoder = accelerator.unwrap_model(run.text_encoder) if run.text_encoder is not None else None
     if run.ema is not None:
         run.ema.copy_to(run.trained)
     if args.lora_rank:
-        save_adapter(args, final_unet)
+        save_adapter(args, final_unet, final_text_encoder)
     else:
-        save_pipeline(args, final_unet)
+        save_pipeline(args, final_unet, final_text_encoder)
     if args.validation_prompts and run.validated_at != step:
         run.last_grid = render_with(run, final_unet, step)
     if run.held_out is not None and run.validated_at != step:
@@ -249,15 +271,28 @@ def make_dataset(args, tokenizer):
     return CaptionedImages(usable.select(training), args, tokenizer, buckets=buckets), held_out_rows
 
 
+def cache_latents(dataset, parts, accelerator, batch_size: int) -> None:
+    """--cache_latents: the dataset's images and captions encoded once; a subject dataset's instance and class images
+    each in their own cache."""
+    image_sets = dataset.image_sets() if hasattr(dataset, "image_sets") else [dataset]
+    for image_set in image_sets:
+        image_set.cache = build_latent_cache(image_set, parts.vae, parts.text_encoder, accelerator.device, batch_size,
+                                             accelerator.is_local_main_process)
+    logger.info("Cached latents and text embeddings: %.1f MiB",
+                sum(image_set.cache.nbytes() for image_set in image_sets) / 2**20)
+
+
 def make_dataloader(dataset: CaptionedImages, *, seed: int, batch_size: int,
                     num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """Batches in an order fixed by (seed, epoch): of any rows, or with --enable_bucket of one bucket's rows each."""
+    """Batches in an order fixed by (seed, epoch): of any rows, or with --enable_bucket of one bucket's rows each. A
+    subject dataset's batches are put together by its own `collate` (instance half, then class half)."""
     rows = EpochShuffleSampler(len(dataset), seed)
     if dataset.buckets is None:
         order = {"batch_size": batch_size, "sampler": rows}
     else:
         order = {"batch_sampler": BucketBatchSampler(rows, dataset.buckets, batch_size, seed)}
-    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, **order)
+    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, collate_fn=getattr(dataset, "collate", None),
+                                       **order)
 
 
 def plan_steps(batches: int, num_processes: int, *, gradient_accumulation_steps: int, max_train_steps: int | None,

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 # diffusers' LoRA example targets the attention projections (self- and cross-attention) of the UNet.
 DEFAULT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+# and, with --train_text_encoder, the CLIP text encoder's attention projections (diffusers' DreamBooth LoRA example)
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
 
 
@@ -29,13 +31,14 @@ def lora_alpha(args) -> float:
     return args.lora_alpha or args.lora_rank
 
 
-def lora_config(args) -> LoraConfig:
+def lora_config(args, target_modules=None) -> LoraConfig:
     return LoraConfig(
         r=args.lora_rank,
         lora_alpha=lora_alpha(args),
         lora_dropout=args.lora_dropout or 0.0,
         init_lora_weights="gaussian",  # as diffusers' example: A random, B zero, so training starts at the base model
-        target_modules=args.lora_target_modules or DEFAULT_TARGET_MODULES,
+        target_modules=target_modules or args.lora_target_modules or DEFAULT_TARGET_MODULES,
+        use_dora=args.use_dora,  # peft's DoRA: also a magnitude vector per adapted layer, saved with the adapter
     )
 
 
@@ -82,27 +85,63 @@ def _matrix_shape(module) -> tuple[int, int] | None:
     return None
 
 
+def add_text_encoder_adapter(text_encoder, args) -> None:
+    """--train_text_encoder with --lora_rank: the same rank, alpha and DoRA setting on the text encoder's attention;
+    fp32 trainable weights as for the UNet."""
+    text_encoder.requires_grad_(False)
+    text_encoder.add_adapter(lora_config(args, TEXT_ENCODER_TARGET_MODULES))
+    cast_training_params(text_encoder, torch.float32)
+
+
 def kohya_path(output_dir) -> Path:
     """`<output_dir name>.safetensors` inside output_dir: the single file A1111 and ComfyUI users copy."""
     folder = Path(output_dir).resolve()
     return folder / f"{folder.name}.safetensors"
 
 
-def save_adapter(args, unet) -> tuple[Path, Path]:
-    """The trained adapter in diffusers' format (pytorch_lora_weights.safetensors, with its LoraConfig in the
-    metadata) and in kohya's (`lora_unet_...` keys, base model and settings in the metadata)."""
-    peft_state = get_peft_model_state_dict(unet)
+def save_adapter(args, unet, text_encoder=None) -> tuple[Path, Path]:
+    """The trained adapters in diffusers' format (pytorch_lora_weights.safetensors: `unet.` keys and, with a
+    `text_encoder` adapter, `text_encoder.` keys, each LoraConfig in the metadata) and in kohya's (`lora_unet_...` and
+    `lora_te_...` keys, base model and settings in the metadata)."""
+    unet_state = get_peft_model_state_dict(unet)
+    text_state = get_peft_model_state_dict(text_encoder) if text_encoder is not None else {}
     StableDiffusionPipeline.save_lora_weights(
-        args.output_dir, unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
-    kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
-    # diffusers writes alpha = rank; the loaders scale by alpha / rank, so the trained alpha must be written instead
-    alpha = float(lora_alpha(args))
-    kohya = {key: torch.tensor(alpha) if key.endswith(".alpha") else value.contiguous() for key, value in kohya.items()}
-    save_file(kohya, kohya_path(args.output_dir), metadata=kohya_metadata(args))
+        args.output_dir, unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True,
+        **({"text_encoder_lora_layers": text_encoder_layers(text_state),
+            "text_encoder_lora_adapter_metadata": text_encoder.peft_config["default"].to_dict()} if text_state else {}))
+    save_file(kohya_state(unet_state, text_state, float(lora_alpha(args))), kohya_path(args.output_dir),
+              metadata=kohya_metadata(args))
     logger.info("Saved the LoRA adapter to %s (diffusers) and %s (kohya)", DIFFUSERS_WEIGHTS,
                 kohya_path(args.output_dir).name)
     return Path(args.output_dir) / DIFFUSERS_WEIGHTS, kohya_path(args.output_dir)
+
+
+def text_encoder_layers(text_state: dict) -> dict[str, torch.Tensor]:
+    """The text encoder's adapter in diffusers' format. DoRA's magnitudes get the `.weight` suffix that transformers'
+    load_adapter (which diffusers' load_lora_weights calls for the text encoder) expects; peft's state dict leaves it
+    off, and without it the loaded magnitudes were silently re-initialised."""
+    layers = convert_state_dict_to_diffusers(text_state)
+    return {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value for key, value in layers.items()}
+
+
+def kohya_state(unet_state: dict, text_state: dict, alpha: float) -> dict[str, torch.Tensor]:
+    """peft state dicts in kohya's SD 1.x keys: `lora_unet_...`, `lora_te_...` and DoRA's `dora_scale`.
+
+    diffusers' converter is written for SDXL and falls short here in three ways, fixed after it: it names the text
+    encoder `lora_te1_` (SD 1.x's single encoder is `lora_te_` in kohya, A1111 and ComfyUI), leaves DoRA's magnitude
+    as `lora_magnitude_vector` under a module prefix, and writes alpha = rank where the loaders scale by
+    alpha / rank, so the trained alpha must be written instead."""
+    kohya = convert_state_dict_to_kohya({**{f"unet.{key}": value for key, value in unet_state.items()},
+                                         **{f"text_encoder.{key}": value for key, value in text_state.items()}})
+    fixed = {}
+    for key, value in kohya.items():
+        key = key.replace("lora_te1_", "lora_te_", 1)
+        if key.endswith(".lora_magnitude_vector"):
+            # kohya/LyCORIS keep the magnitude per output channel as an [out, 1] column
+            key, value = key.replace(".lora_magnitude_vector", ".dora_scale"), value.reshape(-1, 1)
+        fixed[key] = torch.tensor(alpha) if key.endswith(".alpha") else value.contiguous()
+    return fixed
 
 
 def kohya_metadata(args) -> dict[str, str]:

@@ -32,8 +32,12 @@ def text_conditioning(batch, text_encoder):
 
 
 def diffusion_loss(batch, unet, parts, generator: torch.Generator, weight_dtype, *, noise_offset: float = 0.0,
-                   snr_gamma: float | None = None) -> torch.Tensor:
-    """One micro-batch's training loss; --noise_offset and --snr_gamma as in config.py."""
+                   snr_gamma: float | None = None, prior_loss_weight: float | None = None,
+                   text_encoder=None) -> torch.Tensor:
+    """One micro-batch's training loss; --noise_offset and --snr_gamma as in config.py. `prior_loss_weight`: with
+    --with_prior_preservation, the batch's second half is class examples (prior_preservation_loss). `text_encoder`:
+    the one being trained (--train_text_encoder), whose gradients flow; else the frozen parts.text_encoder (or the
+    cached embeddings) gives the conditioning."""
     mean, std = latent_distribution(batch, parts.vae, weight_dtype)
     latents = (mean + std * randn(mean.shape, generator, mean)) * parts.vae.config.scaling_factor
     noise = randn(latents.shape, generator, latents)
@@ -45,9 +49,24 @@ def diffusion_loss(batch, unet, parts, generator: torch.Generator, weight_dtype,
     timesteps = timesteps.to(latents.device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(scheduler, latents, noise, timesteps)
-    encoder_hidden_states = text_conditioning(batch, parts.text_encoder)
+    encoder_hidden_states = (text_conditioning(batch, parts.text_encoder) if text_encoder is None
+                             else text_encoder(batch["input_ids"], return_dict=False)[0])
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    if prior_loss_weight is not None:
+        return prior_preservation_loss(prediction.float(), target.float(), scheduler, timesteps, snr_gamma,
+                                       prior_loss_weight)
     return weighted_mse(prediction.float(), target.float(), scheduler, timesteps, snr_gamma)
+
+
+def prior_preservation_loss(prediction, target, scheduler, timesteps, snr_gamma, prior_loss_weight) -> torch.Tensor:
+    """DreamBooth's loss (Ruiz et al. 2023, eq. 2): the batch's first half holds the instance examples, its second
+    half their class examples (sdtune.data.subject_dataset); the instance loss plus prior_loss_weight x the class
+    loss. As in diffusers' train_dreambooth.py, Min-SNR weighting applies to the instance half only."""
+    instance_prediction, class_prediction = prediction.chunk(2)
+    instance_target, class_target = target.chunk(2)
+    instance_loss = weighted_mse(instance_prediction, instance_target, scheduler, timesteps.chunk(2)[0], snr_gamma)
+    prior_loss = F.mse_loss(class_prediction, class_target, reduction="mean")
+    return instance_loss + prior_loss_weight * prior_loss
 
 
 def prediction_target(scheduler, latents, noise, timesteps) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Optimizer, learning-rate schedule and the offloaded EMA update."""
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ class OptimizerSettings:
     scale_lr: bool  # multiply learning_rate by the samples an optimizer step sees
     train_batch_size: int
     gradient_accumulation_steps: int
-    use_8bit_adam: bool
+    optimizer: str  # adamw, adamw8bit or prodigy: resolved by the flag check (--use_8bit_adam is adamw8bit)
     adam_beta1: float
     adam_beta2: float
     adam_weight_decay: float
@@ -24,20 +25,38 @@ class OptimizerSettings:
 
 
 def make_optimizer(parameters, settings: OptimizerSettings, num_processes: int) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' AdamW8bit with --use_8bit_adam; the learning rate scaled with --scale_lr."""
+    """--optimizer: torch's AdamW, bitsandbytes' AdamW8bit or Prodigy; the learning rate scaled with --scale_lr.
+    Every one keeps its state in `state_dict`, so accelerate's checkpoints hold it and a resumed run continues
+    exactly."""
     learning_rate = settings.learning_rate
     if settings.scale_lr:
         learning_rate *= settings.gradient_accumulation_steps * settings.train_batch_size * num_processes
-    if settings.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise SdtuneError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
-        optimizer_class = bnb.optim.AdamW8bit
+    betas, weight_decay = (settings.adam_beta1, settings.adam_beta2), settings.adam_weight_decay
+    eps = settings.adam_epsilon
+    if settings.optimizer == "prodigy":
+        return _prodigy(parameters, learning_rate, betas, weight_decay, eps)
+    if settings.optimizer == "adamw8bit":
+        optimizer_class = _package("bitsandbytes", settings.optimizer).optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    return optimizer_class(parameters, lr=learning_rate, betas=(settings.adam_beta1, settings.adam_beta2),
-                           weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
+    return optimizer_class(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def _prodigy(parameters, learning_rate: float, betas, weight_decay: float, eps: float) -> torch.optim.Optimizer:
+    """Prodigy with the settings diffusers' DreamBooth examples recommend for diffusion: decoupled weight decay, Adam's
+    bias correction, and the step-size estimate held back during warmup (safeguard_warmup)."""
+    prodigy = _package("prodigyopt", "prodigy").Prodigy
+    return prodigy(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps,
+                   decouple=True, use_bias_correction=True, safeguard_warmup=True)
+
+
+def _package(name: str, optimizer: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise SdtuneError(f"--optimizer {optimizer} needs the {name} package: pip install {name}") from error
+
+
 
 
 def make_lr_scheduler(optimizer, schedule: str, *, warmup_steps: int, max_train_steps: int, num_processes: int):
