@@ -12,9 +12,10 @@ a drift of the machine's load hits them alike. Variants besides eager and compil
 VAE's memory format (a compiled channels_last UNet is a graph of its own: its weights' strides differ).
 
 Training: configs/tiny.yaml's shapes (tinyworld/stock, 64 px, batch 8, fp32, EMA on), one batch a step (the recipe
-accumulates two), on a synthetic shapes dataset; the loop is bench/train_speed.py's copy of sdtune.training.loop.main's
-loop body; --compile goes through sdtune.training.loop.configure_unet as in training. --warmup_steps steps first (the
-compiled UNet's first step is its compile), then the two modes take turns, --rounds rounds of --steps steps each.
+accumulates two), on a synthetic shapes dataset; each mode is set up by the shipped sdtune.training.loop.set_up
+(--compile goes through its configure_unet, as in training) and each step is one sdtune.training.loop.train_step
+call, as bench/train_speed.py runs them. --warmup_steps steps first (the compiled UNet's first step is its compile),
+then the two modes take turns, --rounds rounds of --steps steps each.
 
 Inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1) unless --warm_cache: the compile time is a cold
 one, as on a fresh machine.
@@ -38,14 +39,11 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_speed import Loop, PhaseTimer, run_steps  # noqa: E402
+from train_speed import run_steps, timed_run  # noqa: E402
 
 from sdtune.generation.core import GenerationSettings, text_to_image  # noqa: E402
 from sdtune.generation.registry import ModelRegistry, ModelSpec  # noqa: E402
-from sdtune.training.components import load_components  # noqa: E402
 from sdtune.training.config import parse_args  # noqa: E402
-from sdtune.training.loop import configure_unet, make_accelerator, make_dataloader, make_dataset, make_ema  # noqa: E402
-from sdtune.training.optim import make_lr_scheduler, make_optimizer  # noqa: E402
 from tinyworld.shapes import write_shapes_dataset  # noqa: E402
 
 STOCK = "tinyworld/stock"
@@ -124,42 +122,29 @@ def compare_generation(bench) -> None:
         print(f"Target (--compile at least {TARGET_SPEED_UP}x eager images/s): {speed_up:.2f}x -> {verdict}")
 
 
-def training_flags(data: Path, output: Path, compile: bool) -> list[str]:
-    """configs/tiny.yaml with one batch a step, no logging, and --compile or not."""
+def training_flags(data: Path, output: Path, compile: bool, total_steps: int) -> list[str]:
+    """configs/tiny.yaml with one batch a step, `total_steps` steps, no logging, and --compile or not."""
     return ["--config", "configs/tiny.yaml", "--train_data_dir", str(data), "--output_dir", str(output),
-            "--gradient_accumulation_steps", "1", "--report_to", "none", *(["--compile"] if compile else [])]
-
-
-def set_up_training(data: Path, output: Path, compile: bool, accelerator) -> Loop:
-    """What sdtune.training.loop.main builds before its loop, for the tiny recipe."""
-    args = parse_args(training_flags(data, output, compile))
-    parts = load_components(args, torch.float32)
-    configure_unet(parts.unet, args)
-    trained = [p for p in parts.unet.parameters() if p.requires_grad]
-    dataset, _ = make_dataset(args, parts.tokenizer)
-    dataloader = make_dataloader(dataset, args)
-    ema = make_ema(args, parts.unet, trained, accelerator.device)
-    optimizer = make_optimizer(args, trained, accelerator.num_processes)
-    lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
-    return Loop(args, accelerator, parts, unet, trained, optimizer, lr_scheduler, dataloader, ema)
+            "--gradient_accumulation_steps", "1", "--max_train_steps", str(total_steps), "--report_to", "none",
+            *(["--compile"] if compile else [])]
 
 
 def compare_training(bench) -> None:
+    total_steps = bench.warmup_steps + bench.rounds * bench.steps
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as root:
         data = write_shapes_dataset(Path(root) / "data", count=64, seed=0)
-        accelerator = make_accelerator(parse_args(training_flags(data, Path(root) / "out", False)))
-        loops = {mode: set_up_training(data, Path(root) / mode, mode == "compile", accelerator)
-                 for mode in ("eager", "compile")}
-        warm_up = {mode: run_steps(loop, 0, bench.warmup_steps, PhaseTimer()) for mode, loop in loops.items()}
-        seconds = dict.fromkeys(loops, 0.0)
+        runs = {mode: timed_run(parse_args(training_flags(data, Path(root) / mode, mode == "compile", total_steps)),
+                                hook_phases=False)
+                for mode in ("eager", "compile")}
+        warm_up = {mode: run_steps(timed, 0, bench.warmup_steps) for mode, timed in runs.items()}
+        seconds = dict.fromkeys(runs, 0.0)
         for _ in range(bench.rounds):
-            for mode, loop in loops.items():
-                seconds[mode] += run_steps(loop, 0, bench.steps, PhaseTimer())
+            for mode, timed in runs.items():
+                seconds[mode] += run_steps(timed, 0, bench.steps)
     steps = bench.rounds * bench.steps
     print("| mode | steps/s | x eager | first steps, s | compile, s (warm-up - as many later steps) |")
     print("|---|---:|---:|---:|---:|")
-    for mode in loops:
+    for mode in runs:
         per_step = seconds[mode] / steps
         print(f"| {mode} | {1 / per_step:.2f} | {seconds['eager'] / seconds[mode]:.2f} | {warm_up[mode]:.1f} | "
               f"{warm_up[mode] - bench.warmup_steps * per_step:.1f} |")

@@ -54,11 +54,11 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from sdtune.seeds import step_generator  # noqa: E402
 from sdtune.training.components import Components  # noqa: E402
-from sdtune.training.config import parse_args  # noqa: E402
+from sdtune.training.config import parse_args, settings_from  # noqa: E402
 from sdtune.training.loop import configure_unet, make_ema  # noqa: E402
 from sdtune.training.lora import add_training_adapter  # noqa: E402
 from sdtune.training.objective import diffusion_loss  # noqa: E402
-from sdtune.training.optim import make_optimizer, update_offloaded_ema  # noqa: E402
+from sdtune.training.optim import OptimizerSettings, make_optimizer, update_offloaded_ema  # noqa: E402
 
 GIB = 2**30
 TARGETS_GIB = {"configs/pokemon.yaml": 20, "configs/pokemon-lowmem.yaml": 12, "configs/pokemon-lora.yaml": 6}
@@ -186,7 +186,8 @@ def build_unet(args, weight_dtype, fake: FakeTensorMode) -> UNet2DConditionModel
         unet = build_in_dtype(lambda: UNet2DConditionModel(**SD14_UNET),
                               weight_dtype if args.lora_rank else torch.float32)
     unet.train()
-    configure_unet(unet, args)
+    configure_unet(unet, gradient_checkpointing=args.gradient_checkpointing, allow_tf32=args.allow_tf32,
+                   xformers=args.enable_xformers_memory_efficient_attention, compile=args.compile)
     if args.lora_rank:
         add_training_adapter(unet, args)
     with fake:
@@ -231,7 +232,7 @@ def make_step_optimizer(args, trained) -> torch.optim.Optimizer:
     torch's AdamW picks its foreach implementation for CUDA tensors and a per-tensor loop for CPU ones; foreach is
     set here so that its temporaries (a full fp32 copy of the second moments) are those of a GPU run.
     """
-    optimizer = make_optimizer(args, trained, num_processes=1)
+    optimizer = make_optimizer(trained, settings_from(OptimizerSettings, args), num_processes=1)
     if isinstance(optimizer, torch.optim.AdamW):
         for group in optimizer.param_groups:
             group["foreach"] = True
@@ -247,7 +248,8 @@ def training_step(args, parts, trained, unet_call, optimizer, ema, peaks, tracke
             peaks.append((phase, by_category(tracker.get_tracker_snapshot("peak"))))
 
     batch = make_batch(args, weight_dtype)  # made here, so that the tracked step counts it as it lands
-    loss = diffusion_loss(batch, unet_call, parts, args, step_generator(args.seed, 0, 0, 0), weight_dtype)
+    loss = diffusion_loss(batch, unet_call, parts, step_generator(args.seed, 0, 0, 0), weight_dtype,
+                          noise_offset=args.noise_offset, snr_gamma=args.snr_gamma)
     record("forward")
     (loss * LOSS_SCALE).backward()  # accelerator.backward: GradScaler.scale(loss).backward()
     record("backward")
@@ -303,7 +305,8 @@ def measure_recipe(recipe: str) -> dict:
     parts = build_parts(args, weight_dtype, fake)
     trained = [p for p in parts.unet.parameters() if p.requires_grad]
     with fake:
-        ema = make_ema(args, parts.unet, trained, "cpu")
+        ema = make_ema(parts.unet, trained, "cpu", use_ema=args.use_ema, decay=args.ema_decay,
+                       adapter=bool(args.lora_rank), offload=args.offload_ema)
     optimizer = make_step_optimizer(args, trained)
     unet_call = AutocastForward(parts.unet, weight_dtype) if args.mixed_precision == "fp16" else parts.unet
 

@@ -3,16 +3,16 @@
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_speed.py [--train_batch_size 1]
 
 The model has Stable Diffusion v1's architecture scaled down (4 UNet blocks, 3 of them with cross-attention; a 4-block
-VAE with 8x downsampling; a CLIP text encoder) and random weights. The loop is sdtune's: sdtune.training.loop's helpers build
-the dataset (sdtune.data.dataset.CaptionedImages), the latent cache (sdtune.training.latent_cache.build_latent_cache), the EMA
-(diffusers' EMAModel), the optimizer and schedule (sdtune.training.optim); each step makes the calls of sdtune.training.loop.main's
-loop, in its order, through the same accelerate Accelerator. Only timers are added around them: the VAE encode, the
-text encoder and the UNet forward are timed from inside sdtune.training.objective.diffusion_loss by hooks on those modules.
+VAE with 8x downsampling; a CLIP text encoder) and random weights, saved in diffusers' layout and loaded as any base
+model is. The loop is the shipped one: sdtune.training.loop.set_up builds everything (dataset, latent cache, EMA,
+optimizer, schedule, accelerator.prepare) and each timed step is one sdtune.training.loop.train_step call. Only
+timers are added, by hooks on the objects the step calls: the VAE's encode, the text encoder's and the UNet's forward,
+accelerate's backward, the clipping, optimizer, schedule and EMA steps, and the micro-batch iterator.
 
 It runs three times: without and with --cache_latents, then a LoRA step with the cache (--lora_rank, the adapter added
-by sdtune.training.lora.add_training_adapter; the optimizer, clipping and EMA take the adapter's weights only, as in
-sdtune.training.loop.main). It checks the target for both cached modes: a whole step takes at most 15% longer than the UNet's
-own forward + backward + optimizer step; and it compares the steps/s of the full fine-tune and the LoRA step.
+by sdtune.training.lora.add_training_adapter; the optimizer, clipping and EMA take the adapter's weights only). It
+checks the target for both cached modes: a whole step takes at most 15% longer than the UNet's own forward + backward
++ optimizer step; and it compares the steps/s of the full fine-tune and the LoRA step.
 With --buckets it compares instead square batches (r x r) against --enable_bucket batches of the same pixel
 count (images of 4:1 and 1:4 in the 2r x r/2 and r/2 x 2r buckets), both encoding every step, taking turns; target:
 a bucketed step at most 5% slower. Absolute times on a shared 2-core machine mean little; compare the ratios of one
@@ -20,13 +20,13 @@ run.
 """
 
 import argparse
-import itertools
 import os
 import platform
 import random
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -39,14 +39,8 @@ import torch  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from sdtune.seeds import step_generator  # noqa: E402
-from sdtune.training.components import Components  # noqa: E402
+from sdtune.training import loop  # noqa: E402
 from sdtune.training.config import parse_args  # noqa: E402
-from sdtune.training.latent_cache import build_latent_cache  # noqa: E402
-from sdtune.training.loop import configure_unet, make_accelerator, make_dataloader, make_dataset, make_ema, update_ema  # noqa: E402
-from sdtune.training.lora import add_training_adapter  # noqa: E402
-from sdtune.training.objective import diffusion_loss  # noqa: E402
-from sdtune.training.optim import make_lr_scheduler, make_optimizer  # noqa: E402
 from tinyworld.factories import sd_layout_unet, sd_layout_vae, text_config  # noqa: E402
 from tinyworld.shapes import random_shape, shape_words, write_imagefolder, write_shapes_dataset  # noqa: E402
 from tinyworld.tokenizer import save_word_tokenizer  # noqa: E402
@@ -83,30 +77,36 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def small_components(tokenizer, resolution: int) -> Components:
-    """Random small SD parts, frozen and trainable as sdtune.training.components.load_components leaves them."""
-    torch.manual_seed(0)  # both modes start from the same weights
+def write_small_model(folder: Path, resolution: int) -> Path:
+    """Random small SD parts in diffusers' layout (tokenizer/, text_encoder/, vae/, unet/, scheduler/), for set_up to
+    load as it loads any base model; every mode starts from these same weights."""
+    save_word_tokenizer(shape_words(), folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    torch.manual_seed(0)
     # SD v1's layouts, 1 layer a block: the UNet at 1/10 of SD's widths, the VAE at 1/8; a 4-layer text encoder
-    vae = sd_layout_vae((16, 32, 64, 64), layers_per_block=1, sample_size=resolution, norm_num_groups=8)
-    text_encoder = CLIPTextModel(text_config(tokenizer, 64, num_hidden_layers=4, intermediate_size=256))
-    unet = sd_layout_unet((32, 64, 128, 128), layers_per_block=1, cross_attention_dim=64, sample_size=16)
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    unet.train()
-    # SD v1's training noise schedule (its scheduler_config.json)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000)
-    return Components(tokenizer, text_encoder, vae, unet, scheduler)
+    parts = {
+        "vae": sd_layout_vae((16, 32, 64, 64), layers_per_block=1, sample_size=resolution, norm_num_groups=8),
+        "text_encoder": CLIPTextModel(text_config(tokenizer, 64, num_hidden_layers=4, intermediate_size=256)),
+        "unet": sd_layout_unet((32, 64, 128, 128), layers_per_block=1, cross_attention_dim=64, sample_size=16),
+        # SD v1's training noise schedule (its scheduler_config.json)
+        "scheduler": DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   num_train_timesteps=1000),
+    }
+    for name, part in parts.items():
+        part.save_pretrained(folder / name)
+    return folder
 
 
-def training_flags(bench, folders: dict, cache_latents: bool, lora: bool = False,
-                   buckets: bool = False) -> list[str]:
-    """train_text_to_image.py flags for this benchmark: fp32 on the CPU, no accumulation, no logging."""
+def training_flags(bench, folders: dict, cache_latents: bool, lora: bool = False, buckets: bool = False,
+                   total_steps: int | None = None) -> list[str]:
+    """train_text_to_image.py flags for this benchmark: fp32 on the CPU, no accumulation, no logging; the run lasts
+    `total_steps` (default: the warm-up and timed steps)."""
+    total_steps = total_steps or bench.warmup_steps + bench.steps
     flags = [
-        "--pretrained_model_name_or_path", "bench-small-sd",  # never loaded: the parts are built in memory
+        "--pretrained_model_name_or_path", str(folders["model"]),
         "--train_data_dir", str(folders["mixed" if buckets else "data"]), "--output_dir", str(folders["output"]),
         "--resolution", str(bench.resolution), "--center_crop", "--random_flip",
-        "--train_batch_size", str(bench.train_batch_size), "--max_train_steps", str(bench.warmup_steps + bench.steps),
+        "--train_batch_size", str(bench.train_batch_size), "--max_train_steps", str(total_steps),
         "--lr_warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none", "--seed", "0",
     ]
     flags += [] if bench.no_ema else ["--use_ema"]
@@ -139,7 +139,8 @@ class PhaseTimer:
         module.register_forward_hook(lambda *_: self._add_since(name))
 
     def around_method(self, owner, attribute: str, name: str) -> None:
-        """Time every call of owner.attribute (for VAE.encode, which is a method, not a module forward)."""
+        """Time every call of owner.attribute (a method such as VAE.encode or Accelerator.backward, on this one
+        object)."""
         method = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
@@ -148,16 +149,35 @@ class PhaseTimer:
 
         setattr(owner, attribute, timed)
 
+    @contextmanager
+    def around_function(self, module, attribute: str, name: str):
+        """Time module.attribute, a function, while the block runs; then put the original back."""
+        original = getattr(module, attribute)
+        self.around_method(module, attribute, name)
+        try:
+            yield
+        finally:
+            setattr(module, attribute, original)
+
+    def around_iterator(self, items: Iterator, name: str) -> Iterator:
+        """The items of `items`, each next() timed."""
+        while True:
+            with self.phase(name):
+                item = next(items, None)
+            if item is None:
+                return
+            yield item
+
     def _add_since(self, name: str) -> None:
         self.seconds[name] += time.perf_counter() - self._starts.pop(name)
 
 
 def prepare_inputs(root: Path, bench) -> dict:
-    """Write the synthetic captioned images and the tokenizer once; both modes read them."""
-    folders = {"data": root / "shapes", "mixed": root / "mixed", "tokenizer": root / "tokenizer",
+    """Write the small model and the synthetic captioned images once; every mode reads them."""
+    folders = {"model": root / "small-sd", "data": root / "shapes", "mixed": root / "mixed",
                "output": root / "output"}
+    write_small_model(folders["model"], bench.resolution)
     write_shapes_dataset(folders["data"], bench.num_images, seed=0, size=bench.image_size)
-    save_word_tokenizer(shape_words(), folders["tokenizer"])
     if bench.buckets:
         write_imagefolder(folders["mixed"], mixed_aspect_shapes(bench))
     return folders
@@ -173,21 +193,52 @@ def mixed_aspect_shapes(bench) -> list:
     return examples
 
 
-def run_mode(bench, folders: dict, accelerator, cache_latents: bool, lora: bool) -> dict:
+@dataclass
+class TimedRun:
+    """A run built by the shipped set_up, with timers hooked to what its train_step calls."""
+
+    run: loop.Run
+    batches: Iterator  # the run's micro_batches, each next() timed as data loading
+    log: loop.StepLog  # train_step's own logging, without a progress bar
+    timer: PhaseTimer
+    facts: dict
+
+
+def run_mode(bench, folders: dict, cache_latents: bool, lora: bool) -> dict:
     """Set up, time the steps, and return seconds per phase and in total."""
-    loop, timer, facts = timed_loop(bench, folders, accelerator, cache_latents, lora)
-    total = run_steps(loop, bench.warmup_steps, bench.steps, timer)
-    return phase_result(timer, total, bench.steps, facts)
+    timed = timed_run(parse_args(training_flags(bench, folders, cache_latents, lora)))
+    total = run_steps(timed, bench.warmup_steps, bench.steps)
+    return phase_result(timed.timer, total, bench.steps, timed.facts)
 
 
-def timed_loop(bench, folders: dict, accelerator, cache_latents: bool, lora: bool = False, buckets: bool = False):
-    """The loop of one mode, with a timer hooked to its VAE, text encoder and UNet."""
-    loop, facts = set_up(bench, folders, accelerator, cache_latents, lora, buckets)
+def timed_run(args, hook_phases: bool = True) -> TimedRun:
+    """sdtune.training.loop.set_up for these flags, then a timer hooked to everything its steps call (without
+    `hook_phases`, to the micro-batches only: a hook inside a compiled UNet would break its graph)."""
+    set_up_timer = PhaseTimer()
+    with set_up_timer.around_function(loop, "build_latent_cache", "caching"):
+        run = loop.set_up(args, loop.make_accelerator(args))
     timer = PhaseTimer()
-    timer.around_method(loop.parts.vae, "encode", "VAE encode")
-    timer.around_module(loop.parts.text_encoder, "text encoder")
-    timer.around_module(loop.unet, "UNet forward")
-    return loop, timer, facts
+    if hook_phases:
+        hook_step_phases(timer, run)
+    batches = timer.around_iterator(loop.micro_batches(run), "data loading")
+    log = loop.StepLog(run.accelerator, None, args.max_train_steps, 0, show_bar=False)
+    facts = {"rows": len(run.dataloader.dataset), "caching": set_up_timer.seconds["caching"],
+             "unet_parameters": sum(p.numel() for p in run.unet.parameters()),
+             "trained_parameters": loop.trainable_count(run)}
+    return TimedRun(run, batches, log, timer, facts)
+
+
+def hook_step_phases(timer: PhaseTimer, run: loop.Run) -> None:
+    """Time what train_step calls, phase by phase, through hooks on the run's own objects."""
+    timer.around_method(run.parts.vae, "encode", "VAE encode")
+    timer.around_module(run.parts.text_encoder, "text encoder")
+    timer.around_module(run.unet, "UNet forward")
+    timer.around_method(run.accelerator, "backward", "UNet backward")
+    for owner, method in [(run.accelerator, "clip_grad_norm_"), (run.optimizer, "step"), (run.lr_scheduler, "step"),
+                          (run.optimizer, "zero_grad")]:
+        timer.around_method(owner, method, "optimizer step")
+    if run.ema is not None:
+        timer.around_method(run.ema, "step", "EMA update")
 
 
 def phase_result(timer: PhaseTimer, total: float, steps: int, facts: dict) -> dict:
@@ -196,77 +247,22 @@ def phase_result(timer: PhaseTimer, total: float, steps: int, facts: dict) -> di
     return {"seconds": seconds, "total": total, "steps": steps, **facts}
 
 
-def set_up(bench, folders: dict, accelerator, cache_latents: bool, lora: bool, buckets: bool):
-    """Everything sdtune.training.loop.main builds before its loop, in its order, with the small model's parts."""
-    args = parse_args(training_flags(bench, folders, cache_latents, lora, buckets))
-    parts = small_components(CLIPTokenizer.from_pretrained(folders["tokenizer"]), bench.resolution)
-    configure_unet(parts.unet, args)
-    if args.lora_rank:
-        add_training_adapter(parts.unet, args)
-    trained = [p for p in parts.unet.parameters() if p.requires_grad]
-    dataset, _ = make_dataset(args, parts.tokenizer)
+def run_steps(timed: TimedRun, warmup_steps: int, steps: int) -> float:
+    """warmup_steps, then `steps` timed calls of sdtune.training.loop.train_step; returns the timed steps' seconds.
+    The phase timer restarts after a warm-up, and adds up over calls without one."""
+    for _ in range(warmup_steps):
+        take_step(timed)
+    if warmup_steps:
+        timed.timer.reset()
     start = time.perf_counter()
-    if args.cache_latents:
-        dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,
-                                           args.train_batch_size, show_progress=False)
-    caching_seconds = time.perf_counter() - start
-    dataloader = make_dataloader(dataset, args)
-    ema = make_ema(args, parts.unet, trained, accelerator.device)
-    optimizer = make_optimizer(args, trained, accelerator.num_processes)
-    lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
-    facts = {"rows": len(dataset), "caching": caching_seconds,
-             "unet_parameters": sum(p.numel() for p in unet.parameters()),
-             "trained_parameters": sum(p.numel() for p in trained)}
-    return Loop(args, accelerator, parts, unet, trained, optimizer, lr_scheduler, dataloader, ema), facts
+    for _ in range(steps):
+        take_step(timed)
+    return time.perf_counter() - start
 
 
-@dataclass
-class Loop:
-    """What sdtune.training.loop.main's loop works with, after accelerator.prepare."""
-    args: argparse.Namespace
-    accelerator: object
-    parts: Components
-    unet: torch.nn.Module
-    trained: list  # the parameters the optimizer updates: the UNet's, or its adapter's
-    optimizer: object
-    lr_scheduler: object
-    dataloader: object
-    ema: object
-
-
-def run_steps(loop: Loop, warmup_steps: int, steps: int, timer: PhaseTimer) -> float:
-    """sdtune.training.loop.main's loop body (no logging, checkpoints or validation); returns the timed steps' seconds."""
-    args, accelerator, unet, optimizer = loop.args, loop.accelerator, loop.unet, loop.optimizer
-    done, start = 0, time.perf_counter()
-    for epoch in itertools.count():
-        loop.dataloader.set_epoch(epoch)
-        with timer.phase("data loading"):
-            batches = iter(loop.dataloader)  # an epoch's first batch pays for starting the iterator
-        for batch_index in range(len(loop.dataloader)):
-            with timer.phase("data loading"):
-                batch = next(batches)
-            with accelerator.accumulate(unet):
-                generator = step_generator(args.seed, accelerator.process_index, epoch, batch_index)
-                # fp32 for the frozen parts too: --mixed_precision no
-                loss = diffusion_loss(batch, unet, loop.parts, args, generator, torch.float32)
-                accelerator.gather(loss.detach()).mean().item()  # as the loop's loss logging
-                with timer.phase("UNet backward"):
-                    accelerator.backward(loss)
-                with timer.phase("optimizer step"):
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(loop.trained, args.max_grad_norm)
-                    optimizer.step()
-                    loop.lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            with timer.phase("EMA update"):
-                update_ema(loop.ema, loop.trained, args)
-            done += 1
-            if done == warmup_steps:
-                timer.reset()
-                start = time.perf_counter()
-            if done == warmup_steps + steps:
-                return time.perf_counter() - start
+def take_step(timed: TimedRun) -> None:
+    if not loop.train_step(timed.run, timed.batches, timed.log):
+        raise RuntimeError("The run's epochs ran out before the benchmark's steps: its --max_train_steps is short.")
 
 
 def overhead_ratio(result: dict) -> float:
@@ -304,12 +300,11 @@ def main(argv=None) -> None:
           "steps per mode")
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as root:
         folders = prepare_inputs(Path(root), bench)
-        accelerator = make_accelerator(parse_args(training_flags(bench, folders, cache_latents=False)))
         if bench.buckets:
-            return compare_buckets(bench, folders, accelerator)
+            return compare_buckets(bench, folders)
         results = {}
         for name, cache_latents, lora in MODES:
-            results[name] = run_mode(bench, folders, accelerator, cache_latents, lora)
+            results[name] = run_mode(bench, folders, cache_latents, lora)
     cached, lora = results["--cache_latents"], results[LORA_MODE]
     print(f"UNet parameters: {cached['unet_parameters']:,} (LoRA rank {bench.lora_rank}: "
           f"{lora['trained_parameters']:,} trained); dataset rows: {cached['rows']}; building the cache took "
@@ -325,25 +320,27 @@ def main(argv=None) -> None:
     speed_up = (lora["steps"] / lora["total"]) / (cached["steps"] / cached["total"])
     print(f"steps/s, full fine-tune {cached['steps'] / cached['total']:.2f} against LoRA "
           f"{lora['steps'] / lora['total']:.2f} (both with the cache): LoRA {speed_up:.2f}x")
-    print("Phases: 'data loading' is the DataLoader's next batch (dataset, collate, device move); VAE encode, text "
-          "encoder and UNet forward are timed inside sdtune.training.objective.diffusion_loss; 'optimizer step' is gradient "
-          "clipping + step + LR schedule + zero_grad; 'other' is the rest of the step (noise and timestep draws, "
-          "loss, the logged loss's .item()).")
+    print("Phases: 'data loading' is the next micro-batch (dataset, collate, device move); VAE encode, text encoder "
+          "and UNet forward are timed inside sdtune.training.objective.diffusion_loss; 'optimizer step' is gradient "
+          "clipping + step + LR schedule + zero_grad; 'other' is the rest of train_step (noise and timestep draws, "
+          "loss, the logged loss's gather and .item(), the log).")
 
 
-def compare_buckets(bench, folders: dict, accelerator) -> None:
+def compare_buckets(bench, folders: dict) -> None:
     """--buckets: square batches against bucketed ones of the same pixel count, both encoding every step. The two
     modes take turns, BUCKET_ROUNDS rounds of steps each, so that a change in the machine's load hits both alike."""
     side, steps = bench.resolution, bench.steps // BUCKET_ROUNDS * BUCKET_ROUNDS
-    modes = {f"square {side}x{side}": timed_loop(bench, folders, accelerator, cache_latents=False),
-             f"buckets {2 * side}x{side // 2}, {side // 2}x{2 * side}": timed_loop(bench, folders, accelerator,
-                                                                              cache_latents=False, buckets=True)}
+    total_steps = bench.warmup_steps + steps
+    modes = {f"square {side}x{side}": False, f"buckets {2 * side}x{side // 2}, {side // 2}x{2 * side}": True}
+    modes = {name: timed_run(parse_args(training_flags(bench, folders, False, buckets=buckets,
+                                                       total_steps=total_steps)))
+             for name, buckets in modes.items()}
     totals = dict.fromkeys(modes, 0.0)
     for round_index in range(BUCKET_ROUNDS):
-        for name, (loop, timer, _) in modes.items():
+        for name, timed in modes.items():
             warmup = bench.warmup_steps if round_index == 0 else 0
-            totals[name] += run_steps(loop, warmup, steps // BUCKET_ROUNDS, timer)
-    results = {name: phase_result(timer, totals[name], steps, facts) for name, (_, timer, facts) in modes.items()}
+            totals[name] += run_steps(timed, warmup, steps // BUCKET_ROUNDS)
+    results = {name: phase_result(timed.timer, totals[name], steps, timed.facts) for name, timed in modes.items()}
     print()
     print_table(results)
     print()

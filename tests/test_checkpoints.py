@@ -1,5 +1,5 @@
-"""Checkpoints in diffusers' layout and naming: listed and pruned by step number, resumed by path, name or 'latest'
-(including the zero-padded names sdtune wrote before), and read without unpickling anything but plain data."""
+"""Checkpoints in diffusers' layout and naming: listed and pruned by step number, resumed by path, name or 'latest',
+and read without unpickling anything but plain data."""
 
 import shutil
 from pathlib import Path
@@ -44,15 +44,14 @@ def test_checkpoints_are_named_by_their_step_like_diffusers():
     assert checkpoint_name(4) == "checkpoint-4"
 
 
-def test_latest_and_pruning_go_by_step_number_also_with_old_zero_padded_names(tmp_path):
-    # as text, checkpoint-9 sorts after checkpoint-12, and checkpoint-000011 before checkpoint-2
-    make_checkpoints(tmp_path, *(checkpoint_name(step) for step in [1, 2, 3, 9, 10, 12]), "checkpoint-000011",
-                     "checkpoint-000005")
-    assert names(list_checkpoints(tmp_path)) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-000005",
-                                                 "checkpoint-9", "checkpoint-10", "checkpoint-000011", "checkpoint-12"]
+def test_latest_and_pruning_go_by_step_number(tmp_path):
+    # as text, checkpoint-9 sorts after checkpoint-12
+    make_checkpoints(tmp_path, *(checkpoint_name(step) for step in [1, 2, 3, 9, 10, 11, 12]))
+    assert names(list_checkpoints(tmp_path)) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-9",
+                                                 "checkpoint-10", "checkpoint-11", "checkpoint-12"]
     assert resolve_resume_path("latest", tmp_path).name == "checkpoint-12"
     prune_checkpoints(tmp_path, 3)
-    assert names(list_checkpoints(tmp_path)) == ["checkpoint-10", "checkpoint-000011", "checkpoint-12"]
+    assert names(list_checkpoints(tmp_path)) == ["checkpoint-10", "checkpoint-11", "checkpoint-12"]
 
 
 def test_half_written_checkpoints_are_never_picked(tmp_path):
@@ -74,8 +73,8 @@ def test_a_name_is_looked_up_in_the_output_dir_and_a_path_is_taken_as_it_is(tmp_
 
 
 def test_an_unknown_name_is_refused_with_the_checkpoints_there_are(tmp_path):
-    make_checkpoints(tmp_path, "checkpoint-2", "checkpoint-000004")
-    with pytest.raises(CheckpointError, match="checkpoints there: checkpoint-2, checkpoint-000004") as error:
+    make_checkpoints(tmp_path, "checkpoint-2", "checkpoint-4")
+    with pytest.raises(CheckpointError, match="checkpoints there: checkpoint-2, checkpoint-4") as error:
         resolve_resume_path("checkpoint-3", tmp_path)
     assert isinstance(error.value, SdtuneError)
 
@@ -115,20 +114,8 @@ def test_resume_by_path_gives_the_same_weights(train, ema_run, tmp_path):
     assert f"Resumed from {ema_run / 'checkpoint-2'}" in (resumed / "train.log").read_text()
 
 
-def test_an_old_zero_padded_checkpoint_still_resumes(train, ema_run, tmp_path):
-    # sdtune's layout before: checkpoint-000002/ with accelerate's model.safetensors instead of unet/
-    old = tmp_path / "run" / "checkpoint-000002"
-    shutil.copytree(ema_run / "checkpoint-2", old, ignore=shutil.ignore_patterns("unet", "unet_ema"))
-    shutil.copy(ema_run / "checkpoint-2" / UNET_WEIGHTS, old / "model.safetensors")
-    resumed = train(tmp_path / "run", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
-    # without the EMA the run exports its raw weights, which are what the EMA run trained at step 4
-    assert same_weights(resumed / UNET_WEIGHTS, ema_run / "checkpoint-4" / UNET_WEIGHTS)
-    assert names(list_checkpoints(resumed)) == ["checkpoint-000002", "checkpoint-4"]
-
-
-def test_an_old_checkpoint_with_a_pickled_ema_is_refused(train, ema_run, tmp_path):
-    old = tmp_path / "run" / "checkpoint-000002"
-    shutil.copytree(ema_run / "checkpoint-2", old)
-    torch.save({"shadow_params": []}, old / "custom_checkpoint_0.pkl")
-    with pytest.raises(CheckpointError, match="custom_checkpoint_0.pkl"):
+def test_a_checkpoint_without_its_unet_is_refused(train, ema_run, tmp_path):
+    copied = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(ema_run / "checkpoint-2", copied, ignore=shutil.ignore_patterns("unet"))
+    with pytest.raises(CheckpointError, match="has no unet/"):
         train(tmp_path / "run", *EMA_FLAGS, "--resume_from_checkpoint", "latest")

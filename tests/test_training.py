@@ -85,18 +85,27 @@ def test_data_loader_workers_do_not_change_the_result(train, tmp_path):
 
 @dataclass
 class TrainingWatch:
-    """What a training run did, seen from outside: its loss calls, gradient clips and logged steps."""
+    """What a training run did, seen from outside: its loss calls, gradient clips, gathers and logged steps."""
     loss_calls: list = field(default_factory=list)  # (unet, weight_dtype) of each micro-batch
     clips: list = field(default_factory=list)  # (max_norm, norm before, norm after) of each optimizer step
     logged: list = field(default_factory=list)  # (step, values) sent to the trackers
+    losses: list = field(default_factory=list)  # each micro-batch's loss
+    gathers: int = 0  # accelerator.gather calls
 
     def observe(self, patch: pytest.MonkeyPatch) -> "TrainingWatch":
-        """Wrap the training step's loss, accelerate's clipping and its tracker log for the rest of `patch`."""
+        """Wrap the training step's loss, accelerate's clipping, gather and tracker log for the rest of `patch`."""
         loss, clip, log = sdtune.training.loop.diffusion_loss, Accelerator.clip_grad_norm_, Accelerator.log
+        gather = Accelerator.gather
 
-        def watched_loss(batch, unet, parts, args, generator, weight_dtype):
+        def watched_loss(batch, unet, parts, generator, weight_dtype, **settings):
             self.loss_calls.append((unet, weight_dtype))
-            return loss(batch, unet, parts, args, generator, weight_dtype)
+            value = loss(batch, unet, parts, generator, weight_dtype, **settings)
+            self.losses.append(value.item())
+            return value
+
+        def watched_gather(accelerator, tensor):
+            self.gathers += 1
+            return gather(accelerator, tensor)
 
         def watched_clip(accelerator, parameters, max_norm, *rest, **options):
             parameters = list(parameters)
@@ -112,6 +121,7 @@ class TrainingWatch:
         patch.setattr(sdtune.training.loop, "diffusion_loss", watched_loss)
         patch.setattr(Accelerator, "clip_grad_norm_", watched_clip)
         patch.setattr(Accelerator, "log", watched_log)
+        patch.setattr(Accelerator, "gather", watched_gather)
         return self
 
 
@@ -143,6 +153,13 @@ def test_accumulation_clipping_and_the_scaled_cosine_learning_rate_act_in_traini
     # (1/2, 1) and then half a cosine over the 2 others ((1 + cos(pi/2)) / 2, (1 + cos(pi)) / 2)
     rates = [values["lr"] for _, values in watch.logged]
     assert rates == pytest.approx([4e-3, 8e-3, 4e-3, 0.0], abs=1e-12)
+
+
+def test_the_logged_loss_is_the_mean_of_each_steps_micro_batches_gathered_once_a_step(optimisation_runs):
+    *_, watch = optimisation_runs
+    assert watch.gathers == 4  # one CPU-GPU sync per optimizer step, not one per micro-batch
+    step_means = [(first + second) / 2 for first, second in zip(watch.losses[::2], watch.losses[1::2])]
+    assert [values["train_loss"] for _, values in watch.logged] == pytest.approx(step_means, rel=1e-6)
 
 
 def test_final_pipeline_carries_the_ema_weights(optimisation_runs):

@@ -9,10 +9,11 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdtune.data.dataset import CaptionedImages
-from sdtune.training.config import parse_args
+from sdtune.training.config import parse_args, settings_from
 from sdtune.training.latent_cache import LatentCache
+from sdtune.training.loop import plan_steps
 from sdtune.training.objective import diffusion_loss
-from sdtune.training.optim import make_lr_scheduler, make_optimizer
+from sdtune.training.optim import OptimizerSettings, make_lr_scheduler, make_optimizer
 
 BATCH, CHANNELS, SIZE = 16, 4, 8
 
@@ -41,7 +42,8 @@ def objective_run(args, latents: torch.Tensor, prediction_type: str = "epsilon")
     batch = {"latent_mean": latents, "latent_std": torch.zeros_like(latents),
              "encoder_hidden_states": torch.zeros(BATCH, 77, 32)}
     unet = RecordingUNet()
-    loss = diffusion_loss(batch, unet, parts, args, torch.Generator().manual_seed(0), torch.float32)
+    loss = diffusion_loss(batch, unet, parts, torch.Generator().manual_seed(0), torch.float32,
+                          noise_offset=args.noise_offset, snr_gamma=args.snr_gamma)
     signal = scheduler.alphas_cumprod[unet.timesteps].view(-1, 1, 1, 1)
     # DDPM's forward process: noisy = sqrt(alpha_bar) * latents + sqrt(1 - alpha_bar) * noise
     noise = (unet.noisy_latents - signal.sqrt() * latents) / (1 - signal).sqrt()
@@ -104,8 +106,10 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
 def test_scaled_learning_rate_follows_the_cosine_with_warmup(num_processes):
     args = training_args("--learning_rate", "1e-3", "--train_batch_size", "4", "--gradient_accumulation_steps", "2",
                          "--scale_lr", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2")
-    optimizer = make_optimizer(args, [torch.nn.Parameter(torch.zeros(3))], num_processes)
-    schedule = make_lr_scheduler(args, optimizer, max_train_steps=6, num_processes=num_processes)
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(3))], settings_from(OptimizerSettings, args),
+                               num_processes)
+    schedule = make_lr_scheduler(optimizer, args.lr_scheduler, warmup_steps=args.lr_warmup_steps, max_train_steps=6,
+                                 num_processes=num_processes)
     peak = 1e-3 * 4 * 2 * num_processes  # learning rate x batch size x accumulation x processes
     rates = []
     for _ in range(7):
@@ -117,15 +121,16 @@ def test_scaled_learning_rate_follows_the_cosine_with_warmup(num_processes):
 
 
 def test_learning_rate_is_left_alone_without_scale_lr():
-    optimizer = make_optimizer(training_args("--learning_rate", "1e-3", "--train_batch_size", "4"),
-                               [torch.nn.Parameter(torch.zeros(3))], num_processes=3)
+    settings = settings_from(OptimizerSettings, training_args("--learning_rate", "1e-3", "--train_batch_size", "4"))
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(3))], settings, num_processes=3)
     assert optimizer.param_groups[0]["lr"] == 1e-3
 
 
 def test_8bit_adam_keeps_its_moments_in_8_bits():
     bnb = pytest.importorskip("bitsandbytes")
     weight = torch.nn.Parameter(torch.randn(64, 128))  # bitsandbytes keeps tensors under 4096 values in 32 bits
-    optimizer = make_optimizer(training_args("--use_8bit_adam"), [weight], num_processes=1)
+    optimizer = make_optimizer([weight], settings_from(OptimizerSettings, training_args("--use_8bit_adam")),
+                               num_processes=1)
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
     weight.grad = torch.randn_like(weight)
     try:
@@ -134,3 +139,11 @@ def test_8bit_adam_keeps_its_moments_in_8_bits():
         pytest.skip(f"bitsandbytes cannot run here: {error}")
     state = optimizer.state[weight]
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+
+
+def test_steps_and_epochs_follow_max_train_steps_or_num_train_epochs():
+    # 7 batches on 2 processes: 4 each, so 2 optimizer steps an epoch with 2 accumulated
+    plan = {"gradient_accumulation_steps": 2, "num_train_epochs": 3}
+    assert plan_steps(7, 2, max_train_steps=None, **plan) == (6, 3)
+    assert plan_steps(7, 2, max_train_steps=5, **plan) == (5, 3)
+    assert plan_steps(7, 1, max_train_steps=None, **plan) == (12, 3)  # 7 batches: 4 steps, the last one short

@@ -1,8 +1,6 @@
 """The validation loss's parts on small tensors: the held-out split, the fixed-noise loss, its history and plot.
 The training runs that record it are in test_training.py, test_resume.py and test_distributed.py."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -100,8 +98,9 @@ def test_a_single_point_plots(tmp_path):
 
 
 def test_validation_is_due_every_validation_steps_and_after_every_validation_epochs_th_epoch():
-    args = SimpleNamespace(validation_steps=3, validation_epochs=2)
-    assert validation_due(args, Progress(6, 0, 6), epoch=0)
-    assert not validation_due(args, Progress(4, 0, 4), epoch=0)
-    assert validation_due(args, Progress(4, 2, 0), epoch=1)  # the step that ended epoch 1, the 2nd
-    assert not validation_due(args, Progress(4, 1, 0), epoch=0)  # the step that ended epoch 0, the 1st
+    every = {"every_steps": 3, "every_epochs": 2}
+    assert validation_due(Progress(6, 0, 6), **every)
+    assert not validation_due(Progress(4, 0, 4), **every)
+    assert validation_due(Progress(4, 2, 0), **every)  # the step that ended epoch 1, the 2nd
+    assert not validation_due(Progress(4, 1, 0), **every)  # the step that ended epoch 0, the 1st
+    assert not validation_due(Progress(5, 1, 2), every_steps=None, every_epochs=1)  # mid-epoch, no step cadence

@@ -29,15 +29,13 @@ from sdtune.training.config import save_resolved_config
 
 logger = logging.getLogger(__name__)
 
-# Matches diffusers' checkpoint-500 and the zero-padded checkpoint-000500 that sdtune wrote before.
+# diffusers' checkpoint-500, numbered by optimizer step
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PROGRESS_FILE = "training_state.json"
 UNET_FOLDER = "unet"
 EMA_FOLDER = "unet_ema"
 LORA_FOLDER = "unet_lora"
 LORA_EMA_FILE = "unet_lora_ema.safetensors"
-# Checkpoints older than the diffusers layout kept the EMA as a pickle that accelerate unpickles unrestricted.
-LEGACY_EMA_PICKLE = "custom_checkpoint_0.pkl"
 
 
 class CheckpointError(SdtuneError):
@@ -112,17 +110,18 @@ def _save_models(accelerator, ema, models, weights, output_dir) -> None:
 
 def _load_models(accelerator, ema, models, input_dir) -> None:
     """accelerate's load hook. `models` is a list made for this load: taking the UNet out of it means accelerate
-    looks for no model.safetensors. A checkpoint without unet/ (sdtune before the diffusers layout) keeps it there."""
+    looks for no model.safetensors."""
     folder = Path(input_dir)
     (unet,) = models
     if is_lora(accelerator.unwrap_model(unet)):
         _load_lora(accelerator.unwrap_model(unet), ema, folder)
         models.clear()
         return
+    if not (folder / UNET_FOLDER).is_dir():
+        raise CheckpointError(f"{folder} has no {UNET_FOLDER}/, so it is not a checkpoint of this trainer: resume "
+                              "from one it wrote, or start a new run.")
     if ema is not None:
         _load_ema(ema, folder)
-    if not (folder / UNET_FOLDER).is_dir():
-        return
     saved = UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER)
     accelerator.unwrap_model(unet).load_state_dict(saved.state_dict())
     models.clear()
@@ -212,10 +211,6 @@ def load_checkpoint(accelerator, path: Path) -> Progress:
 
     Model and EMA weights are safetensors; accelerate 1.x reads its optimizer, scheduler, scaler and RNG files with
     torch.load(weights_only=True), which rebuilds tensors and plain data but runs no code from the file."""
-    if (Path(path) / LEGACY_EMA_PICKLE).is_file():
-        raise CheckpointError(f"{path} keeps an EMA as a pickle ({LEGACY_EMA_PICKLE}, written by sdtune before the "
-                              "diffusers layout), which could run code when loaded and is not read any more: "
-                              "start a new run, or resume it with the sdtune version that wrote it.")
     accelerator.load_state(str(path))
     progress = Progress(**json.loads((Path(path) / PROGRESS_FILE).read_text()))
     logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path, progress.global_step, progress.epoch,

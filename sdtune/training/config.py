@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 import random
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
@@ -336,3 +337,9 @@ def save_resolved_config(args: argparse.Namespace, folder: str) -> Path:
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "hub_token")}
     path.write_text(yaml.safe_dump(settings, sort_keys=True))
     return path
+
+
+def settings_from(settings_class, args: argparse.Namespace):
+    """A settings dataclass whose fields are named after flags, filled from the parsed flags: the narrow interface
+    a function takes instead of the whole namespace."""
+    return settings_class(**{field.name: getattr(args, field.name) for field in fields(settings_class)})

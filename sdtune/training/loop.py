@@ -1,8 +1,13 @@
-"""Fine-tune a Stable Diffusion UNet with accelerate. `main(args)` reads top to bottom: set-up, data, loop, export."""
+"""Fine-tune a Stable Diffusion UNet with accelerate, in three parts that `main(args)` calls top to bottom:
+`set_up` (data check, models, optimizer, accelerator.prepare, resume), `train_step` (one optimizer step) and
+`export` (the final weights, model card and hub upload). The benchmarks in bench/ time these same parts."""
 
+import argparse
 import logging
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,14 +30,19 @@ from sdtune.training.checkpoints import (
     resolve_resume_path,
     save_checkpoint,
 )
-from sdtune.training.components import compile_unet_for_training, load_components, use_xformers
-from sdtune.training.config import save_resolved_config
+from sdtune.training.components import Components, compile_unet_for_training, load_components, use_xformers
+from sdtune.training.config import save_resolved_config, settings_from
 from sdtune.training.export import check_hub_reachable, push_to_hub, save_pipeline, write_model_card
 from sdtune.training.latent_cache import build_latent_cache
 from sdtune.training.lora import add_training_adapter, save_adapter
 from sdtune.training.objective import diffusion_loss
-from sdtune.training.optim import make_lr_scheduler, make_optimizer, update_offloaded_ema
-from sdtune.training.validation_images import log_grid_to_trackers, render_validation, validation_pipeline
+from sdtune.training.optim import OptimizerSettings, make_lr_scheduler, make_optimizer, update_offloaded_ema
+from sdtune.training.validation_images import (
+    GridSettings,
+    log_grid_to_trackers,
+    render_validation,
+    validation_pipeline,
+)
 from sdtune.training.validation_loss import ValidationLoss
 
 logger = logging.getLogger("sdtune.training.loop")
@@ -42,151 +52,186 @@ LOG_EVERY_STEPS = 50  # a line in train.log this often; the tracker gets every s
 
 def main(args) -> Path:
     accelerator = make_accelerator(args)
-    # every process logs its warnings; only the main one its progress, and to train.log
-    main_process = accelerator.is_main_process
-    setup_logging(logging.INFO if main_process else logging.WARNING,
-                  Path(args.output_dir) / "train.log" if main_process else None)
+    start_logging(accelerator, args.output_dir)
     check_hub_reachable(args)
+    run = set_up(args, accelerator)
+    log = StepLog(accelerator, run.held_out, args.max_train_steps, run.progress.global_step)
+    batches = micro_batches(run)
+    while run.progress.global_step < args.max_train_steps and train_step(run, batches, log):
+        # validate before the checkpoint of the same step: a run killed between the two then validates that step
+        # again when resumed, and the loss curve misses no point
+        if validation_due(run.progress, args.validation_steps, args.validation_epochs):
+            validate(run)
+        if run.progress.global_step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args, run.progress)
+    batches.close()
+    log.close()
+    export(run)
+    accelerator.end_training()
+    return Path(args.output_dir)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The flags an optimizer step reads (config.py has each one's help); config.settings_from(StepSettings, args)."""
+
+    seed: int
+    max_grad_norm: float
+    noise_offset: float
+    snr_gamma: float | None
+    offload_ema: bool
+
+
+@dataclass
+class Run:
+    """What the training loop works with: built by set_up, advanced by train_step, saved by export."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    step: StepSettings
+    parts: Components  # the frozen parts run in weight_dtype; parts.unet is the UNet before accelerator.prepare
+    weight_dtype: torch.dtype
+    unet: torch.nn.Module  # after accelerator.prepare
+    trained: list  # the parameters the optimizer updates: the UNet's, or with --lora_rank its adapter's
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: torch.utils.data.DataLoader
+    ema: EMAModel | None
+    held_out: ValidationLoss | None  # the validation loss, on the main process only
+    num_epochs: int
+    progress: Progress  # optimizer steps done and the next batch to draw
+    last_grid: Path | None = None  # the last validation grid, for the model card
+    validated_at: int = -1  # the step of the last validation
+
+
+def set_up(args, accelerator: Accelerator) -> Run:
+    """Everything before the first step, in the order it must happen; resumes from a checkpoint if asked to."""
     set_seed(args.seed)
     # the data check: a bad dataset stops before any model loads
     dataset, held_out_rows = make_dataset(args, load_tokenizer(args))
-
     # The frozen parts run in the mixed-precision dtype; the trained weights (the UNet, or with --lora_rank only its
     # adapter) are fp32 master weights.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     parts = load_components(args, weight_dtype)
-    configure_unet(parts.unet, args)
+    configure_unet(parts.unet, gradient_checkpointing=args.gradient_checkpointing, allow_tf32=args.allow_tf32,
+                   xformers=args.enable_xformers_memory_efficient_attention, compile=args.compile)
     if args.lora_rank:
         add_training_adapter(parts.unet, args)
     trained = [p for p in parts.unet.parameters() if p.requires_grad]
     move_frozen_parts(parts, accelerator.device)
     held_out = (ValidationLoss.from_rows(held_out_rows, parts, args, accelerator.device, weight_dtype)
                 if held_out_rows is not None and accelerator.is_main_process else None)
-
     if args.cache_latents:
         dataset.cache = build_latent_cache(dataset, parts.vae, parts.text_encoder, accelerator.device,
                                            args.train_batch_size, accelerator.is_local_main_process)
         logger.info("Cached latents and text embeddings: %.1f MiB", dataset.cache.nbytes() / 2**20)
         move_frozen_parts(parts, "cpu")  # they only come back for validation
-    dataloader = make_dataloader(dataset, args)
+    dataloader = make_dataloader(dataset, seed=args.seed, batch_size=args.train_batch_size,
+                                 num_workers=args.dataloader_num_workers)
+    args.max_train_steps, num_epochs = plan_steps(len(dataloader), accelerator.num_processes,
+                                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                                  max_train_steps=args.max_train_steps,
+                                                  num_train_epochs=args.num_train_epochs)
 
-    batches_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-
-    ema = make_ema(args, parts.unet, trained, accelerator.device)
-    optimizer = make_optimizer(args, trained, accelerator.num_processes)
-    lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, accelerator.num_processes)
+    ema = make_ema(parts.unet, trained, accelerator.device, use_ema=args.use_ema, decay=args.ema_decay,
+                   adapter=bool(args.lora_rank), offload=args.offload_ema)
+    optimizer = make_optimizer(trained, settings_from(OptimizerSettings, args), accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, warmup_steps=args.lr_warmup_steps,
+                                     max_train_steps=args.max_train_steps, num_processes=accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, dataloader, lr_scheduler)
     register_checkpoint_hooks(accelerator, ema)  # must run before load_state
-
     if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         save_resolved_config(args, args.output_dir)
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
-    progress = Progress()
-    resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
-    if resume_path is not None:
-        progress = load_checkpoint(accelerator, resume_path)
-        if ema is not None and not args.offload_ema:
-            ema.to(accelerator.device)  # the checkpoint's EMA is loaded onto the CPU
-    if held_out is not None:
-        held_out.continue_from(progress.global_step)
-
-    trainable = sum(p.numel() for p in trained)
+    run = Run(args, accelerator, settings_from(StepSettings, args), parts, weight_dtype, unet, trained, optimizer,
+              lr_scheduler, dataloader, ema, held_out, num_epochs, Progress())
+    resume(run, args.resume_from_checkpoint, args.output_dir)
     logger.info("Training %s UNet parameters on %d rows for %d optimizer steps (%d epochs), %d process(es).",
-                f"{trainable:,}", len(dataset), args.max_train_steps, num_epochs, accelerator.num_processes)
-    progress_bar = tqdm(total=args.max_train_steps, initial=progress.global_step, desc="steps",
-                        disable=not accelerator.is_local_main_process)
-    last_grid, validated_at, window_start, window_steps = None, -1, time.perf_counter(), 0
-    accumulated_loss = 0.0
+                f"{trainable_count(run):,}", len(dataset), args.max_train_steps, num_epochs,
+                accelerator.num_processes)
+    return run
 
-    for epoch in range(progress.epoch, num_epochs):
-        dataloader.set_epoch(epoch)
-        skip = progress.batches_in_epoch if epoch == progress.epoch else 0
-        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        for batch_index, batch in enumerate(batches, start=skip):
-            with accelerator.accumulate(unet):
-                generator = step_generator(args.seed, accelerator.process_index, epoch, batch_index)
-                loss = diffusion_loss(batch, unet, parts, args, generator, weight_dtype)
-                # CPU-GPU sync point: the logged loss, averaged over processes
-                accumulated_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trained, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
 
-            update_ema(ema, trained, args)
-            progress = next_position(progress, epoch, batch_index, len(dataloader))
-            learning_rate = lr_scheduler.get_last_lr()[0]
-            accelerator.log({"train_loss": accumulated_loss, "lr": learning_rate}, step=progress.global_step)
-            if held_out is not None:
-                held_out.record_train(progress.global_step, accumulated_loss)
-            progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{accumulated_loss:.4f}", lr=f"{learning_rate:.2e}")
-            window_steps += 1
-            if progress.global_step % LOG_EVERY_STEPS == 0:
-                elapsed = time.perf_counter() - window_start
-                logger.info("(step=%07d) Train Loss: %.4f, LR: %.3g, Train Steps/Sec: %.2f", progress.global_step,
-                            accumulated_loss, learning_rate, window_steps / elapsed)
-                window_start, window_steps = time.perf_counter(), 0
-            accumulated_loss = 0.0
+def train_step(run: Run, batches: Iterator, log: "StepLog") -> bool:
+    """One optimizer step: --gradient_accumulation_steps micro-batches from `batches` (micro_batches(run)), fewer
+    where an epoch ends (accelerate then steps early); False if `batches` ran out first."""
+    accelerator, settings = run.accelerator, run.step
+    step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
+    for epoch, batch_index, batch in batches:
+        with accelerator.accumulate(run.unet):
+            generator = step_generator(settings.seed, accelerator.process_index, epoch, batch_index)
+            loss = diffusion_loss(batch, run.unet, run.parts, generator, run.weight_dtype,
+                                  noise_offset=settings.noise_offset, snr_gamma=settings.snr_gamma)
+            step_loss += loss.detach()
+            micro_steps += 1
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(run.trained, settings.max_grad_norm)
+            # accelerate's wrappers skip these until the step's last micro-batch
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            update_ema(run.ema, run.trained, offloaded=settings.offload_ema)
+            run.progress = next_position(run.progress, epoch, batch_index, len(run.dataloader))
+            # CPU-GPU sync point, once a step: the step's mean loss, averaged over processes
+            mean_loss = accelerator.gather(step_loss).mean().item() / micro_steps
+            log.record(run.progress.global_step, mean_loss, run.lr_scheduler.get_last_lr()[0])
+            return True
+    return False
 
-            # validate before the checkpoint of the same step: a run killed between the two then validates that
-            # step again when resumed, and the loss curve misses no point
-            if validation_due(args, progress, epoch):
-                last_grid, validated_at = validate(accelerator, parts, unet, ema, trained, args, progress.global_step,
-                                                   held_out)
-            if progress.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, progress)
-            if progress.global_step >= args.max_train_steps:
-                break
-        if progress.global_step >= args.max_train_steps:
-            break
-    progress_bar.close()
 
+def export(run: Run) -> None:
+    """On the main process: the final weights (the EMA's, with --use_ema) as a pipeline or a LoRA file, a last
+    validation if the final step had none, the resolved config, the model card, and the hub upload if asked."""
+    accelerator, args, step = run.accelerator, run.args, run.progress.global_step
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final_unet = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.copy_to(trained)
-        if args.lora_rank:
-            save_adapter(args, final_unet)
-        else:
-            save_pipeline(args, final_unet)
-        if args.validation_prompts and validated_at != progress.global_step:
-            last_grid = render_with(accelerator, parts, final_unet, args, progress.global_step)
-        if held_out is not None and validated_at != progress.global_step:
-            held_out.evaluate(accelerator, final_unet, progress.global_step)
-        save_resolved_config(args, args.output_dir)
-        write_model_card(args, trainable, last_grid, held_out.history if held_out is not None else None)
-        if args.push_to_hub:
-            push_to_hub(args)
-    accelerator.end_training()
-    return Path(args.output_dir)
+    if not accelerator.is_main_process:
+        return
+    final_unet = accelerator.unwrap_model(run.unet)
+    if run.ema is not None:
+        run.ema.copy_to(run.trained)
+    if args.lora_rank:
+        save_adapter(args, final_unet)
+    else:
+        save_pipeline(args, final_unet)
+    if args.validation_prompts and run.validated_at != step:
+        run.last_grid = render_with(run, final_unet, step)
+    if run.held_out is not None and run.validated_at != step:
+        run.held_out.evaluate(accelerator, final_unet, step)
+    save_resolved_config(args, args.output_dir)
+    write_model_card(args, trainable_count(run), run.last_grid,
+                     run.held_out.history if run.held_out is not None else None)
+    if args.push_to_hub:
+        push_to_hub(args)
 
 
 def make_accelerator(args) -> Accelerator:
-    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir))
+    logging_dir = str(Path(args.output_dir) / args.logging_dir)
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision,
                        log_with=None if args.report_to == "none" else args.report_to,
                        project_config=project)
 
 
-def configure_unet(unet, args) -> None:
-    if args.gradient_checkpointing:
+def start_logging(accelerator: Accelerator, output_dir) -> None:
+    """Every process logs its warnings; only the main one its progress, and to train.log."""
+    main_process = accelerator.is_main_process
+    setup_logging(logging.INFO if main_process else logging.WARNING,
+                  Path(output_dir) / "train.log" if main_process else None)
+
+
+def configure_unet(unet, *, gradient_checkpointing=False, allow_tf32=False, xformers=False, compile=False) -> None:
+    """--gradient_checkpointing, --allow_tf32, --enable_xformers_memory_efficient_attention and --compile."""
+    if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
+    if xformers:
         use_xformers(unet)
-    if args.allow_tf32:
+    if allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    if args.compile:  # lazy: it traces at the first step, so a LoRA adapter added after this is compiled too
+    if compile:  # lazy: it traces at the first step, so a LoRA adapter added after this is compiled too
         compile_unet_for_training(unet)
 
 
@@ -204,14 +249,25 @@ def make_dataset(args, tokenizer):
     return CaptionedImages(usable.select(training), args, tokenizer, buckets=buckets), held_out_rows
 
 
-def make_dataloader(dataset: CaptionedImages, args) -> torch.utils.data.DataLoader:
+def make_dataloader(dataset: CaptionedImages, *, seed: int, batch_size: int,
+                    num_workers: int = 0) -> torch.utils.data.DataLoader:
     """Batches in an order fixed by (seed, epoch): of any rows, or with --enable_bucket of one bucket's rows each."""
-    rows = EpochShuffleSampler(len(dataset), args.seed)
+    rows = EpochShuffleSampler(len(dataset), seed)
     if dataset.buckets is None:
-        order = {"batch_size": args.train_batch_size, "sampler": rows}
+        order = {"batch_size": batch_size, "sampler": rows}
     else:
-        order = {"batch_sampler": BucketBatchSampler(rows, dataset.buckets, args.train_batch_size, args.seed)}
-    return torch.utils.data.DataLoader(dataset, num_workers=args.dataloader_num_workers, **order)
+        order = {"batch_sampler": BucketBatchSampler(rows, dataset.buckets, batch_size, seed)}
+    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, **order)
+
+
+def plan_steps(batches: int, num_processes: int, *, gradient_accumulation_steps: int, max_train_steps: int | None,
+               num_train_epochs: int) -> tuple[int, int]:
+    """(optimizer steps, epochs) for `batches` micro-batches an epoch, split between the processes: --max_train_steps
+    where given, else --num_train_epochs' worth of steps."""
+    steps_per_epoch = math.ceil(math.ceil(batches / num_processes) / gradient_accumulation_steps)
+    if max_train_steps is None:
+        max_train_steps = num_train_epochs * steps_per_epoch
+    return max_train_steps, math.ceil(max_train_steps / steps_per_epoch)
 
 
 def move_frozen_parts(parts, device) -> None:
@@ -219,25 +275,48 @@ def move_frozen_parts(parts, device) -> None:
     parts.text_encoder.to(device)
 
 
-def make_ema(args, unet, parameters, device) -> EMAModel | None:
+def make_ema(unet, parameters, device, *, use_ema: bool, decay: float, adapter: bool,
+             offload: bool) -> EMAModel | None:
     """The moving average of the trained weights, on the device or (--offload_ema) in CPU memory. The full UNet's
     saves as a diffusers model (checkpoint-N/unet_ema); an adapter's as its tensors (checkpoints.py)."""
-    if not args.use_ema:
+    if not use_ema:
         return None
-    model = {} if args.lora_rank else {"model_cls": UNet2DConditionModel, "model_config": unet.config}
-    ema = EMAModel(parameters, decay=args.ema_decay, **model)
-    if not args.offload_ema:
+    model = {} if adapter else {"model_cls": UNet2DConditionModel, "model_config": unet.config}
+    ema = EMAModel(parameters, decay=decay, **model)
+    if not offload:
         ema.to(device)
     return ema
 
 
-def update_ema(ema, parameters, args) -> None:
+def update_ema(ema: EMAModel | None, parameters, *, offloaded: bool) -> None:
     if ema is None:
         return
-    if args.offload_ema:
+    if offloaded:
         update_offloaded_ema(ema, parameters)
     else:
         ema.step(parameters)
+
+
+def resume(run: Run, resume_from_checkpoint, output_dir) -> None:
+    """Restore the states and data position of --resume_from_checkpoint, if it names one."""
+    path = resolve_resume_path(resume_from_checkpoint, output_dir)
+    if path is not None:
+        run.progress = load_checkpoint(run.accelerator, path)
+        if run.ema is not None and not run.step.offload_ema:
+            run.ema.to(run.accelerator.device)  # the checkpoint's EMA is loaded onto the CPU
+    if run.held_out is not None:
+        run.held_out.continue_from(run.progress.global_step)
+
+
+def micro_batches(run: Run) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, batch index, batch) from the run's data position on, to the end of its last epoch."""
+    start = run.progress
+    for epoch in range(start.epoch, run.num_epochs):
+        run.dataloader.set_epoch(epoch)
+        skip = start.batches_in_epoch if epoch == start.epoch else 0
+        batches = run.accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
+        for batch_index, batch in enumerate(batches, start=skip):
+            yield epoch, batch_index, batch
 
 
 def next_position(progress: Progress, epoch: int, batch_index: int, batches_in_epoch: int) -> Progress:
@@ -247,43 +326,77 @@ def next_position(progress: Progress, epoch: int, batch_index: int, batches_in_e
     return Progress(progress.global_step + 1, epoch, batch_index + 1)
 
 
-def validation_due(args, progress: Progress, epoch: int) -> bool:
+class StepLog:
+    """Each optimizer step's loss and learning rate: to the trackers and the loss history every step, on the
+    progress bar, and in train.log every LOG_EVERY_STEPS steps with the steps/s since the last such line."""
+
+    def __init__(self, accelerator: Accelerator, held_out: ValidationLoss | None, total_steps: int, first_step: int,
+                 show_bar: bool = True):
+        self.accelerator, self.held_out = accelerator, held_out
+        self.bar = tqdm(total=total_steps, initial=first_step, desc="steps",
+                        disable=not (show_bar and accelerator.is_local_main_process))
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def record(self, global_step: int, loss: float, learning_rate: float) -> None:
+        self.accelerator.log({"train_loss": loss, "lr": learning_rate}, step=global_step)
+        if self.held_out is not None:
+            self.held_out.record_train(global_step, loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}")
+        self.window_steps += 1
+        if global_step % LOG_EVERY_STEPS == 0:
+            elapsed = time.perf_counter() - self.window_start
+            logger.info("(step=%07d) Train Loss: %.4f, LR: %.3g, Train Steps/Sec: %.2f", global_step, loss,
+                        learning_rate, self.window_steps / elapsed)
+            self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def validation_due(progress: Progress, every_steps: int | None, every_epochs: int) -> bool:
     """After the optimizer step that brought training to `progress`: every --validation_steps steps, and at the end
-    of every --validation_epochs-th epoch (`progress` then starts the next one)."""
-    if args.validation_steps and progress.global_step % args.validation_steps == 0:
+    of every --validation_epochs-th epoch (`progress` then stands at the start of the next one)."""
+    if every_steps and progress.global_step % every_steps == 0:
         return True
-    ended_epoch = progress.epoch == epoch + 1 and progress.batches_in_epoch == 0
-    return ended_epoch and (epoch + 1) % args.validation_epochs == 0
+    ended_epoch = progress.batches_in_epoch == 0
+    return ended_epoch and progress.epoch % every_epochs == 0
 
 
-def validate(accelerator, parts, unet, ema, trained, args, global_step, held_out=None):
-    """Render the validation prompts and compute the validation loss (`held_out`, a ValidationLoss) on the main
-    process, with the EMA of the `trained` weights when there is one."""
-    grid = None
-    if (args.validation_prompts or held_out is not None) and accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
+def validate(run: Run) -> None:
+    """Render the validation prompts and compute the validation loss on the main process, with the EMA of the
+    trained weights when there is one; records the grid and the step in `run`."""
+    accelerator, ema, step = run.accelerator, run.ema, run.progress.global_step
+    if (run.args.validation_prompts or run.held_out is not None) and accelerator.is_main_process:
+        model = accelerator.unwrap_model(run.unet)
         if ema is not None:
-            ema.store(trained)
-            ema.copy_to(trained)
-        if args.validation_prompts:
-            grid = render_with(accelerator, parts, model, args, global_step)
-        if held_out is not None:
-            held_out.evaluate(accelerator, model, global_step)
+            ema.store(run.trained)
+            ema.copy_to(run.trained)
+        if run.args.validation_prompts:
+            run.last_grid = render_with(run, model, step)
+        if run.held_out is not None:
+            run.held_out.evaluate(accelerator, model, step)
         if ema is not None:
-            ema.restore(trained)
+            ema.restore(run.trained)
     accelerator.wait_for_everyone()
-    return grid, global_step
+    run.validated_at = step
 
 
-def render_with(accelerator, parts, model, args, global_step) -> Path:
+def render_with(run: Run, model, global_step: int) -> Path:
     """One validation grid from `model`, saved and sent to the trackers (main process only)."""
-    move_frozen_parts(parts, accelerator.device)
+    accelerator = run.accelerator
+    move_frozen_parts(run.parts, accelerator.device)
     with accelerator.autocast():
-        grid = render_validation(validation_pipeline(parts, model, accelerator.device), args, global_step)
-    if args.cache_latents:
-        move_frozen_parts(parts, "cpu")
+        pipeline = validation_pipeline(run.parts, model, accelerator.device)
+        grid = render_validation(pipeline, settings_from(GridSettings, run.args), global_step)
+    if run.args.cache_latents:
+        move_frozen_parts(run.parts, "cpu")
     log_grid_to_trackers(accelerator, grid, global_step)
     return grid
+
+
+def trainable_count(run: Run) -> int:
+    return sum(p.numel() for p in run.trained)
 
 
 def tracker_config(args) -> dict:

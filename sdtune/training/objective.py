@@ -31,14 +31,15 @@ def text_conditioning(batch, text_encoder):
     return text_encoder(batch["input_ids"], return_dict=False)[0]
 
 
-def diffusion_loss(batch, unet, parts, args, generator: torch.Generator, weight_dtype) -> torch.Tensor:
-    """One micro-batch's training loss."""
+def diffusion_loss(batch, unet, parts, generator: torch.Generator, weight_dtype, *, noise_offset: float = 0.0,
+                   snr_gamma: float | None = None) -> torch.Tensor:
+    """One micro-batch's training loss; --noise_offset and --snr_gamma as in config.py."""
     mean, std = latent_distribution(batch, parts.vae, weight_dtype)
     latents = (mean + std * randn(mean.shape, generator, mean)) * parts.vae.config.scaling_factor
     noise = randn(latents.shape, generator, latents)
-    if args.noise_offset:
+    if noise_offset:
         # https://www.crosslabs.org//blog/diffusion-with-offset-noise: lets the model learn overall brightness
-        noise = noise + args.noise_offset * randn((*latents.shape[:2], 1, 1), generator, latents)
+        noise = noise + noise_offset * randn((*latents.shape[:2], 1, 1), generator, latents)
     scheduler = parts.noise_scheduler
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     timesteps = timesteps.to(latents.device)
@@ -46,7 +47,7 @@ def diffusion_loss(batch, unet, parts, args, generator: torch.Generator, weight_
     target = prediction_target(scheduler, latents, noise, timesteps)
     encoder_hidden_states = text_conditioning(batch, parts.text_encoder)
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    return weighted_mse(prediction.float(), target.float(), scheduler, timesteps, args.snr_gamma)
+    return weighted_mse(prediction.float(), target.float(), scheduler, timesteps, snr_gamma)
 
 
 def prediction_target(scheduler, latents, noise, timesteps) -> torch.Tensor:

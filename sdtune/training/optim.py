@@ -1,17 +1,34 @@
 """Optimizer, learning-rate schedule and the offloaded EMA update."""
 
+from dataclasses import dataclass
+
 import torch
 from diffusers.optimization import get_scheduler
 
 from sdtune.errors import SdtuneError
 
 
-def make_optimizer(args, parameters, num_processes: int) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer's flags (config.py has each one's help); config.settings_from(OptimizerSettings, args)."""
+
+    learning_rate: float
+    scale_lr: bool  # multiply learning_rate by the samples an optimizer step sees
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    use_8bit_adam: bool
+    adam_beta1: float
+    adam_beta2: float
+    adam_weight_decay: float
+    adam_epsilon: float
+
+
+def make_optimizer(parameters, settings: OptimizerSettings, num_processes: int) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' AdamW8bit with --use_8bit_adam; the learning rate scaled with --scale_lr."""
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    if args.use_8bit_adam:
+    learning_rate = settings.learning_rate
+    if settings.scale_lr:
+        learning_rate *= settings.gradient_accumulation_steps * settings.train_batch_size * num_processes
+    if settings.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as error:
@@ -19,15 +36,15 @@ def make_optimizer(args, parameters, num_processes: int) -> torch.optim.Optimize
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    return optimizer_class(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return optimizer_class(parameters, lr=learning_rate, betas=(settings.adam_beta1, settings.adam_beta2),
+                           weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
 
 
-def make_lr_scheduler(args, optimizer, max_train_steps: int, num_processes: int):
-    """diffusers' schedules; counts are multiplied by the process count because accelerate steps the scheduler
-    once per process for every optimizer step."""
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                         num_warmup_steps=args.lr_warmup_steps * num_processes,
+def make_lr_scheduler(optimizer, schedule: str, *, warmup_steps: int, max_train_steps: int, num_processes: int):
+    """diffusers' schedule named `schedule` (--lr_scheduler) with --lr_warmup_steps; counts are multiplied by the
+    process count because accelerate steps the scheduler once per process for every optimizer step."""
+    return get_scheduler(schedule, optimizer=optimizer,
+                         num_warmup_steps=warmup_steps * num_processes,
                          num_training_steps=max_train_steps * num_processes)
 
 

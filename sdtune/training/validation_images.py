@@ -1,6 +1,7 @@
 """Validation images during training: --num_validation_images per prompt, each from its own seed, saved as a grid."""
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,19 @@ from sdtune.generation.core import GenerationSettings, text_to_images
 from sdtune.seeds import validation_seed
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """The validation grid's flags (config.py has each one's help); config.settings_from(GridSettings, args)."""
+
+    validation_prompts: list[str]
+    num_validation_images: int
+    validation_inference_steps: int
+    validation_guidance_scale: float
+    resolution: int
+    seed: int
+    output_dir: str
 
 
 def validation_pipeline(components, unet, device) -> StableDiffusionPipeline:
@@ -31,16 +45,16 @@ def validation_pipeline(components, unet, device) -> StableDiffusionPipeline:
     return pipeline.to(device)
 
 
-def render_validation(pipeline, args, global_step: int) -> Path:
+def render_validation(pipeline, grid: GridSettings, global_step: int) -> Path:
     """Render every validation prompt and save the grid as validation/step-000500.png."""
-    settings = GenerationSettings(num_inference_steps=args.validation_inference_steps,
-                                  guidance_scale=args.validation_guidance_scale,
-                                  width=args.resolution, height=args.resolution)
-    prompts, count = args.validation_prompts, args.num_validation_images
-    rows = [text_to_images(pipeline, prompt, [validation_seed(args.seed, index, image, len(prompts))
+    settings = GenerationSettings(num_inference_steps=grid.validation_inference_steps,
+                                  guidance_scale=grid.validation_guidance_scale,
+                                  width=grid.resolution, height=grid.resolution)
+    prompts, count = grid.validation_prompts, grid.num_validation_images
+    rows = [text_to_images(pipeline, prompt, [validation_seed(grid.seed, index, image, len(prompts))
                                               for image in range(count)], settings)
             for index, prompt in enumerate(prompts)]
-    folder = Path(args.output_dir) / "validation"
+    folder = Path(grid.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{global_step:06d}.png"
     # one image a prompt: rows of 4; several: a row per prompt

@@ -146,24 +146,26 @@ class LossHistory:
 class ValidationLoss:
     """The held-out rows, scored at every validation and recorded in the trackers, train.log and the history."""
 
-    def __init__(self, examples: HeldOutExamples, scheduler, args):
-        self.examples, self.scheduler, self.args = examples, scheduler, args
-        self.history = LossHistory(Path(args.output_dir) / HISTORY_FILE, [])
+    def __init__(self, examples: HeldOutExamples, scheduler, *, output_dir, snr_gamma: float | None, batch_size: int):
+        self.examples, self.scheduler, self.output_dir = examples, scheduler, output_dir
+        self.snr_gamma, self.batch_size = snr_gamma, batch_size  # --snr_gamma, and --train_batch_size rows a pass
+        self.history = LossHistory(Path(output_dir) / HISTORY_FILE, [])
 
     @classmethod
     def from_rows(cls, rows, parts, args, device, weight_dtype) -> "ValidationLoss":
-        return cls(encode_held_out(rows, parts, args, device, weight_dtype), parts.noise_scheduler, args)
+        return cls(encode_held_out(rows, parts, args, device, weight_dtype), parts.noise_scheduler,
+                   output_dir=args.output_dir, snr_gamma=args.snr_gamma, batch_size=args.train_batch_size)
 
     def continue_from(self, global_step: int) -> None:
-        self.history = LossHistory.continued(self.args.output_dir, global_step)
+        self.history = LossHistory.continued(self.output_dir, global_step)
 
     def record_train(self, step: int, loss: float) -> None:
         self.history.record_train(step, loss)
 
     def evaluate(self, accelerator, model, global_step: int) -> float:
         with accelerator.autocast():
-            loss = held_out_loss(model, self.examples, self.scheduler, self.args.snr_gamma,
-                                 self.args.train_batch_size, accelerator.device)
+            loss = held_out_loss(model, self.examples, self.scheduler, self.snr_gamma, self.batch_size,
+                                 accelerator.device)
         point = self.history.add(global_step, loss)
         accelerator.log({"validation_loss": loss}, step=global_step)
         train = "n/a" if point.train_loss is None else f"{point.train_loss:.4f}"
