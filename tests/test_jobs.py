@@ -2,6 +2,7 @@
 runner in their own processes: the same weights as the trainer run directly, found again by a new runner (the app
 restarted), one after the other."""
 
+import json
 import math
 import os
 import signal
@@ -10,12 +11,13 @@ import time
 
 import pytest
 import yaml
-from helpers import run_in_process, subprocess_env
+from helpers import LORA, run_in_process, subprocess_env, tiny_flags
 
 from sdtune.jobs.api import TrainingJobs, wait_for
 from sdtune.jobs.recipe import sanitise_name
 from sdtune.jobs.runner import LOG_FILE, OUTPUT_FOLDER, RECIPE_FILE
 from sdtune.jobs.store import JobError, JobStore
+from sdtune.training.stopping import STOPPED_FILE
 
 ENDED = ("done", "failed", "stopped", "interrupted")
 
@@ -241,3 +243,108 @@ def test_with_auth_a_job_is_its_owners_only(fake_jobs):
     with pytest.raises(JobError, match="Sign in"):
         jobs.start(None, "anonymous", "tiny-lora")
     assert wait_for(jobs, job_id, ENDED, timeout=30)["state"] == "done"
+
+
+# Stop: the trainer's SIGTERM handler (sdtune/training/stopping.py)
+
+
+def test_sigterm_saves_a_checkpoint_at_the_step_and_resume_ends_as_an_uninterrupted_run(
+        tiny_pipeline, shapes_dataset, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from sdtune.training import loop
+    from sdtune.training.checkpoints import list_checkpoints
+
+    def flags(output_dir, *extra):
+        return tiny_flags(tiny_pipeline, shapes_dataset, output_dir, "--resolution", "32", "--use_ema", *LORA, *extra)
+
+    record = loop.StepLog.record
+
+    def record_then_terminate(self, step, loss, learning_rate):
+        record(self, step, loss, learning_rate)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as the app's Stop does, in the middle of the run
+
+    monkeypatch.setattr(loop.StepLog, "record", record_then_terminate)
+    stopped = run_in_process(flags(tmp_path / "stopped"))
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    assert json.loads((stopped / STOPPED_FILE).read_text()) == {"step": 2}
+    assert [path.name for path in list_checkpoints(stopped)] == ["checkpoint-2"]  # not a periodic one (every 1000)
+    assert not (stopped / "pytorch_lora_weights.safetensors").exists()
+    run_in_process(flags(stopped, "--resume_from_checkpoint", "latest"))
+    assert not (stopped / STOPPED_FILE).exists()
+    straight = load_file(str(run_in_process(flags(tmp_path / "straight")) / "pytorch_lora_weights.safetensors"))
+    resumed = load_file(str(stopped / "pytorch_lora_weights.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_stop_through_the_runner_stops_the_trainer_at_a_checkpoint_and_resume_finishes(
+        tmp_path, tiny_pipeline, shapes_dataset):
+    jobs = make_jobs(tmp_path, tiny_pipeline, shapes_dataset)
+    settings = {**tiny_settings(tiny_pipeline, shapes_dataset, 400), "checkpointing_steps": 1000}
+    job_id = jobs.start(None, "long", "tiny-lora", settings, ADVANCED)
+    deadline = time.monotonic() + 300
+    while jobs.status(None, job_id)["step"] < 1:  # training, not still loading
+        assert jobs.store.get(job_id).state == "running" and time.monotonic() < deadline
+        time.sleep(0.1)
+    jobs.stop(None, job_id)
+    stopped = wait_for(jobs, job_id, ENDED, timeout=120)
+    output = jobs.runner.folder(jobs.store.get(job_id)) / OUTPUT_FOLDER
+    assert stopped["state"] == "stopped", jobs.status(None, job_id)["log_tail"]
+    step = json.loads((output / STOPPED_FILE).read_text())["step"]
+    assert 1 <= step < 400 and (output / f"checkpoint-{step}").is_dir()
+    jobs.resume(None, job_id)
+    assert wait_for(jobs, job_id, ENDED, timeout=600)["state"] == "done"
+    assert f"Resumed from {output / f'checkpoint-{step}'} at step {step}" in (output / "train.log").read_text()
+    assert jobs.status(None, job_id)["step"] == 400
+
+
+# The app: --train's flag check and its API endpoints
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--train"], False),
+    (["--train", "--share"], True),
+    (["--train", "--host", "0.0.0.0"], True),
+    (["--train", "--host", "0.0.0.0", "--auth", "ann:secret"], False),
+    (["--share"], False),  # without --train: a warning only (launch.py)
+])
+def test_train_needs_auth_when_the_app_is_reachable_from_elsewhere(monkeypatch, flags, refused):
+    from sdtune.app.flags import AUTH_VARIABLE, parse_app_args
+    from sdtune.errors import SdtuneError
+
+    monkeypatch.delenv(AUTH_VARIABLE, raising=False)
+    if refused:
+        with pytest.raises(SdtuneError, match="--train with .* needs --auth"):
+            parse_app_args(flags)
+    else:
+        assert parse_app_args(flags).train == ("--train" in flags)
+
+
+def test_train_endpoints_through_gradio_client(fake_jobs):
+    import gradio as gr
+    from gradio_client import Client
+
+    from sdtune.app.ui.train_api import train_endpoints
+
+    jobs = fake_jobs("exit 0\n")
+    with gr.Blocks() as demo:
+        train_endpoints(jobs)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, show_error=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        job_id = client.predict("api job", "tiny-lora", {"max_train_steps": 2}, "", api_name="/train_start")
+        wait_for(jobs, job_id, ENDED, timeout=30)
+        status = client.predict(job_id, api_name="/train_status")
+        assert status["state"] == "done" and status["name"] == "api-job" and status["latest_grid"] is None
+        assert [job["id"] for job in client.predict(api_name="/train_list")] == [job_id]
+        with pytest.raises(Exception, match="output_dir cannot be set"):
+            client.predict("bad", "tiny-lora", {}, "output_dir: /tmp/x", api_name="/train_start")
+        with pytest.raises(Exception, match="only a stopped, interrupted or failed job resumes"):
+            client.predict(job_id, api_name="/train_resume")
+    finally:
+        demo.close()

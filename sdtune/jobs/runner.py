@@ -3,11 +3,13 @@
 A job runs `bash train.sh --config JOB/job.yaml` (accelerate launch train_text_to_image.py with the job's recipe, the
 command line's own path) in a new session, so that it is the leader of its own process group, the app dying does not
 take it along, and Stop and Cancel reach accelerate and the trainer it spawns at once. A small bash wrapper records the
-exit status in JOB/exit_status when the command ends (it only waits: a trapped TERM lets it outlive a Stop to record
-the trainer's status), because the app that started a job may not be the one that sees it end.
+exit status in JOB/exit_status when the command ends (it only waits: a trapped TERM lets it outlive a Stop), because
+the app that started a job may not be the one that sees it end. On SIGTERM the trainer saves a checkpoint at the end
+of its step, leaves output/training_stopped.json and exits 0 (sdtune/training/stopping.py): the job is stopped.
 
-The store is the truth: a new Runner (the app restarted) finds each running job again by its pid, checked against
-/proc/PID/cmdline so that a recycled pid is not taken for the trainer. `tick` does one round of the scheduler; the
+The store is the truth: a new Runner (the app restarted) finds each running job again by its process group, whose
+members are checked against /proc/PID/cmdline so that a recycled pid is not taken for the trainer; a job runs while
+any process of its group does. `tick` does one round of the scheduler; the
 app calls it from a thread every few seconds and after each request that changes the queue.
 """
 
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from sdtune.jobs.store import Job, JobError, JobStore
+from sdtune.training.stopping import STOPPED_FILE
 
 logger = logging.getLogger("sdtune.jobs.runner")
 
@@ -61,7 +64,8 @@ class Runner:
 
     def _launch(self, job: Job) -> None:
         folder = self.folder(job)
-        for stale in (folder / EXIT_STATUS_FILE, folder / f"{EXIT_STATUS_FILE}.tmp"):
+        stale_files = (EXIT_STATUS_FILE, f"{EXIT_STATUS_FILE}.tmp", f"{OUTPUT_FOLDER}/{STOPPED_FILE}")
+        for stale in (folder / name for name in stale_files):
             stale.unlink(missing_ok=True)
         command = ["bash", "-c", WRAPPER, "sdtune-job", str(self.train_script), str(folder / RECIPE_FILE),
                    str(folder / EXIT_STATUS_FILE)]
@@ -82,9 +86,9 @@ class Runner:
     def _finish_if_ended(self, job: Job) -> bool:
         """Record the end of a running job whose process is gone; False while it runs."""
         child = self._children.get(job.pid)
-        if child is not None and child.poll() is None:
-            return False
-        if child is None and is_job_process(job.pid, self.folder(job) / RECIPE_FILE):
+        if child is not None:
+            child.poll()  # reaps the wrapper if it ended, so that it no longer counts
+        if job_processes(job.pid, self.folder(job) / RECIPE_FILE):
             return False
         self._children.pop(job.pid, None)
         state, error = self._outcome(job)
@@ -95,10 +99,10 @@ class Runner:
     def _outcome(self, job: Job) -> tuple[str, str | None]:
         status_file = self.folder(job) / EXIT_STATUS_FILE
         status = int(status_file.read_text()) if status_file.is_file() else None
+        if (self.folder(job) / OUTPUT_FOLDER / STOPPED_FILE).is_file() or job.stop_requested and status != 0:
+            return "stopped", None  # the trainer's clean stop (a checkpoint at its last step), or a stop's kill
         if status == 0:
             return "done", None
-        if job.stop_requested:
-            return "stopped", None
         if status is None:  # the wrapper died without writing it: the machine or the app's session went down
             return "interrupted", "The trainer's process ended without an exit status (killed); Resume continues " \
                                   "from its last checkpoint."
@@ -114,7 +118,7 @@ class Runner:
             if job.state != "running":
                 raise JobError(f"Job {job_id} is {job.state}: only a queued or running job can be stopped.")
             self.store.mark_stop_requested(job_id)
-            if job.pid in self._children or is_job_process(job.pid, self.folder(job) / RECIPE_FILE):
+            if job_processes(job.pid, self.folder(job) / RECIPE_FILE):
                 with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                     os.killpg(job.pid, signal.SIGKILL if kill else signal.SIGTERM)
             return self.store.get(job_id)
@@ -138,14 +142,22 @@ class Runner:
             self._thread.join()
 
 
-def is_job_process(pid: int | None, recipe: Path) -> bool:
-    """Whether `pid` is alive and is this job's launch (its command line names the job's recipe); a zombie has an
-    empty command line, so an ended child of this process counts as gone."""
-    if not pid:
-        return False
-    try:
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return str(recipe).encode() in words and any(word.endswith(b"train.sh") for word in words)
-
+def job_processes(group: int | None, recipe: Path) -> list[int]:
+    """The live processes of process group `group` that are this job's (their command line names its recipe): the
+    wrapper, accelerate launch and the trainer. The trainer can outlive the others (after a Stop, accelerate's
+    launcher dies at once while the trainer saves its checkpoint), so a job runs while any of them does. A recycled
+    pid or group id does not match the recipe; a zombie (ended, not yet reaped) does not count."""
+    if not group:
+        return []
+    found, mark = [], str(recipe).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # after the command's closing parenthesis: state, ppid, pgrp, ...
+            state, _, pgrp = (entry / "stat").read_text().rpartition(")")[2].split()[:3]
+            if int(pgrp) == group and state != "Z" and mark in (entry / "cmdline").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue  # it ended while being read
+    return found
