@@ -34,15 +34,28 @@ def app_parser() -> argparse.ArgumentParser:
                              "image. Default by device: "
                              + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MAX_REQUEST_COST.items()))
     parser.add_argument("--models_root", "--models-root", dest="models_root", default=".",
-                        help="The Models tab and /add_model add models from under this folder only. Added models "
-                             "are kept in OUTPUT_DIR/models_added.yaml and served again at the next start.")
+                        help="The Models tab and /add_model add models from under this folder only (and with --train, "
+                             "a job's base model is a served model or a folder under it). Added models are kept in "
+                             "OUTPUT_DIR/models_added.yaml and served again at the next start.")
     parser.add_argument("--lazy", action="store_true", help="Load each model on first use instead of at start.")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None,
                         help="Where hub models are cached.")
     add_ray_flags(parser)
     add_compile_flag(parser)
+    add_train_flags(parser)
     return parser
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """Training jobs from the app (sdtune/jobs): their API endpoints exist only with --train."""
+    train = parser.add_argument_group("training jobs (README, \"Training jobs\")")
+    train.add_argument("--train", action="store_true",
+                       help="Serve the training jobs' API (/train_start, /train_status, /train_stop, /train_resume, "
+                            "/train_list): jobs train in their own process, one at a time, their folders under "
+                            "OUTPUT_DIR/jobs. With --share or a --host other than this machine it needs --auth.")
+    train.add_argument("--data_root", "--data-root", dest="data_root", default="data",
+                       help="With --train: jobs read training data from folders under this one only.")
 
 
 def add_ray_flags(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +85,26 @@ def parse_app_args(argv=None) -> argparse.Namespace:
     if args.max_request_cost is not None and not args.max_request_cost > 0:
         raise SdtuneError(f"--max_request_cost must be above 0, not {args.max_request_cost}.")
     check_ray_flags(args)
+    check_train_flags(args)
     return args
+
+
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def check_train_flags(args: argparse.Namespace) -> None:
+    """Training from a browser writes files and spends the GPU for hours: --train reachable from other machines
+    (--share, or a --host other than loopback) only for signed-in users, each controlling their own jobs."""
+    if not args.train:
+        return
+    exposed = "--share" if args.share else None if is_loopback(args.host) else f"--host {args.host}"
+    if exposed and parse_auth(args.auth) is None:
+        raise SdtuneError(f"--train with {exposed} needs --auth user:password (or {AUTH_VARIABLE}): anyone reaching "
+                          "the app could otherwise train on this machine. Add --auth, or serve on 127.0.0.1.")
 
 
 def check_ray_flags(args: argparse.Namespace) -> None:

@@ -40,6 +40,19 @@ def generation_backend(args, registry: ModelRegistry):
                              args.models_per_replica, args.device)
 
 
+def training_jobs(args, registry: ModelRegistry, auth: bool):
+    """--train's queue under OUTPUT_DIR/jobs, its scheduler started: jobs found running from an earlier app are
+    watched again, those that died with it are marked interrupted. Bases: the served models' folders and
+    --models_root; data: --data_root."""
+    from sdtune.jobs.api import TrainingJobs  # only with --train
+
+    served = [Path(spec.path) for spec in registry.specs.values() if Path(spec.path).is_dir()]
+    jobs = TrainingJobs(Path(args.output_dir) / "jobs", args.data_root, [*served, Path(args.models_root)], auth=auth)
+    jobs.runner.tick()
+    jobs.runner.start_scheduler()
+    return jobs
+
+
 def serve(args) -> None:
     """Load the models, build the UI and serve it until interrupted."""
     setup_logging()
@@ -60,7 +73,8 @@ def serve(args) -> None:
     service = Service(registry, args.output_dir, args.allowed_root, max_request_cost=args.max_request_cost,
                       backend=backend, models_root=args.models_root)
     service.models.restore()  # the models added while serving before, after the configured list
-    demo = build_ui(service)
+    jobs = training_jobs(args, registry, auth is not None) if args.train else None
+    demo = build_ui(service, jobs)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, prevent_thread_lock=True,
                 **LAUNCH_OPTIONS)

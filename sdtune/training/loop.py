@@ -37,6 +37,7 @@ from sdtune.training.latent_cache import build_latent_cache
 from sdtune.training.lora import add_training_adapter, save_adapter
 from sdtune.training.objective import diffusion_loss
 from sdtune.training.optim import OptimizerSettings, make_lr_scheduler, make_optimizer, update_offloaded_ema
+from sdtune.training.stopping import StopRequest, clear_stopped, mark_stopped
 from sdtune.training.subject import draw_class_images, make_subject_dataset, make_text_encoder_trainable
 from sdtune.training.validation_images import (
     GridSettings,
@@ -58,18 +59,41 @@ def main(args) -> Path:
     run = set_up(args, accelerator)
     log = StepLog(accelerator, run.held_out, args.max_train_steps, run.progress.global_step)
     batches = micro_batches(run)
+    # SIGTERM (the app's Stop): a checkpoint at the end of the current step, then exit 0. Kept through the export:
+    # a run that has finished training completes its weights rather than leave them half-written.
+    stop = StopRequest()
+    try:
+        stopping = train_loop(run, batches, log, stop)
+        batches.close()
+        log.close()
+        if stopping:
+            if accelerator.is_main_process:
+                mark_stopped(args.output_dir, run.progress.global_step)
+            logger.info("Stopped (SIGTERM) at step %d, checkpoint saved: --resume_from_checkpoint latest continues.",
+                        run.progress.global_step)
+        else:
+            export(run)
+    finally:
+        stop.restore()
+    accelerator.end_training()
+    return Path(args.output_dir)
+
+
+def train_loop(run: "Run", batches: Iterator, log: "StepLog", stop: StopRequest) -> bool:
+    """Optimizer steps to --max_train_steps, validating and saving checkpoints on schedule; True if a stop was
+    requested (SIGTERM), after saving a checkpoint at the step it ended."""
+    args = run.args
     while run.progress.global_step < args.max_train_steps and train_step(run, batches, log):
         # validate before the checkpoint of the same step: a run killed between the two then validates that step
         # again when resumed, and the loss curve misses no point
         if validation_due(run.progress, args.validation_steps, args.validation_epochs):
             validate(run)
-        if run.progress.global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, run.progress)
-    batches.close()
-    log.close()
-    export(run)
-    accelerator.end_training()
-    return Path(args.output_dir)
+        stopping = stop.due(run.accelerator)
+        if run.progress.global_step % args.checkpointing_steps == 0 or stopping:
+            save_checkpoint(run.accelerator, args, run.progress)
+        if stopping:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -241,6 +265,8 @@ def make_accelerator(args) -> Accelerator:
 def start_logging(accelerator: Accelerator, output_dir) -> None:
     """Every process logs its warnings; only the main one its progress, and to train.log."""
     main_process = accelerator.is_main_process
+    if main_process:
+        clear_stopped(output_dir)
     setup_logging(logging.INFO if main_process else logging.WARNING,
                   Path(output_dir) / "train.log" if main_process else None)
 

@@ -15,6 +15,7 @@ from sdtune.app.ui.handlers import Handlers
 from sdtune.app.ui.models_tab import Pickers, follow_changes, models_tab
 from sdtune.app.ui.recall_tab import IMAGE_TAB, INFO_TAB, TEXT_TAB, png_info_tab, wire
 from sdtune.app.ui.tabs import batch_tab, image_tab, text_tab
+from sdtune.app.ui.train_api import train_endpoints
 
 CSS_PATH = Path(__file__).with_name("style.css")  # the layout's and the result images' styles
 
@@ -42,7 +43,8 @@ def backend_status(service: Service) -> None:
     refresh.click(service.backend.status, None, status, queue=False, api_visibility="private")
 
 
-def build_ui(service: Service) -> gr.Blocks:
+def build_ui(service: Service, jobs=None) -> gr.Blocks:
+    """The app; with `jobs` (a sdtune.jobs.api.TrainingJobs, gradio_app.py --train) also the training API."""
     names, handlers = service.registry.names, Handlers(service)
     # delete_cache: Gradio copies every upload and output into its temp folder; drop copies older than a day
     with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
@@ -71,4 +73,6 @@ def build_ui(service: Service) -> gr.Blocks:
             # queued batch or comparison finds its flag set when it starts and ends at once
             button.click(handlers.stops.stop, None, None, cancels=[text_event, image_event],
                          api_visibility="private", queue=False)
+        if jobs is not None:
+            train_endpoints(jobs)
     return demo

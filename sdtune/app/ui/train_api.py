@@ -1,0 +1,55 @@
+"""The training jobs' API endpoints (gradio_app.py --train): /train_start, /train_status, /train_stop, /train_resume
+and /train_list, each a sdtune/jobs/api.py call made as the signed-in user (--auth), so that one user's jobs are
+out of another's reach. No Train tab yet: the endpoints are the way in (README, "Training jobs").
+
+gr.api endpoints take their types from the functions' hints (Gradio 6). A refused request becomes a gr.Error with the
+job module's message, which names no server path; the status names the latest validation grid by its file name only.
+"""
+
+import gradio as gr
+
+from sdtune.jobs.api import TrainingJobs
+from sdtune.jobs.store import JobError
+
+
+def train_endpoints(jobs: TrainingJobs) -> None:
+    """Register the endpoints in the Blocks being built; the calls are quick (the trainer runs in its own process),
+    so they skip the generation queue."""
+
+    def train_start(name: str, recipe: str, settings: dict | None = None, advanced: str = "",
+                    request: gr.Request = None) -> int:
+        """Queue a training job from configs/RECIPE.yaml with the form settings and advanced trainer flags (YAML);
+        returns its id."""
+        return _answer(jobs.start, _user(request), name, recipe, settings or {}, advanced)
+
+    def train_status(job_id: int, request: gr.Request = None) -> dict:
+        """A job's state, step and total, steps/s, time left, loss series, latest validation grid and log lines."""
+        status = _answer(jobs.status, _user(request), job_id)
+        grid = status.pop("latest_grid")
+        return {**status, "latest_grid": grid.name if grid is not None else None}
+
+    def train_stop(job_id: int, cancel: bool = False, request: gr.Request = None) -> dict:
+        """Stop a job (SIGTERM: a checkpoint at the current step), or with cancel=True end it at once (SIGKILL)."""
+        return _answer(jobs.cancel if cancel else jobs.stop, _user(request), job_id)
+
+    def train_resume(job_id: int, request: gr.Request = None) -> dict:
+        """Queue a stopped, interrupted or failed job again; it continues from its latest checkpoint."""
+        return _answer(jobs.resume, _user(request), job_id)
+
+    def train_list(request: gr.Request = None) -> list:
+        """The caller's jobs, oldest first."""
+        return _answer(jobs.list, _user(request))
+
+    for endpoint in (train_start, train_status, train_stop, train_resume, train_list):
+        gr.api(endpoint, api_name=endpoint.__name__, queue=False)
+
+
+def _user(request: gr.Request | None) -> str | None:
+    return getattr(request, "username", None)
+
+
+def _answer(call, *arguments):
+    try:
+        return call(*arguments)
+    except JobError as error:
+        raise gr.Error(str(error)) from None

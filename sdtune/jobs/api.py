@@ -1,0 +1,161 @@
+"""The training jobs' API as plain functions of a `TrainingJobs`: start, status, stop, cancel, resume, list, delete.
+The app wires them (/train_start, /train_status, /train_stop, /train_resume, /train_list).
+
+Ownership: with --auth every call names its user (`owner`), a job belongs to the user who started it, and another
+user's jobs are as good as absent (no control, no status, not listed). Without --auth `owner` is None and the app's
+one user has every job. Messages name jobs by id and recipes by name, never a server path.
+"""
+
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from sdtune.jobs.live import live_status
+from sdtune.jobs.recipe import check_with_trainer, job_recipe, load_base_recipe, parse_advanced, sanitise_name
+from sdtune.jobs.runner import LOG_FILE, OUTPUT_FOLDER, RECIPE_FILE, REPOSITORY, Runner
+from sdtune.jobs.store import Job, JobError, JobStore
+
+STORE_FILE = "jobs.sqlite"
+RECIPE_HEADER = "# A training job's recipe (sdtune/jobs); the command line: bash train.sh --config job.yaml\n"
+MAX_WAITING = 20  # queued or running jobs at once: a request cannot fill the disk with job folders
+
+
+class TrainingJobs:
+    """The queue of one jobs root (e.g. outputs/app/jobs): its store, its runner, and the roots jobs may read."""
+
+    def __init__(self, jobs_root, data_root, model_roots, recipes_dir=REPOSITORY / "configs", auth: bool = False,
+                 env: dict | None = None):
+        self.jobs_root = Path(jobs_root).resolve()
+        self.jobs_root.mkdir(parents=True, exist_ok=True)
+        self.data_root, self.model_roots = Path(data_root), [Path(root) for root in model_roots]
+        self.recipes_dir, self.auth = Path(recipes_dir), auth
+        self.store = JobStore(self.jobs_root / STORE_FILE)
+        self.runner = Runner(self.store, self.jobs_root, env=env)
+
+    def start(self, owner: str | None, name: str, recipe: str, settings: dict | None = None,
+              advanced: str | None = None) -> int:
+        """Queue a job from configs/RECIPE.yaml with the form's `settings` and the `advanced` YAML over it, checked
+        by the trainer's parser first: a refusal raises JobError and nothing is queued. Returns the job's id."""
+        values = job_recipe(load_base_recipe(self.recipes_dir, recipe), settings or {}, parse_advanced(advanced),
+                            self.data_root, self.model_roots)
+        values["seed"] = check_with_trainer(values).seed  # drawn now when not given: a resumed run keeps it
+        name = sanitise_name(name)
+        with self.runner.lock:  # the scheduler must not see the job before its recipe is written
+            if len(self.store.list(["queued", "running"])) >= MAX_WAITING:
+                raise JobError(f"{MAX_WAITING} jobs are already queued or running: wait for one to end, or stop one.")
+            job = self.store.add(name, self._owner(owner), lambda job_id: f"{job_id:05d}-{name}")
+            folder = self.runner.folder(job)
+            try:
+                (folder / OUTPUT_FOLDER).mkdir(parents=True)
+                write_recipe(folder, {**values, "output_dir": str(folder / OUTPUT_FOLDER)})
+            except OSError:
+                self.store.delete(job.id)
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+        self.runner.tick()
+        return job.id
+
+    def status(self, owner: str | None, job_id: int) -> dict:
+        """The job's record and its live view (step, speed, losses, latest grid, the log's last lines)."""
+        job = self._job(owner, job_id)
+        folder = self.runner.folder(job)
+        recipe = read_recipe(folder)
+        live = live_status(folder / LOG_FILE, folder / OUTPUT_FOLDER, recipe.get("max_train_steps"))
+        live.log_tail = [redact(line, folder) for line in live.log_tail]
+        return {**summary(job), **vars(live)}
+
+    def list(self, owner: str | None) -> list[dict]:
+        """The caller's jobs, oldest first."""
+        return [summary(job) for job in self.store.list() if self._visible(owner, job)]
+
+    def stop(self, owner: str | None, job_id: int) -> dict:
+        """SIGTERM to the job's process group (a queued job is stopped before it starts); Resume continues."""
+        self._job(owner, job_id)
+        return summary(self.runner.stop(job_id))
+
+    def cancel(self, owner: str | None, job_id: int) -> dict:
+        """SIGKILL to the job's process group: it ends at once; checkpoints already written stay for Resume."""
+        self._job(owner, job_id)
+        return summary(self.runner.stop(job_id, kill=True))
+
+    def resume(self, owner: str | None, job_id: int) -> dict:
+        """Queue a stopped, interrupted or failed job again, to continue from its latest checkpoint."""
+        job = self._job(owner, job_id)
+        with self.runner.lock:
+            if job.state not in ("stopped", "interrupted", "failed"):
+                raise JobError(f"Job {job_id} is {job.state}: only a stopped, interrupted or failed job resumes.")
+            folder = self.runner.folder(job)
+            write_recipe(folder, {**read_recipe(folder), "resume_from_checkpoint": "latest"})
+            job = self.store.transition(job_id, "queued", pid=None, started=None, ended=None, error=None,
+                                        stop_requested=0)
+        self.runner.tick()
+        return summary(self.store.get(job_id))
+
+    def delete(self, owner: str | None, job_id: int) -> None:
+        """Remove a job that is not running, and its folder (checkpoints, outputs, log)."""
+        job = self._job(owner, job_id)
+        with self.runner.lock:
+            if self.store.get(job_id).state == "running":
+                raise JobError(f"Job {job_id} is running: stop or cancel it before deleting it.")
+            folder = self.runner.folder(job).resolve()
+            if folder.parent != self.jobs_root:  # never outside the jobs root, whatever the database says
+                raise JobError(f"Job {job_id}'s folder is not in the jobs root; not deleting it.")
+            shutil.rmtree(folder, ignore_errors=True)
+            self.store.delete(job_id)
+
+    def _owner(self, owner: str | None) -> str | None:
+        if self.auth and not owner:
+            raise JobError("Sign in first: with --auth a job belongs to the user who starts it.")
+        return owner if self.auth else None
+
+    def _visible(self, owner: str | None, job: Job) -> bool:
+        return not self.auth or job.owner == self._owner(owner)
+
+    def _job(self, owner: str | None, job_id) -> Job:
+        try:
+            job_id = int(job_id)
+        except (TypeError, ValueError):
+            raise JobError(f"Job id {job_id!r}: a number from the job list.") from None
+        job = self.store.get(job_id)
+        if not self._visible(owner, job):
+            raise JobError(f"No training job {job_id}: see the job list (/train_list) for the jobs there are.")
+        return job
+
+
+def summary(job: Job) -> dict:
+    """A job's record as the API shows it (no pid, no folder)."""
+    return {"id": job.id, "name": job.name, "owner": job.owner, "state": job.state,
+            "created": job.created, "started": job.started, "ended": job.ended, "error": job.error,
+            "stop_requested": job.stop_requested}
+
+
+def write_recipe(folder: Path, values: dict) -> None:
+    """JOB/job.yaml, written whole under a temporary name and renamed, so a launch never reads half of it."""
+    temporary = folder / f"{RECIPE_FILE}.tmp"
+    temporary.write_text(RECIPE_HEADER + yaml.safe_dump(values, sort_keys=False))
+    temporary.replace(folder / RECIPE_FILE)
+
+
+def read_recipe(folder: Path) -> dict:
+    try:
+        return yaml.safe_load((folder / RECIPE_FILE).read_text()) or {}
+    except FileNotFoundError:
+        return {}
+
+
+def redact(text: str, folder: Path) -> str:
+    """A log line without the server's paths: the job's folder reads JOB, the repository '.'."""
+    return text.replace(str(folder), "JOB").replace(str(REPOSITORY), ".")
+
+
+def wait_for(jobs: TrainingJobs, job_id: int, states, timeout: float) -> dict:
+    """Tick the scheduler until the job is in one of `states` (a script's or a test's wait, without the thread)."""
+    deadline = time.monotonic() + timeout
+    while (job := jobs.store.get(job_id)).state not in states:
+        if time.monotonic() > deadline:
+            raise JobError(f"Job {job_id} still {job.state} after {timeout:.0f} s.")
+        time.sleep(0.5)
+        jobs.runner.tick()
+    return summary(job)
