@@ -272,6 +272,13 @@ def test_a_data_url_is_refused_from_its_header_before_gradio_decodes_it(app, tmp
     assert "event: complete" in answer and decoded == []  # within the limit: kept as sent, decoded by the service
 
 
+def test_img2img_takes_only_files_uploaded_to_the_server(app, tmp_path):
+    # without "meta", Gradio does not confine a path to its upload folder: gr.Image handed any server image over
+    secret = image_file(tmp_path / "secret.png")
+    answer = call_api(app, "img2img", [{"path": str(secret)}, "x", "", "stock", "dpmsolver++", 4, 7.5, 0.5, 1, 0, None])
+    assert "event: error" in answer and "not a file uploaded to this server" in answer
+
+
 def test_concurrent_users_get_their_own_results(app):
     # requests queue one at a time on the device; each result must carry its own request's parameters
     def request(index):

@@ -86,8 +86,9 @@ def regular_file(source):
 
 def cannot_decode(error: Exception, source) -> BadImageError:
     """Pillow's reason, naming the file alone. It was opened here (regular_file), so Pillow names the file object."""
-    if isinstance(error, Image.UnidentifiedImageError) and isinstance(source, (str, os.PathLike)):
-        return BadImageError(f"cannot decode image: cannot identify image file {os.path.basename(source)!r}")
+    if isinstance(error, Image.UnidentifiedImageError):
+        named = f" {os.path.basename(source)!r}" if isinstance(source, (str, os.PathLike)) else ""
+        return BadImageError(f"cannot decode image: cannot identify image file{named}")
     return BadImageError(f"cannot decode image: {without_folder(error, source)}")
 
 

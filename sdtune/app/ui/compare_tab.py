@@ -4,10 +4,10 @@ row at a time (sdtune.app.compare does the work)."""
 import gradio as gr
 
 from sdtune.app.compare import CompareUpdate, compare, grid_image
+from sdtune.app.ui.components import WholeNumber
 from sdtune.app.ui.controls import (
     RESULT_HEIGHT,
     SEED_RANGE,
-    WholeNumber,
     queued,
     result_gallery,
     run_buttons,

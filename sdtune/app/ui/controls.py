@@ -1,23 +1,18 @@
 """What the tabs share: the device queue, per-session Stop flags, error handling, settings from form values, and the
 common controls (sampling settings, model and LoRA scale, run buttons, result gallery)."""
 
-import base64
-import binascii
-import io
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 
 import gradio as gr
-from gradio import processing_utils
 
 from sdtune.app.service import Service
-from sdtune.data.images import BadImageError, header_size
 from sdtune.errors import SdtuneError
 from sdtune.generation.core import GenerationSettings, Interrupted
 from sdtune.generation.registry import ModelUnavailable
 from sdtune.generation.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from sdtune.limits import GUIDANCE_SCALE_RANGE, MAX_SIDE, SEED_LIMIT, STEPS_RANGE, check_whole
+from sdtune.limits import GUIDANCE_SCALE_RANGE, MAX_SIDE, SEED_LIMIT, STEPS_RANGE
 
 QUEUE = "device"  # every generating event shares one concurrency slot: one generation on the device at a time
 SEED_RANGE = f"0 to {SEED_LIMIT - 1}; -1 = random"
@@ -129,53 +124,6 @@ def model_and_scale(handlers, names):
     # triggers None: when the page loads and whenever the model changes
     gr.on(None, handlers.lora_scale_field, model, scale, api_visibility="private", queue=False)
     return model, scale, scheduler, steps, guidance
-
-
-class UploadedImage(gr.Image):
-    """An image input that hands its handler the uploaded file itself, undecoded, for the service to decode with its
-    own limits. Gradio's gr.Image opens every upload with Pillow first (whose errors name the file in the server's
-    upload folder), and decodes a `data:` URL whole and re-saves it, before any check of its size: a 13000x13000 PNG
-    of 490 KB took 1.3 GB. Here a data: URL's size is read from its header and an image over `max_pixels` refused
-    before anything is decoded; the bytes of one within it are kept as a file, as an upload would be."""
-
-    is_template = True  # the browser shows it as the gr.Image it is (Block.get_block_name)
-
-    def __init__(self, *args, max_pixels: int, **kwargs):
-        super().__init__(*args, type="filepath", image_mode=None, **kwargs)
-        self.max_pixels = max_pixels
-
-    def preprocess(self, payload) -> str | None:
-        if payload is None:
-            return None
-        if payload.url and payload.url.startswith("data:"):
-            return self.kept_data_url(payload.url)
-        return payload.path  # Gradio checked it is an upload of this server's (only those reach preprocess)
-
-    def kept_data_url(self, url: str) -> str:
-        try:
-            data = base64.b64decode(url.partition(",")[2])
-            header_size(io.BytesIO(data), self.max_pixels)
-        except binascii.Error as error:
-            raise gr.Error(f"Input image: the data: URL is not base64 ({error}).") from error
-        except BadImageError as error:
-            raise gr.Error(f"Input image: {error}") from error
-        return processing_utils.save_bytes_to_cache(data, "image.png", self.GRADIO_CACHE)
-
-
-class WholeNumber(gr.Number):
-    """A number the handler takes as an int. gr.Number(precision=0) rounds what it is sent (a seed of 1.5 becomes 2)
-    before the handler can see it; this refuses a fraction, naming the parameter."""
-
-    is_template = True  # the browser shows it as the gr.Number it is (Block.get_block_name)
-
-    def __init__(self, *args, name: str, **kwargs):
-        super().__init__(*args, precision=0, **kwargs)
-        self.name = name
-
-    def preprocess(self, payload) -> int | None:
-        if payload is not None:
-            served(check_whole, payload, self.name)
-        return super().preprocess(payload)
 
 
 def run_buttons(label: str):

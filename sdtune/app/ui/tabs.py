@@ -2,12 +2,11 @@
 
 import gradio as gr
 
+from sdtune.app.ui.components import UploadedImage, WholeNumber
 from sdtune.app.ui.controls import (
     INPUT_HEIGHT,
     RESULT_HEIGHT,
     SEED_RANGE,
-    UploadedImage,
-    WholeNumber,
     model_and_scale,
     queued,
     result_gallery,
