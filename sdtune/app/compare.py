@@ -144,7 +144,7 @@ def axis_rows(axis: str, values, seed, settings: GenerationSettings) -> list[Row
 
 
 def plan_cells(service: Service, models: list[str], axis: str, rows: list[Row]) -> list[Cell]:
-    """Every cell, row by row (so the grid grows a row of models at a time); refused past MAX_COMPARE_CELLS."""
+    """Every cell, row by row (the cells come a row of models at a time); refused past MAX_COMPARE_CELLS."""
     if len(models) * len(rows) > MAX_COMPARE_CELLS:
         raise RequestError(f"{len(models)} models x {len(rows)} values = {len(models) * len(rows)} cells; a "
                            f"comparison holds at most {MAX_COMPARE_CELLS}: choose fewer models or values.")
