@@ -432,8 +432,8 @@ def test_compare_streams_its_cells_and_writes_one_grid_png_whatever_its_rows(app
     assert [len(update[1]) for update in streamed] == [1, 2, 3, 4] and run["images"] == 4  # a cell at a time
     written = [Image.open(path).size for path in set(cache.rglob("*.png")) - before]
     grids = [size for size in written if size != (64, 64)]
-    assert len(grids) == 2 and len(written) <= 4 + 2  # the cells at most once each, the grid once as the image and
-    # once as the download (before: once more after every row)
+    assert 1 <= len(grids) <= 2 and len(written) <= 4 + 2  # the cells at most once each, the grid as the image and
+    # the download (one or two copies, as the two land; before: once more after every row)
     boxes = layout((64, 64), ["stock"], [f"Seed {seed}" for seed in range(3, 7)], label_font((64, 64)))
     assert pixels(grid).shape[1::-1] == boxes.size and np.array_equal(pixels(grid), pixels(download))
     for row, cell in enumerate(cells):
