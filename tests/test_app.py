@@ -470,6 +470,28 @@ def test_compare_gives_text2imgs_images_a_grid_and_a_failed_cell_for_a_broken_mo
     assert run["kind"] == "compare" and [cell["model"] for cell in run["failed_cells"]] == ["bad-lora"]
 
 
+def test_compare_streams_its_cells_and_writes_one_grid_png_whatever_its_rows(app, client):
+    from pathlib import Path
+
+    from sdtune.app.compare_grid import label_font, layout
+
+    cache = Path(app["demo"].GRADIO_CACHE)
+    before = set(cache.rglob("*.png"))
+    job = client.submit(**dict(COMPARE, models=["stock"], values="4", prompt="a blue square"))
+    job.result()
+    *streamed, (grid, cells, download, run) = job.outputs()
+    assert [len(update[1]) for update in streamed] == [1, 2, 3, 4] and run["images"] == 4  # a cell at a time
+    written = [Image.open(path).size for path in set(cache.rglob("*.png")) - before]
+    grids = [size for size in written if size != (64, 64)]
+    assert 1 <= len(grids) <= 2 and len(written) <= 4 + 2  # the cells at most once each, the grid as the image and
+    # the download (one or two copies, as the two land; before: once more after every row)
+    boxes = layout((64, 64), ["stock"], [f"Seed {seed}" for seed in range(3, 7)], label_font((64, 64)))
+    assert pixels(grid).shape[1::-1] == boxes.size and np.array_equal(pixels(grid), pixels(download))
+    for row, cell in enumerate(cells):
+        left, top, right, bottom = boxes.box(row, 0)
+        assert np.array_equal(pixels(grid)[top:bottom, left:right], pixels(cell)[..., :3])
+
+
 def test_bad_comparisons_get_a_clear_error_and_the_server_stays_up(client):
     for override, message in [({"models": []}, "models: none chosen"),
                               ({"axis": "guidance_scale", "values": "1, x"}, "values: 'x' is not a number"),
