@@ -31,6 +31,8 @@ from sdtune.generation.pnginfo import parse_parameters
 T2I = dict(negative_prompt="", scheduler="dpmsolver++", num_inference_steps=4, guidance_scale=7.5, width=64,
            height=64, num_images=1)
 
+NO_STACK = {"headers": ["LoRA", "weight"], "data": []}  # the LoRA stack table a raw API call sends empty
+
 
 @pytest.fixture
 def client(app):
@@ -200,7 +202,7 @@ def test_the_app_creates_its_allowed_root(tmp_path, tiny_pipeline, monkeypatch):
 
     models = tmp_path / "models.yaml"
     models.write_text(f"models:\n  - name: stock\n    path: {tiny_pipeline}\n")
-    monkeypatch.setattr(app_module, "build_ui", lambda service: Demo())
+    monkeypatch.setattr(app_module, "build_ui", lambda service, jobs=None: Demo())
     app_module.serve(parse_app_args(["--models", str(models), "--lazy",
                                      "--allowed-root", str(tmp_path / "data" / "input_images"),
                                      "--output_dir", str(tmp_path / "outputs")]))
@@ -264,7 +266,8 @@ def test_a_data_url_is_refused_from_its_header_before_gradio_decodes_it(app, tmp
 
     def img2img(path):
         url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-        return call_api(app, "img2img", [{"url": url}, "x", "", "stock", "dpmsolver++", 4, 7.5, 0.5, 1, 0, None])
+        return call_api(app, "img2img", [{"url": url}, "x", "", "stock", "dpmsolver++", 4, 7.5, 0.5, 1, 0, None,
+                                             NO_STACK])
 
     answer = img2img(png_header_only(tmp_path / "huge.png", 13000, 13000))  # 169 megapixels in 80 bytes
     assert "event: error" in answer and r"image too large (13000x13000 > 16777216 pixels)" in answer
@@ -275,7 +278,8 @@ def test_a_data_url_is_refused_from_its_header_before_gradio_decodes_it(app, tmp
 def test_img2img_takes_only_files_uploaded_to_the_server(app, tmp_path):
     # without "meta", Gradio does not confine a path to its upload folder: gr.Image handed any server image over
     secret = image_file(tmp_path / "secret.png")
-    answer = call_api(app, "img2img", [{"path": str(secret)}, "x", "", "stock", "dpmsolver++", 4, 7.5, 0.5, 1, 0, None])
+    answer = call_api(app, "img2img", [{"path": str(secret)}, "x", "", "stock", "dpmsolver++", 4, 7.5, 0.5, 1, 0,
+                                        None, NO_STACK])
     assert "event: error" in answer and "not a file uploaded to this server" in answer
 
 

@@ -97,18 +97,26 @@ def script_and_flags(command: str) -> tuple[str, list[str]] | None:
         words = ["python", *words[next(i for i, word in enumerate(words) if word.endswith(".py") or word == "-m"):]]
     if words[0] != "python":
         return None
-    return ("sdtune.batch", words[3:]) if words[1] == "-m" else (words[1], words[2:])
+    script, flags = (words[2], words[3:]) if words[1] == "-m" else (words[1], words[2:])
+    return (script, flags) if script in PARSED else None
+
+
+# the commands whose flags the README test parses; the README's other python commands are run elsewhere: the tiny
+# world's data by make demo and test_tinyworld.py, benchmarks by hand
+PARSED = ("train_text_to_image.py", "metrics.py", "gradio_app.py", "sdtune.batch", "sdtune.caption")
 
 
 def parse(script: str, flags: list[str]):
     """Parse `flags` as the script's own entry point does, with every check that needs no model or file."""
     from sdtune.app import flags as cli
     from sdtune.batch import cli as batch
+    from sdtune.caption import cli as caption
     from sdtune.evaluation import flags as metrics_flags
     from sdtune.training import config
 
     parsers = {"train_text_to_image.py": config.parse_args, "metrics.py": metrics_flags.parse_metrics_args,
-               "gradio_app.py": cli.parse_app_args, "sdtune.batch": batch.build_parser().parse_args}
+               "gradio_app.py": cli.parse_app_args, "sdtune.batch": batch.build_parser().parse_args,
+               "sdtune.caption": caption.build_parser().parse_args}
     return parsers[script](flags)
 
 
@@ -118,13 +126,18 @@ def test_every_readme_command_is_run_somewhere():
     # make test is CI's command; make demo's steps (data, configs/tiny.yaml, metrics.py) run in test_tinyworld.py;
     # huggingface-cli and curl talk to the hub or a running app, which no test can reach offline; sudo installs;
     # ray start makes a cluster of several machines
-    assert all(c.split()[0] in {"make", "huggingface-cli", "curl", "sudo", "ray"} for c in others), others
+    run_elsewhere = {"make", "huggingface-cli", "curl", "sudo", "ray"}
+    assert all(c.split()[0] in run_elsewhere or c.startswith(("python -m tinyworld.", "python bench/"))
+               for c in others), others
     assert len(commands) - len(others) >= 10
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if script_and_flags(c)])
 def test_readme_command_parses_as_written(command, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes and model lists are named relative to the repository, as the README runs them
+    # the subject folders a recipe names (dog/) are the user's: their checks read files, which this test leaves out
+    monkeypatch.setattr("sdtune.data.subject.instance_images", lambda folder: [])
+    monkeypatch.setattr("sdtune.data.subject.class_images", lambda folder, count: [])
     args = parse(*script_and_flags(command))
     assert args is not None
 

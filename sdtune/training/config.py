@@ -317,8 +317,10 @@ def check_args(args: argparse.Namespace) -> None:
     if not sources:
         raise SdtuneError("Give --dataset_name (hub or local imagefolder), --train_data_dir, or --instance_data_dir "
                           "with --instance_prompt for subject training.")
-    if len(sources) > 1:
-        raise SdtuneError(f"--{' and --'.join(sources)} both give the training images: give one.")
+    # a recipe's --dataset_name yields to a folder given on the command line (train.sh starts from pokemon.yaml);
+    # two folders given are a mistake
+    if args.train_data_dir and args.instance_data_dir:
+        raise SdtuneError("--train_data_dir and --instance_data_dir both give the training images: give one.")
     if args.cache_latents and not args.center_crop:
         raise SdtuneError("--cache_latents needs --center_crop: a random crop would be frozen at caching time, "
                           "which changes what the model is trained on.")

@@ -34,7 +34,8 @@ def save_pipeline(args, unet, text_encoder=None) -> StableDiffusionPipeline:
 def write_model_card(args, trainable_parameters: int, validation_grid: Path | None, loss_history=None) -> Path:
     """README.md of the output: base model, data, hyperparameters, the last validation grid, the loss curve (with a
     validation loss: `loss_history`, a validation_loss.LossHistory), how to use it."""
-    dataset = args.dataset_name or args.train_data_dir or f"{args.instance_data_dir} ('{args.instance_prompt}')"
+    dataset = (f"{args.instance_data_dir} ('{args.instance_prompt}')" if args.instance_data_dir
+               else args.train_data_dir or args.dataset_name)  # the order the trainer reads them in
     sections = lora.card_sections if args.lora_rank else full_fine_tune_sections
     title, summary, usage = sections(args, trainable_parameters, dataset)
     grid = f"![validation]({validation_grid.relative_to(args.output_dir)})\n" if validation_grid else ""

@@ -4,7 +4,6 @@ they come and the grid at the end (sdtune.app.compare does the work)."""
 import gradio as gr
 
 from sdtune.app.compare import CompareUpdate, compare
-from sdtune.app.ui.components import WholeNumber
 from sdtune.app.ui.controls import (
     RESULT_HEIGHT,
     SEED_RANGE,
@@ -15,7 +14,7 @@ from sdtune.app.ui.controls import (
     served,
     settings_from,
 )
-from sdtune.app.ui.handlers import Handlers
+from sdtune.app.ui.handlers import Handlers, whole
 from sdtune.errors import SdtuneError
 from sdtune.limits import MAX_COMPARE_CELLS, MAX_SIDE
 
@@ -36,7 +35,8 @@ class CompareHandler:
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            updates = compare(self.service, prompt, models, axis, values, seed, settings, stop, run, checkpoints)
+            updates = compare(self.service, prompt, models, axis, values, whole(seed, "seed"), settings, stop, run,
+                              checkpoints)
             try:  # the comparison checks its request when it starts, i.e. at the first iteration
                 for update in updates:
                     progress((len(update.cells), len(update.columns) * len(update.rows)), desc="cells", unit="cells")
@@ -81,7 +81,7 @@ def compare_tab(handlers: Handlers, names, size: int):
             values = gr.Textbox("2", label="Values", info="Seeds: a count from the seed (\"4\") or a list "
                                 f"(\"1, 2, 7\"); otherwise a list (\"3, 7.5, 12\"). At most {MAX_COMPARE_CELLS} "
                                 "cells.")
-            seed = WholeNumber(-1, name="seed", label=f"Seed ({SEED_RANGE})")
+            seed = gr.Number(-1, label=f"Seed ({SEED_RANGE})")
             _, scheduler, steps, guidance = sampling_controls()
             with gr.Row():
                 width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")

@@ -14,8 +14,6 @@ import gradio as gr
 from gradio import processing_utils
 
 from sdtune.data.images import BadImageError, header_size
-from sdtune.errors import SdtuneError
-from sdtune.limits import check_whole
 
 
 class UploadedImage(gr.Image):
@@ -55,22 +53,3 @@ class UploadedImage(gr.Image):
         except BadImageError as error:
             raise gr.Error(f"Input image: {error}") from error
         return processing_utils.save_bytes_to_cache(data, "image.png", self.GRADIO_CACHE)
-
-
-class WholeNumber(gr.Number):
-    """A number the handler takes as an int. gr.Number(precision=0) rounds what it is sent (a seed of 1.5 becomes 2)
-    before the handler can see it; this refuses a fraction, naming the parameter."""
-
-    is_template = True  # the browser shows it as the gr.Number it is (Block.get_block_name)
-
-    def __init__(self, *args, name: str, **kwargs):
-        super().__init__(*args, precision=0, **kwargs)
-        self.name = name
-
-    def preprocess(self, payload) -> int | None:
-        if payload is not None:
-            try:
-                check_whole(payload, self.name)
-            except SdtuneError as error:
-                raise gr.Error(str(error)) from error
-        return super().preprocess(payload)

@@ -45,7 +45,7 @@ class Handlers:
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, with_stack(self.service.text2img, loras), prompt, model, seed,
+            call = partial(served, with_stack(self.service.text2img, loras), prompt, model, whole(seed, "seed"),
                            whole(num_images, "num_images"),
                            settings, stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images, gr.skip(), gr.skip()), stop)
@@ -58,7 +58,8 @@ class Handlers:
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, strength=strength,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         with self.stops.running(request) as stop:
-            call = partial(served, with_stack(self.service.img2img, loras), image, prompt, model, seed, settings,
+            call = partial(served, with_stack(self.service.img2img, loras), image, prompt, model,
+                           whole(seed, "seed"), settings,
                            whole(resolution or 0, "resolution"), stop, lora_scale)
             outcome = yield from stream(call, lambda step, images: (images[0], gr.skip(), gr.skip()), stop)
         yield str(outcome.paths[0]), outcome.seeds[0], outcome.run
@@ -77,7 +78,7 @@ class Handlers:
             return gallery.finished(batch_outputs(update))
 
         with self.stops.running(request) as stop:
-            updates = partial(self.service.random_batch, items, models or [], prompt, seed, settings,
+            updates = partial(self.service.random_batch, items, models or [], prompt, whole(seed, "seed"), settings,
                               whole(resolution or 0, "resolution"), stop)
             try:  # the batch checks its request when it starts, i.e. at the first iteration
                 yield from stream(updates, gallery.preview, stop, shown)
@@ -86,7 +87,8 @@ class Handlers:
 
 
 def whole(value, name: str) -> int:
-    """A slider's value as an int; a fraction sent through the API (2.7 images) is refused, not rounded."""
+    """A number box's or slider's value as an int; a fraction sent through the API (a seed of 1.5, 2.7 images) is
+    refused, not rounded (gr.Number(precision=0) would round it before the handler sees it)."""
     return served(check_whole, value, name)
 
 

@@ -2,7 +2,7 @@
 
 import gradio as gr
 
-from sdtune.app.ui.components import UploadedImage, WholeNumber
+from sdtune.app.ui.components import UploadedImage
 from sdtune.app.ui.controls import (
     INPUT_HEIGHT,
     RESULT_HEIGHT,
@@ -51,7 +51,7 @@ def text_tab(handlers: Handlers, names, size: int):
                 width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
                 height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
             with gr.Row():
-                seed = WholeNumber(-1, name="seed", label=f"Seed ({SEED_RANGE})")
+                seed = gr.Number(-1, label=f"Seed ({SEED_RANGE})")
                 count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
         with gr.Column(scale=3, min_width=360):
             gallery = result_gallery("Images", columns=2)  # a few images, large
@@ -77,7 +77,7 @@ def image_tab(handlers: Handlers, names):
             loras = lora_rows()
             with gr.Row():
                 strength, resolution = strength_and_resolution()
-                seed = WholeNumber(-1, name="seed", label=f"Seed ({SEED_RANGE})")
+                seed = gr.Number(-1, label=f"Seed ({SEED_RANGE})")
         with gr.Column(scale=3, min_width=360):
             result = gr.Image(label="Result", format="png", type="filepath", height=RESULT_HEIGHT,
                               elem_classes=["sdtune-result"])
@@ -102,7 +102,7 @@ def batch_tab(handlers: Handlers, names, allowed_root):
             prompt = gr.Textbox(label="Prompt (empty: from each file name)")
             run, stop = run_buttons("Run batch")
             with gr.Row():
-                seed = WholeNumber(0, name="seed", label=f"Batch seed ({SEED_RANGE})")
+                seed = gr.Number(0, label=f"Batch seed ({SEED_RANGE})")
                 strength, resolution = strength_and_resolution()
             _, scheduler, steps, guidance = sampling_controls()
         with gr.Column(scale=3, min_width=360):
