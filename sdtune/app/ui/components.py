@@ -29,6 +29,11 @@ class UploadedImage(gr.Image):
         super().__init__(*args, type="filepath", image_mode=None, **kwargs)
         self.max_pixels = max_pixels
 
+    def get_config(self, cls=None):
+        # Gradio reads a component's properties from its class's __init__ signature: this one's (*args, max_pixels,
+        # **kwargs) would send the browser none of gr.Image's, and the tab holding it would show nothing
+        return super().get_config(cls or gr.Image)
+
     def preprocess(self, payload) -> str | None:
         if payload is None:
             return None
