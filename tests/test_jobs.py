@@ -55,6 +55,7 @@ def queue_run(tmp_path_factory, tiny_pipeline, shapes_dataset):
     return {"jobs": jobs, "a": a, "b": b, "launched": launched, "after_restart": after_restart}
 
 
+@pytest.mark.slow  # training processes (the queue's real jobs) or in-process training runs
 def test_job_weights_equal_the_same_recipe_run_by_the_trainer(queue_run, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -75,6 +76,7 @@ def test_job_weights_equal_the_same_recipe_run_by_the_trainer(queue_run, tmp_pat
         assert torch.equal(weights[name], expected[name]), name
 
 
+@pytest.mark.slow  # training processes (the queue's real jobs) or in-process training runs
 def test_a_job_outlives_its_runner_and_a_new_runner_finds_it_running(queue_run):
     jobs, a, b = queue_run["jobs"], queue_run["a"], queue_run["b"]
     launched, after_restart = queue_run["launched"], queue_run["after_restart"]
@@ -86,6 +88,7 @@ def test_a_job_outlives_its_runner_and_a_new_runner_finds_it_running(queue_run):
     assert log.count("$ bash train.sh --config job.yaml") == 1
 
 
+@pytest.mark.slow  # training processes (the queue's real jobs) or in-process training runs
 def test_queued_jobs_run_one_after_the_other(queue_run):
     jobs, a, b = queue_run["jobs"], queue_run["a"], queue_run["b"]
     first, second = jobs.store.get(a), jobs.store.get(b)
@@ -95,6 +98,7 @@ def test_queued_jobs_run_one_after_the_other(queue_run):
     assert jobs.runner.folder(first).name == f"{a:05d}-first-job"
 
 
+@pytest.mark.slow  # training processes (the queue's real jobs) or in-process training runs
 def test_live_status_reads_step_losses_grid_and_log(queue_run):
     jobs, b = queue_run["jobs"], queue_run["b"]
     status = jobs.status(None, b)
@@ -248,6 +252,7 @@ def test_with_auth_a_job_is_its_owners_only(fake_jobs):
 # Stop: the trainer's SIGTERM handler (sdtune/training/stopping.py)
 
 
+@pytest.mark.slow  # training processes (the queue's real jobs) or in-process training runs
 def test_sigterm_saves_a_checkpoint_at_the_step_and_resume_ends_as_an_uninterrupted_run(
         tiny_pipeline, shapes_dataset, tmp_path, monkeypatch):
     import torch
@@ -282,6 +287,7 @@ def test_sigterm_saves_a_checkpoint_at_the_step_and_resume_ends_as_an_uninterrup
         assert torch.equal(straight[name], resumed[name]), name
 
 
+@pytest.mark.slow  # training processes (the queue's real jobs) or in-process training runs
 def test_stop_through_the_runner_stops_the_trainer_at_a_checkpoint_and_resume_finishes(
         tmp_path, tiny_pipeline, shapes_dataset):
     jobs = make_jobs(tmp_path, tiny_pipeline, shapes_dataset)
