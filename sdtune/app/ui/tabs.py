@@ -38,15 +38,22 @@ def trigger_button(handlers: Handlers, model, prompt) -> None:
     button.click(handlers.add_trigger_words, [model, prompt], prompt, api_visibility="private", queue=False)
 
 
+def prompt_and_model(handlers: Handlers, names):
+    """The text and image tabs' shared column head: prompt, negative prompt, Generate and Stop under them, the model
+    with its LoRA scale and sampling settings, the trigger-words button and the LoRA stack."""
+    prompt = gr.Textbox(label="Prompt", lines=2)
+    negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
+    run, stop = run_buttons("Generate")
+    model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
+    trigger_button(handlers, model, prompt)
+    return prompt, negative, run, stop, model, scale, scheduler, steps, guidance, lora_rows()
+
+
 def text_tab(handlers: Handlers, names, size: int):
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=360):
-            prompt = gr.Textbox(label="Prompt", lines=2)
-            negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
-            run, stop = run_buttons("Generate")
-            model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
-            trigger_button(handlers, model, prompt)
-            loras = lora_rows()
+            prompt, negative, run, stop, model, scale, scheduler, steps, guidance, loras = prompt_and_model(
+                handlers, names)
             with gr.Row():
                 width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
                 height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
@@ -69,12 +76,8 @@ def image_tab(handlers: Handlers, names):
         with gr.Column(scale=2, min_width=360):
             source = UploadedImage(max_pixels=handlers.service.max_upload_pixels, label="Input image", format="png",
                                    height=INPUT_HEIGHT)
-            prompt = gr.Textbox(label="Prompt", lines=2)
-            negative = gr.Textbox("", label="Negative prompt")  # a value, not None: optional for API callers
-            run, stop = run_buttons("Generate")
-            model, scale, scheduler, steps, guidance = model_and_scale(handlers, names)
-            trigger_button(handlers, model, prompt)
-            loras = lora_rows()
+            prompt, negative, run, stop, model, scale, scheduler, steps, guidance, loras = prompt_and_model(
+                handlers, names)
             with gr.Row():
                 strength, resolution = strength_and_resolution()
                 seed = gr.Number(-1, label=f"Seed ({SEED_RANGE})")
