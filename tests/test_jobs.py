@@ -309,6 +309,40 @@ def test_stop_through_the_runner_stops_the_trainer_at_a_checkpoint_and_resume_fi
     assert jobs.status(None, job_id)["step"] == 400
 
 
+# Save now / Sample now: the trainer's request files (sdtune/training/on_demand.py)
+
+
+@pytest.mark.slow  # an in-process training run
+def test_save_and_sample_requests_give_a_checkpoint_and_a_grid_at_that_step(tiny_pipeline, shapes_dataset, tmp_path,
+                                                                            monkeypatch):
+    from sdtune.training import loop
+    from sdtune.training.checkpoints import list_checkpoints
+    from sdtune.training.on_demand import REQUEST_FILES, leave_request
+
+    output = tmp_path / "run"
+    output.mkdir()
+    leave_request(output, "sample")  # left by an earlier run: cleared at the start, no grid at step 1
+    record = loop.StepLog.record
+    asked = {1: ["save"], 2: ["save", "sample"]}
+
+    def record_then_ask(self, step, loss, learning_rate):
+        record(self, step, loss, learning_rate)
+        for what in asked.get(step, []):
+            leave_request(output, what)  # as the app's Save now / Sample now, in the middle of the run
+
+    monkeypatch.setattr(loop.StepLog, "record", record_then_ask)
+    run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, output, "--resolution", "32", *LORA,
+                              "--max_train_steps", "3", "--checkpoints_total_limit", "1",
+                              "--validation_prompts", "a red circle"))
+    # checkpoint-1 and checkpoint-2 were saved (not periodic ones: every 1000), the limit of 1 kept the last
+    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-2"]
+    assert "Saved" in (output / "train.log").read_text() and "checkpoint-1" in (output / "train.log").read_text()
+    # the grid of step 2 on request, and the final one the export renders
+    assert sorted(path.name for path in (output / "validation").glob("*.png")) == ["step-000002.png",
+                                                                                   "step-000003.png"]
+    assert not any((output / name).exists() for name in REQUEST_FILES.values())
+
+
 # The app: --train's flag check and its API endpoints
 
 
