@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import LORA, run_in_process, subprocess_env, tiny_flags
 
-from sdtune.jobs.api import TrainingJobs, wait_for
+from sdtune.jobs.api import FinishedJob, TrainingJobs, wait_for
 from sdtune.jobs.recipe import sanitise_name
 from sdtune.jobs.runner import LOG_FILE, OUTPUT_FOLDER, RECIPE_FILE
 from sdtune.jobs.store import JobError, JobStore
@@ -309,6 +309,40 @@ def test_stop_through_the_runner_stops_the_trainer_at_a_checkpoint_and_resume_fi
     assert jobs.status(None, job_id)["step"] == 400
 
 
+# Save now / Sample now: the trainer's request files (sdtune/training/on_demand.py)
+
+
+@pytest.mark.slow  # an in-process training run
+def test_save_and_sample_requests_give_a_checkpoint_and_a_grid_at_that_step(tiny_pipeline, shapes_dataset, tmp_path,
+                                                                            monkeypatch):
+    from sdtune.training import loop
+    from sdtune.training.checkpoints import list_checkpoints
+    from sdtune.training.on_demand import REQUEST_FILES, leave_request
+
+    output = tmp_path / "run"
+    output.mkdir()
+    leave_request(output, "sample")  # left by an earlier run: cleared at the start, no grid at step 1
+    record = loop.StepLog.record
+    asked = {1: ["save"], 2: ["save", "sample"]}
+
+    def record_then_ask(self, step, loss, learning_rate):
+        record(self, step, loss, learning_rate)
+        for what in asked.get(step, []):
+            leave_request(output, what)  # as the app's Save now / Sample now, in the middle of the run
+
+    monkeypatch.setattr(loop.StepLog, "record", record_then_ask)
+    run_in_process(tiny_flags(tiny_pipeline, shapes_dataset, output, "--resolution", "32", *LORA,
+                              "--max_train_steps", "3", "--checkpoints_total_limit", "1",
+                              "--validation_prompts", "a red circle"))
+    # checkpoint-1 and checkpoint-2 were saved (not periodic ones: every 1000), the limit of 1 kept the last
+    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-2"]
+    assert "Saved" in (output / "train.log").read_text() and "checkpoint-1" in (output / "train.log").read_text()
+    # the grid of step 2 on request, and the final one the export renders
+    assert sorted(path.name for path in (output / "validation").glob("*.png")) == ["step-000002.png",
+                                                                                   "step-000003.png"]
+    assert not any((output / name).exists() for name in REQUEST_FILES.values())
+
+
 # The app: --train's flag check and its API endpoints
 
 
@@ -352,5 +386,153 @@ def test_train_endpoints_through_gradio_client(fake_jobs):
             client.predict("bad", "tiny-lora", {}, "output_dir: /tmp/x", api_name="/train_start")
         with pytest.raises(Exception, match="only a stopped, interrupted or failed job resumes"):
             client.predict(job_id, api_name="/train_resume")
+        for endpoint in ("/train_save_now", "/train_sample_now"):
+            with pytest.raises(Exception, match="is done: Save now and Sample now reach a running training job"):
+                client.predict(job_id, api_name=endpoint)
+        with pytest.raises(Exception, match="output holds no model"):  # the stand-in trainer wrote none
+            client.predict(job_id, api_name="/train_score")
     finally:
         demo.close()
+
+
+# Save now / Sample now and Score through the API; a done job's model served (sdtune/app/job_models.py)
+
+
+def test_save_and_sample_requests_reach_a_running_job_only(fake_jobs):
+    jobs = fake_jobs("sleep 60\n")
+    job_id = jobs.start(None, "long", "tiny-lora", {"validation_prompts": ["a red circle"]})
+    queued = jobs.start(None, "next", "tiny-lora")
+    assert jobs.request(None, job_id, "save")["requested"] == "save"
+    output = jobs.runner.folder(jobs.store.get(job_id)) / OUTPUT_FOLDER
+    assert (output / "save_now.request").is_file() and jobs.status(None, job_id)["pending_requests"] == ["save"]
+    with pytest.raises(JobError, match="ask for 'save'.*or 'sample'"):
+        jobs.request(None, job_id, "export")
+    with pytest.raises(JobError, match=f"Job {queued} is queued: Save now and Sample now reach a running"):
+        jobs.request(None, queued, "sample")
+    jobs.cancel(None, job_id)
+    wait_for(jobs, job_id, ENDED, timeout=30)
+    jobs.cancel(None, queued)
+    with pytest.raises(JobError, match="is stopped: Save now"):
+        jobs.request(None, job_id, "save")
+
+
+def lora_output(tmp_path, tiny_adapter, tiny_pipeline):
+    """A LoRA job's output as the trainer leaves it: the adapter and the resolved settings naming its base."""
+    import shutil
+
+    folder = tmp_path / "lora-output"
+    shutil.copytree(tiny_adapter, folder)
+    (folder / "training_config.yaml").write_text(yaml.safe_dump({"pretrained_model_name_or_path": str(tiny_pipeline)}))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "lora"])
+def test_a_done_job_is_served_under_its_name_once_and_again_after_a_restart(fake_jobs, tmp_path, tiny_pipeline,
+                                                                              tiny_adapter, kind):
+    from sdtune.app.job_models import serve_finished
+    from sdtune.app.models import ModelManager
+    from sdtune.generation.registry import ModelRegistry, ModelSpec
+
+    source = tiny_pipeline if kind == "pipeline" else lora_output(tmp_path, tiny_adapter, tiny_pipeline)
+    jobs = fake_jobs(f'cp -r "{source}"/. "$(dirname "$2")/{OUTPUT_FOLDER}/"\n')  # "trains": writes the model
+    (tmp_path / "models").mkdir()
+
+    def manager(jobs_allowed=True):
+        made = ModelManager(ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu"), tmp_path / "models",
+                            tmp_path / "app")
+        if jobs_allowed:
+            made.allow_root(jobs.jobs_root)
+        return made
+
+    served, changes = manager(), []
+    served.on_change(lambda: changes.append("changed"))
+    jobs.on_done(lambda finished: serve_finished(served, finished))
+    job_id = jobs.start(None, "my.model", "tiny-lora")
+    assert wait_for(jobs, job_id, ENDED, timeout=60)["state"] == "done"
+    assert "my_model" in served.names and changes == ["changed"]  # the pickers were told
+    listed = {model["name"]: model for model in served.listing()}["my_model"]
+    assert listed["added"] and listed["kind"].startswith("LoRA" if kind == "lora" else "pipeline")
+    jobs.runner.tick()  # a later round does not add it again
+    assert changes == ["changed"]
+    restarted = manager()
+    restarted.restore()
+    assert "my_model" in restarted.names
+    again = jobs.start(None, "my.model", "tiny-lora")  # the same name again: served as NAME-ID
+    wait_for(jobs, again, ENDED, timeout=60)
+    assert f"my_model-{again}" in served.names
+    outside = manager(jobs_allowed=False)  # the jobs root not allowed: refused, logged, nothing served
+    finished = FinishedJob(job_id, "my.model", None, jobs.runner.folder(jobs.store.get(job_id)) / OUTPUT_FOLDER)
+    assert serve_finished(outside, finished) is None and "my_model" not in outside.names
+
+
+@pytest.mark.slow  # metrics.py in its own process (tiny CLIP, tiny pipeline)
+def test_a_score_job_reports_clip_score_against_the_base_and_cmmd_to_the_held_out_images(
+        fake_jobs, tmp_path, tiny_pipeline, tiny_adapter, tiny_clip, shapes_dataset):
+    source = lora_output(tmp_path, tiny_adapter, tiny_pipeline)
+    jobs = fake_jobs(f'cp -r "{source}"/. "$(dirname "$2")/{OUTPUT_FOLDER}/"\n', pipeline=tiny_pipeline,
+                     data=shapes_dataset, clip_model=str(tiny_clip))
+    settings = {**tiny_settings(tiny_pipeline, shapes_dataset, 2), "validation_prompts": ["a red circle"]}
+    held_out = f"validation_data_dir: {shapes_dataset}\n"
+    job_id = jobs.start(None, "scored", "tiny-lora", settings, ADVANCED + held_out)
+    with pytest.raises(JobError, match="only a training job that is done can be scored"):
+        jobs.score(None, job_id)  # still queued or running
+    wait_for(jobs, job_id, ENDED, timeout=60)
+    score_id = jobs.score(None, job_id)
+    with pytest.raises(JobError, match="a score job: only a training job"):
+        jobs.score(None, score_id)
+    status = wait_for(jobs, score_id, ENDED, timeout=600)
+    report = jobs.status(None, score_id)["report"]
+    assert status["state"] == "done" and status["kind"] == "score", jobs.status(None, score_id)["log_tail"]
+    assert set(report["models"]) == {"base", "trained"} and report["cmmd"]
+    base, trained = report["models"]["base"], report["models"]["trained"]
+    assert math.isfinite(base["clip_score_mean"]) and {"mean", "ci95"} <= set(trained["difference_to_first"])
+    # the random tiny CLIP's scores clamp at 0 (100 * max(cos, 0)); its embeddings tell the two models' images apart:
+    # the adapter was applied, not the base scored twice
+    assert {"value", "ci95"} <= set(trained["cmmd"]) and base["cmmd"]["value"] != trained["cmmd"]["value"]
+    assert "path" not in trained and str(tmp_path) not in json.dumps(report)
+
+
+# One device, two jobs (sdtune/jobs/sharing.py): generation while a job trains
+
+
+def test_generation_waits_while_a_full_finetune_holds_a_24_gb_gpu_and_goes_on_otherwise(fake_jobs, tmp_path,
+                                                                                        tiny_pipeline):
+    from sdtune.app.service import RequestError, Service
+    from sdtune.generation.core import GenerationSettings
+    from sdtune.generation.registry import ModelRegistry, ModelSpec
+    from sdtune.jobs.sharing import (
+        FULL_FINETUNE_GIB,
+        generation_gate,
+        generation_refusal,
+        running_recipes,
+        served_pipelines,
+    )
+
+    registry = ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu", lazy=True)
+    with_lora = [*registry.specs.values(), ModelSpec("stock-lora", str(tiny_pipeline), lora="adapter")]
+    assert served_pipelines(with_lora) == 1  # a LoRA model shares its base's pipeline
+    service = Service(registry, tmp_path / "app", tmp_path)
+    settings = GenerationSettings(num_inference_steps=1, width=32, height=32)
+    jobs = fake_jobs("sleep 60\n")
+    full = jobs.start(None, "full", "tiny")  # configs/tiny.yaml: a full fine-tune
+    assert jobs.store.get(full).state == "running"
+
+    def on(device, gib):  # the app's gate as it would be on that device, with the served models of this registry
+        return lambda: generation_refusal(running_recipes(jobs), device, gib, 1)
+
+    service.device_gate = on("cuda", 24)
+    with pytest.raises(RequestError, match=f"Training job {full} \\(full\\), a full fine-tune, is using the GPU: "
+                                           f"its steps peak near {FULL_FINETUNE_GIB:.1f} GiB"):
+        service.text2img("a red circle", "stock", 1, 1, settings)
+    assert on("cuda", 80)() is None  # an 80 GB GPU holds both
+    service.device_gate = generation_gate(jobs, registry)  # this app serves from the CPU: it never waits
+    assert len(service.text2img("a red circle", "stock", 1, 1, settings).paths) == 1
+    jobs.cancel(None, full)
+    wait_for(jobs, full, ENDED, timeout=30)
+    lora = jobs.start(None, "lora", "tiny-lora")
+    assert jobs.store.get(lora).state == "running"
+    assert on("cuda", 24)() is None  # a LoRA job trains beside the served pipelines
+    assert on("cuda", 4)() is not None and "a LoRA" in on("cuda", 4)()
+    jobs.cancel(None, lora)
+    wait_for(jobs, lora, ENDED, timeout=30)
+    assert on("cuda", 4)() is None  # no job running: nothing waits

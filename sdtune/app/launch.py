@@ -40,17 +40,23 @@ def generation_backend(args, registry: ModelRegistry):
                              args.models_per_replica, args.device)
 
 
-def training_jobs(args, registry: ModelRegistry, auth: bool):
+def training_jobs(args, registry: ModelRegistry, auth: bool, models):
     """--train's queue under OUTPUT_DIR/jobs, its scheduler started: jobs found running from an earlier app are
     watched again, those that died with it are marked interrupted. Bases: the served models' folders and
-    --models_root; data: --data_root."""
+    --models_root; data: --data_root. A job that ends done has its model served (sdtune/app/job_models.py)."""
+    from sdtune.app.job_models import serve_finished
     from sdtune.jobs.api import TrainingJobs  # only with --train
 
     served = [Path(spec.path) for spec in registry.specs.values() if Path(spec.path).is_dir()]
-    jobs = TrainingJobs(Path(args.output_dir) / "jobs", args.data_root, [*served, Path(args.models_root)], auth=auth)
+    jobs = TrainingJobs(jobs_root(args), args.data_root, [*served, Path(args.models_root)], auth=auth,
+                        on_done=lambda finished: serve_finished(models, finished))
     jobs.runner.tick()
     jobs.runner.start_scheduler()
     return jobs
+
+
+def jobs_root(args) -> Path:
+    return Path(args.output_dir) / "jobs"
 
 
 def serve(args) -> None:
@@ -72,8 +78,14 @@ def serve(args) -> None:
     backend = generation_backend(args, registry)
     service = Service(registry, args.output_dir, args.allowed_root, max_request_cost=args.max_request_cost,
                       backend=backend, models_root=args.models_root)
+    if args.train:  # finished jobs' models are served from their folders (before restore: it serves them again)
+        service.models.allow_root(jobs_root(args))
     service.models.restore()  # the models added while serving before, after the configured list
-    jobs = training_jobs(args, registry, auth is not None) if args.train else None
+    jobs = training_jobs(args, registry, auth is not None, service.models) if args.train else None
+    if jobs is not None and args.backend == "local":  # README "Training jobs": one device, two jobs
+        from sdtune.jobs.sharing import generation_gate
+
+        service.device_gate = generation_gate(jobs, registry)
     demo = build_ui(service, jobs)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, prevent_thread_lock=True,

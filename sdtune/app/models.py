@@ -54,6 +54,7 @@ class ModelManager:
         self.root_shown = models_root_shown or (Path(models_root).name if Path(models_root).is_absolute()
                                                 else str(models_root))
         self.added_file = Path(output_dir) / ADDED_FILE
+        self.extra_roots: list[Path] = []  # allow_root's: folders the app itself fills (training jobs)
         self._lock = threading.Lock()  # one change at a time, so the file matches what is served
         self._borrowed: Counter[str] = Counter()  # a run's checkpoint served for comparisons -> comparisons using it
         self._listeners: list[Callable[[], None]] = []  # told after each add and remove (the UI's model pickers)
@@ -62,6 +63,11 @@ class ModelManager:
     def names(self) -> list[str]:
         """The models a user can choose: all served but a comparison's borrowed checkpoints."""
         return [name for name in self.registry.names if name not in self._borrowed]
+
+    def allow_root(self, folder) -> None:
+        """Accept models under `folder` too: one the app fills itself (the training jobs' root, from which a
+        finished job's model is served). Its additions are kept by absolute path; call this before `restore`."""
+        self.extra_roots.append(Path(folder).resolve())
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -166,7 +172,8 @@ class ModelManager:
                                "--models and restart to serve more.")
 
     def _relative(self, path: str) -> str:
-        return str(self._confined(path).relative_to(self.root))
+        resolved = self._confined(path)
+        return str(resolved.relative_to(self.root)) if resolved.is_relative_to(self.root) else str(resolved)
 
     def _confined(self, path: str, field: str = "path") -> Path:
         """`path` (relative to the models root, or absolute) resolved; refused outside the root or when missing."""
@@ -175,7 +182,7 @@ class ModelManager:
             raise SourceError(f"{field}: empty; give a folder or file under the models root {self.root_shown}.")
         resolved = (self.root / given).resolve()  # an absolute `given` replaces the root; links are followed
         shown = Path(given).name if Path(given).is_absolute() else given  # no server path in a message
-        if not resolved.is_relative_to(self.root):
+        if not any(resolved.is_relative_to(root) for root in (self.root, *self.extra_roots)):
             raise SourceError(f"{field}: {shown} is outside the models root {self.root_shown}.")
         if not resolved.exists():
             raise SourceError(f"{field}: {shown} does not exist under the models root {self.root_shown}.")

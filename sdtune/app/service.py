@@ -6,6 +6,7 @@ range."""
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -86,11 +87,20 @@ class Service:
         self.max_upload_pixels = max_upload_pixels
         self.max_request_cost = max_request_cost or DEFAULT_MAX_REQUEST_COST[self.backend.device.type]
         self.run_log = self.output_dir / "runs.jsonl"
+        # with --train: why generation must wait while a training job holds the device, or None (sdtune/jobs/sharing.py)
+        self.device_gate: Callable[[], str | None] | None = None
+
+    def check_device(self) -> None:
+        """Refuse a generation request while a training job leaves the device no room for it."""
+        refusal = self.device_gate() if self.device_gate is not None else None
+        if refusal:
+            raise RequestError(refusal)
 
     def prepare(self, model: str, lora_scale: float | None = None) -> float | None:
         """Have the backend ready `model` and return the request's adapter scale (None: the model's listed one; None
         for a model without an adapter). Every request sets the scale, so one request's scale never carries over to
         the next."""
+        self.check_device()
         scale = self.adapter_scale(model, lora_scale)
         with unavailable_as_request_error():
             self.backend.load(model, scale)
@@ -232,6 +242,7 @@ class Service:
         `preview` sees each call's images forming."""
         if not items:
             raise RequestError("No images given: upload some or name a folder.")
+        self.check_device()
         models = list(models) or self.registry.names
         resolutions = self.batch_resolutions(models, settings, resolution)
         seed = resolve_seed(seed)

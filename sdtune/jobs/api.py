@@ -6,33 +6,75 @@ user's jobs are as good as absent (no control, no status, not listed). Without -
 one user has every job. Messages name jobs by id and recipes by name, never a server path.
 """
 
+import logging
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from sdtune.jobs.live import live_status
 from sdtune.jobs.recipe import check_with_trainer, job_recipe, load_base_recipe, parse_advanced, sanitise_name
-from sdtune.jobs.runner import LOG_FILE, OUTPUT_FOLDER, RECIPE_FILE, REPOSITORY, Runner
+from sdtune.jobs.runner import (
+    LOG_FILE,
+    OUTPUT_FOLDER,
+    RECIPE_FILE,
+    REPOSITORY,
+    Runner,
+)
+from sdtune.jobs.score import REPORT_FILE, score_plan, score_report, write_score_job
 from sdtune.jobs.store import Job, JobError, JobStore
+from sdtune.training.on_demand import REQUEST_FILES, leave_request, request_file
+
+logger = logging.getLogger("sdtune.jobs.api")
 
 STORE_FILE = "jobs.sqlite"
 RECIPE_HEADER = "# A training job's recipe (sdtune/jobs); the command line: bash train.sh --config job.yaml\n"
 MAX_WAITING = 20  # queued or running jobs at once: a request cannot fill the disk with job folders
+CLIP_MODEL = "openai/clip-vit-base-patch16"  # metrics.py's default scorer
+SCORE_IMAGES_PER_PROMPT = 4  # metrics.py's default: seeds per prompt
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """A training job that ended done, as its on_done listeners get it."""
+    id: int
+    name: str
+    owner: str | None
+    output: Path  # the trainer's output folder: a LoRA's weights (with training_config.yaml naming its base) or a
+    # full fine-tune's pipeline folder
 
 
 class TrainingJobs:
     """The queue of one jobs root (e.g. outputs/app/jobs): its store, its runner, and the roots jobs may read."""
 
     def __init__(self, jobs_root, data_root, model_roots, recipes_dir=REPOSITORY / "configs", auth: bool = False,
-                 env: dict | None = None):
+                 env: dict | None = None, on_done: Callable[[FinishedJob], None] | None = None,
+                 clip_model: str = CLIP_MODEL):
         self.jobs_root = Path(jobs_root).resolve()
         self.jobs_root.mkdir(parents=True, exist_ok=True)
         self.data_root, self.model_roots = Path(data_root), [Path(root) for root in model_roots]
-        self.recipes_dir, self.auth = Path(recipes_dir), auth
+        self.recipes_dir, self.auth, self.clip_model = Path(recipes_dir), auth, clip_model
         self.store = JobStore(self.jobs_root / STORE_FILE)
-        self.runner = Runner(self.store, self.jobs_root, env=env)
+        self._done_listeners: list[Callable[[FinishedJob], None]] = [on_done] if on_done else []
+        self.runner = Runner(self.store, self.jobs_root, env=env, on_end=self._ended)
+
+    def on_done(self, listener: Callable[[FinishedJob], None]) -> None:
+        """Call `listener(FinishedJob)` once for each training job that ends done (the app serves its model). Told
+        by the runner of the app that sees the job end, outside the queue's lock."""
+        self._done_listeners.append(listener)
+
+    def _ended(self, job: Job) -> None:
+        if job.state != "done" or job.kind != "train":
+            return
+        finished = FinishedJob(job.id, job.name, job.owner, self.runner.folder(job) / OUTPUT_FOLDER)
+        for listener in self._done_listeners:
+            try:
+                listener(finished)
+            except Exception:  # one listener's failure (a model that will not load) must not silence the others
+                logger.exception("Job %d (%s) is done, but a listener of its end failed.", job.id, job.name)
 
     def start(self, owner: str | None, name: str, recipe: str, settings: dict | None = None,
               advanced: str | None = None) -> int:
@@ -42,14 +84,33 @@ class TrainingJobs:
                             self.data_root, self.model_roots)
         values["seed"] = check_with_trainer(values).seed  # drawn now when not given: a resumed run keeps it
         name = sanitise_name(name)
-        with self.runner.lock:  # the scheduler must not see the job before its recipe is written
-            if len(self.store.list(["queued", "running"])) >= MAX_WAITING:
-                raise JobError(f"{MAX_WAITING} jobs are already queued or running: wait for one to end, or stop one.")
-            job = self.store.add(name, self._owner(owner), lambda job_id: f"{job_id:05d}-{name}")
+
+        def write(folder: Path) -> None:
+            (folder / OUTPUT_FOLDER).mkdir(parents=True)
+            write_recipe(folder, {**values, "output_dir": str(folder / OUTPUT_FOLDER)})
+
+        return self._queue(name, self._owner(owner), "train", write)
+
+    def score(self, owner: str | None, job_id: int) -> int:
+        """Queue a score job for a done training job: metrics.py's CLIP score of its base and its model on its
+        validation prompts (and CMMD to its --validation_data_dir), in its own process, in the queue's order.
+        Returns the score job's id; its status carries the report once written (sdtune/jobs/score.py)."""
+        job = self._job(owner, job_id)
+        if job.kind != "train" or job.state != "done":
+            raise JobError(f"Job {job_id} is {job.state if job.kind == 'train' else 'a score job'}: only a training "
+                           "job that is done can be scored.")
+        plan = score_plan(job_id, read_recipe(self.runner.folder(job)), self.runner.folder(job) / OUTPUT_FOLDER)
+        return self._queue(sanitise_name(f"score-{job.name}"), job.owner, "score",
+                           lambda folder: write_score_job(folder, plan, self.clip_model, SCORE_IMAGES_PER_PROMPT))
+
+    def _queue(self, name: str, owner: str | None, kind: str, write_files) -> int:
+        """Add a job and `write_files(its folder)`, then tick; nothing stays of it when writing fails."""
+        with self.runner.lock:  # the scheduler must not see the job before its files are written
+            self._check_room()
+            job = self.store.add(name, owner, lambda job_id: f"{job_id:05d}-{name}", kind=kind)
             folder = self.runner.folder(job)
             try:
-                (folder / OUTPUT_FOLDER).mkdir(parents=True)
-                write_recipe(folder, {**values, "output_dir": str(folder / OUTPUT_FOLDER)})
+                write_files(folder)
             except OSError:
                 self.store.delete(job.id)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -64,7 +125,27 @@ class TrainingJobs:
         recipe = read_recipe(folder)
         live = live_status(folder / LOG_FILE, folder / OUTPUT_FOLDER, recipe.get("max_train_steps"))
         live.log_tail = [redact(line, folder) for line in live.log_tail]
-        return {**summary(job), **vars(live)}
+        pending = [what for what in REQUEST_FILES if request_file(folder / OUTPUT_FOLDER, what).exists()]
+        report = score_report(folder / OUTPUT_FOLDER / REPORT_FILE) if job.kind == "score" else None
+        return {**summary(job), **vars(live), "pending_requests": pending, "report": report}
+
+    def request(self, owner: str | None, job_id: int, what: str) -> dict:
+        """Save now ("save": a checkpoint-N at the next optimizer step) or Sample now ("sample": a validation grid
+        there): a request file the running trainer answers and removes (sdtune/training/on_demand.py)."""
+        job = self._job(owner, job_id)
+        if what not in REQUEST_FILES:
+            raise JobError(f"Request {what!r}: ask for 'save' (a checkpoint now) or 'sample' (a validation grid now).")
+        if job.kind != "train" or job.state != "running":
+            raise JobError(f"Job {job_id} is {job.state if job.kind == 'train' else 'a score job'}: Save now and "
+                           "Sample now reach a running training job only.")
+        folder = self.runner.folder(job)
+        recipe = read_recipe(folder)
+        if what == "sample" and not recipe.get("validation_prompts") and not (
+                recipe.get("validation_split") or recipe.get("validation_data_dir")):
+            raise JobError(f"Job {job_id} has no validation prompts and no validation loss: nothing to sample. "
+                           "Give validation_prompts when starting a job.")
+        leave_request(folder / OUTPUT_FOLDER, what)
+        return {**summary(job), "requested": what}
 
     def list(self, owner: str | None) -> list[dict]:
         """The caller's jobs, oldest first."""
@@ -87,7 +168,8 @@ class TrainingJobs:
             if job.state not in ("stopped", "interrupted", "failed"):
                 raise JobError(f"Job {job_id} is {job.state}: only a stopped, interrupted or failed job resumes.")
             folder = self.runner.folder(job)
-            write_recipe(folder, {**read_recipe(folder), "resume_from_checkpoint": "latest"})
+            if job.kind == "train":  # a score job starts again from the beginning
+                write_recipe(folder, {**read_recipe(folder), "resume_from_checkpoint": "latest"})
             job = self.store.transition(job_id, "queued", pid=None, started=None, ended=None, error=None,
                                         stop_requested=0)
         self.runner.tick()
@@ -104,6 +186,10 @@ class TrainingJobs:
                 raise JobError(f"Job {job_id}'s folder is not in the jobs root; not deleting it.")
             shutil.rmtree(folder, ignore_errors=True)
             self.store.delete(job_id)
+
+    def _check_room(self) -> None:
+        if len(self.store.list(["queued", "running"])) >= MAX_WAITING:
+            raise JobError(f"{MAX_WAITING} jobs are already queued or running: wait for one to end, or stop one.")
 
     def _owner(self, owner: str | None) -> str | None:
         if self.auth and not owner:
@@ -126,7 +212,7 @@ class TrainingJobs:
 
 def summary(job: Job) -> dict:
     """A job's record as the API shows it (no pid, no folder)."""
-    return {"id": job.id, "name": job.name, "owner": job.owner, "state": job.state,
+    return {"id": job.id, "name": job.name, "kind": job.kind, "owner": job.owner, "state": job.state,
             "created": job.created, "started": job.started, "ended": job.ended, "error": job.error,
             "stop_requested": job.stop_requested}
 

@@ -1,11 +1,12 @@
 """Runs the queue: one job trains at a time, in its own process, detached from the app.
 
 A job runs `bash train.sh --config JOB/job.yaml` (accelerate launch train_text_to_image.py with the job's recipe, the
-command line's own path) in a new session, so that it is the leader of its own process group, the app dying does not
-take it along, and Stop and Cancel reach accelerate and the trainer it spawns at once. A small bash wrapper records the
-exit status in JOB/exit_status when the command ends (it only waits: a trapped TERM lets it outlive a Stop), because
-the app that started a job may not be the one that sees it end. On SIGTERM the trainer saves a checkpoint at the end
-of its step, leaves output/training_stopped.json and exits 0 (sdtune/training/stopping.py): the job is stopped.
+command line's own path; a score job runs metrics.py, sdtune/jobs/score.py) in a new session, so that it is the leader
+of its own process group, the app dying does not take it along, and Stop and Cancel reach accelerate and the trainer it
+spawns at once. A small bash wrapper records the exit status in JOB/exit_status when the command ends (it only waits: a
+trapped TERM lets it outlive a Stop), because the app that started a job may not be the one that sees it end. On SIGTERM
+the trainer saves a checkpoint at the end of its step, leaves output/training_stopped.json and exits 0
+(sdtune/training/stopping.py): the job is stopped.
 
 The store is the truth: a new Runner (the app restarted) finds each running job again by its process group, whose
 members are checked against /proc/PID/cmdline so that a recycled pid is not taken for the trainer; a job runs while
@@ -18,9 +19,13 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 from sdtune.jobs.store import Job, JobError, JobStore
 from sdtune.training.stopping import STOPPED_FILE
@@ -34,14 +39,20 @@ OUTPUT_FOLDER = "output"
 EXIT_STATUS_FILE = "exit_status"
 # `trap : TERM`: a handler, not an ignored signal, so the trainer still gets SIGTERM's default; the wrapper goes on
 # waiting and then writes the status under a temporary name, renamed when complete
-WRAPPER = 'trap : TERM; bash "$1" --config "$2"; status=$?; echo $status > "$3.tmp"; mv "$3.tmp" "$3"'
+WRAPPER = 'trap : TERM; "${@:2}"; status=$?; echo $status > "$1.tmp"; mv "$1.tmp" "$1"'
+# A score job (TrainingJobs.score) runs metrics.py with the flags in its SCORE_FILE ({"argv": [...]}); their
+# --models is the job's SCORE_MODELS_FILE, the path that marks the job's processes as the recipe marks a trainer's
+SCORE_FILE = "score.yaml"
+SCORE_MODELS_FILE = "models.yaml"
 
 
 class Runner:
     """Starts, watches and signals the jobs of `store`, whose folders are under `jobs_root`."""
 
-    def __init__(self, store: JobStore, jobs_root, env: dict | None = None, train_script: Path | None = None):
+    def __init__(self, store: JobStore, jobs_root, env: dict | None = None, train_script: Path | None = None,
+                 on_end: Callable[[Job], None] | None = None):
         self.store, self.jobs_root = store, Path(jobs_root).resolve()
+        self.on_end = on_end  # told of each job this runner sees end, once, outside the lock (it may load a model)
         self.env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")  # the log shows lines as they come
         self.train_script = Path(train_script or REPOSITORY / "train.sh")
         self._children: dict[int, subprocess.Popen] = {}  # the processes this runner started, reaped when they end
@@ -55,40 +66,64 @@ class Runner:
     def tick(self) -> None:
         """One round: end the running jobs whose process is gone, then start the oldest queued job if none runs."""
         with self.lock:
-            running = [job for job in self.store.list(["running"]) if not self._finish_if_ended(job)]
-            if running:
-                return
-            queued = self.store.list(["queued"])
+            ended, running = [], []
+            for job in self.store.list(["running"]):
+                (ended if self._finish_if_ended(job) else running).append(job.id)
+            queued = self.store.list(["queued"]) if not running else []
             if queued:
                 self._launch(queued[0])
+        for job_id in ended:
+            self._tell_end(job_id)
+
+    def _tell_end(self, job_id: int) -> None:
+        """on_end(job) for a job that just ended: a failing listener is logged and the scheduler goes on."""
+        if self.on_end is None:
+            return
+        try:
+            self.on_end(self.store.get(job_id))
+        except Exception:
+            logger.exception("Job %d ended, but what follows its end failed.", job_id)
 
     def _launch(self, job: Job) -> None:
         folder = self.folder(job)
         stale_files = (EXIT_STATUS_FILE, f"{EXIT_STATUS_FILE}.tmp", f"{OUTPUT_FOLDER}/{STOPPED_FILE}")
         for stale in (folder / name for name in stale_files):
             stale.unlink(missing_ok=True)
-        command = ["bash", "-c", WRAPPER, "sdtune-job", str(self.train_script), str(folder / RECIPE_FILE),
-                   str(folder / EXIT_STATUS_FILE)]
         try:
+            command, shown = self._command(job)
+            command = ["bash", "-c", WRAPPER, "sdtune-job", str(folder / EXIT_STATUS_FILE), *command]
             with open(folder / LOG_FILE, "ab") as log:
-                log.write(f"$ bash train.sh --config {RECIPE_FILE}  (job {job.id}, {time.ctime()})\n".encode())
+                log.write(f"$ {shown}  (job {job.id}, {time.ctime()})\n".encode())
                 log.flush()
                 process = subprocess.Popen(command, cwd=self.train_script.parent, env=self.env,
                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True)
-        except OSError as error:
-            self.store.transition(job.id, "failed", ended=time.time(), error=f"The trainer could not start: {error}")
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+            self.store.transition(job.id, "failed", ended=time.time(), error=f"The job could not start: {error}")
             return
         self._children[process.pid] = process
         self.store.transition(job.id, "running", started=time.time(), pid=process.pid, ended=None, error=None)
         logger.info("Job %d (%s) started: process group %d.", job.id, job.name, process.pid)
+
+    def _command(self, job: Job) -> tuple[list[str], str]:
+        """The job's command, and how its log shows it (no server path)."""
+        folder = self.folder(job)
+        if job.kind == "score":
+            argv = [str(value) for value in yaml.safe_load((folder / SCORE_FILE).read_text())["argv"]]
+            return [sys.executable, str(REPOSITORY / "metrics.py"), *argv], f"python metrics.py (scoring, {SCORE_FILE})"
+        return ["bash", str(self.train_script), "--config", str(folder / RECIPE_FILE)], \
+            f"bash train.sh --config {RECIPE_FILE}"
+
+    def marker(self, job: Job) -> Path:
+        """The file whose path is on the command line of each of the job's processes."""
+        return self.folder(job) / (SCORE_MODELS_FILE if job.kind == "score" else RECIPE_FILE)
 
     def _finish_if_ended(self, job: Job) -> bool:
         """Record the end of a running job whose process is gone; False while it runs."""
         child = self._children.get(job.pid)
         if child is not None:
             child.poll()  # reaps the wrapper if it ended, so that it no longer counts
-        if job_processes(job.pid, self.folder(job) / RECIPE_FILE):
+        if job_processes(job.pid, self.marker(job)):
             return False
         self._children.pop(job.pid, None)
         state, error = self._outcome(job)
@@ -118,7 +153,7 @@ class Runner:
             if job.state != "running":
                 raise JobError(f"Job {job_id} is {job.state}: only a queued or running job can be stopped.")
             self.store.mark_stop_requested(job_id)
-            if job_processes(job.pid, self.folder(job) / RECIPE_FILE):
+            if job_processes(job.pid, self.marker(job)):
                 with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                     os.killpg(job.pid, signal.SIGKILL if kill else signal.SIGTERM)
             return self.store.get(job_id)

@@ -37,9 +37,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER,                          -- the launched process, leader of its own process group
     folder TEXT NOT NULL,                 -- the job's folder, relative to the jobs root
     error TEXT,
-    stop_requested INTEGER NOT NULL DEFAULT 0  -- Stop or Cancel was asked: its end is "stopped", not "interrupted"
+    stop_requested INTEGER NOT NULL DEFAULT 0, -- Stop or Cancel was asked: its end is "stopped", not "interrupted"
+    kind TEXT NOT NULL DEFAULT 'train'    -- what the job runs: KINDS
 )
 """
+KINDS = ("train", "score")  # the trainer (train.sh), or metrics.py scoring a trained job's model against its base
 
 
 class JobError(SdtuneError):
@@ -59,6 +61,7 @@ class Job:
     folder: str
     error: str | None
     stop_requested: bool
+    kind: str = "train"
 
 
 class JobStore:
@@ -70,6 +73,9 @@ class JobStore:
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(SCHEMA)
+            columns = {row["name"] for row in connection.execute("PRAGMA table_info(jobs)")}
+            if "kind" not in columns:  # a queue from before score jobs: all of its jobs train
+                connection.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'train'")
 
     @contextmanager
     def _connect(self):
@@ -82,12 +88,14 @@ class JobStore:
         finally:
             connection.close()
 
-    def add(self, name: str, owner: str | None, folder_for) -> Job:
+    def add(self, name: str, owner: str | None, folder_for, kind: str = "train") -> Job:
         """A new queued job; `folder_for(job_id)` names its folder (the id is only known once the row exists)."""
+        if kind not in KINDS:
+            raise ValueError(f"not a job kind: {kind!r}")  # a programming error, not a user's
         with self._connect() as connection:
             connection.execute("BEGIN IMMEDIATE")
-            cursor = connection.execute("INSERT INTO jobs (name, owner, state, created, folder) VALUES (?, ?, ?, ?, ?)",
-                                        (name, owner, "queued", time.time(), ""))
+            cursor = connection.execute("INSERT INTO jobs (name, owner, state, created, folder, kind) "
+                                        "VALUES (?, ?, ?, ?, ?, ?)", (name, owner, "queued", time.time(), "", kind))
             job_id = cursor.lastrowid
             connection.execute("UPDATE jobs SET folder = ? WHERE id = ?", (folder_for(job_id), job_id))
             connection.execute("COMMIT")

@@ -36,6 +36,7 @@ from sdtune.training.export import check_hub_reachable, push_to_hub, save_pipeli
 from sdtune.training.latent_cache import build_latent_cache
 from sdtune.training.lora import add_training_adapter, save_adapter
 from sdtune.training.objective import diffusion_loss
+from sdtune.training.on_demand import OnDemand
 from sdtune.training.optim import OptimizerSettings, make_lr_scheduler, make_optimizer, update_offloaded_ema
 from sdtune.training.stopping import StopRequest, clear_stopped, mark_stopped
 from sdtune.training.subject import draw_class_images, make_subject_dataset, make_text_encoder_trainable
@@ -63,7 +64,7 @@ def main(args) -> Path:
     # a run that has finished training completes its weights rather than leave them half-written.
     stop = StopRequest()
     try:
-        stopping = train_loop(run, batches, log, stop)
+        stopping = train_loop(run, batches, log, stop, OnDemand(args.output_dir))
         batches.close()
         log.close()
         if stopping:
@@ -79,18 +80,22 @@ def main(args) -> Path:
     return Path(args.output_dir)
 
 
-def train_loop(run: "Run", batches: Iterator, log: "StepLog", stop: StopRequest) -> bool:
-    """Optimizer steps to --max_train_steps, validating and saving checkpoints on schedule; True if a stop was
-    requested (SIGTERM), after saving a checkpoint at the step it ended."""
+def train_loop(run: "Run", batches: Iterator, log: "StepLog", stop: StopRequest, on_demand: OnDemand) -> bool:
+    """Optimizer steps to --max_train_steps, validating and saving checkpoints on schedule and when asked (Save now,
+    Sample now); True if a stop was requested (SIGTERM), after saving a checkpoint at the step it ended."""
     args = run.args
     while run.progress.global_step < args.max_train_steps and train_step(run, batches, log):
+        asked = on_demand.due(run.accelerator)
+        if "sample" in asked and not args.validation_prompts and run.held_out is None:
+            logger.warning("Sample now: this run has no --validation_prompts and no validation loss to render.")
         # validate before the checkpoint of the same step: a run killed between the two then validates that step
         # again when resumed, and the loss curve misses no point
-        if validation_due(run.progress, args.validation_steps, args.validation_epochs):
+        if validation_due(run.progress, args.validation_steps, args.validation_epochs) or "sample" in asked:
             validate(run)
         stopping = stop.due(run.accelerator)
-        if run.progress.global_step % args.checkpointing_steps == 0 or stopping:
+        if run.progress.global_step % args.checkpointing_steps == 0 or stopping or "save" in asked:
             save_checkpoint(run.accelerator, args, run.progress)
+        on_demand.done(run.accelerator, asked)
         if stopping:
             return True
     return False
@@ -267,6 +272,7 @@ def start_logging(accelerator: Accelerator, output_dir) -> None:
     main_process = accelerator.is_main_process
     if main_process:
         clear_stopped(output_dir)
+        OnDemand(output_dir).clear()
     setup_logging(logging.INFO if main_process else logging.WARNING,
                   Path(output_dir) / "train.log" if main_process else None)
 
