@@ -287,11 +287,16 @@ def test_sigterm_saves_a_checkpoint_at_the_step_and_resume_ends_as_an_uninterrup
         assert torch.equal(straight[name], resumed[name]), name
 
 
+STOP_STEPS = 100
+
+
 @pytest.mark.slow  # training processes (the queue's real jobs) or in-process training runs
 def test_stop_through_the_runner_stops_the_trainer_at_a_checkpoint_and_resume_finishes(
         tmp_path, tiny_pipeline, shapes_dataset):
     jobs = make_jobs(tmp_path, tiny_pipeline, shapes_dataset)
-    settings = {**tiny_settings(tiny_pipeline, shapes_dataset, 400), "checkpointing_steps": 1000}
+    # the stop, sent once the first step shows, lands seconds before the end (about 0.08 s a step; 400 steps
+    # took 4x the time and showed nothing more)
+    settings = {**tiny_settings(tiny_pipeline, shapes_dataset, STOP_STEPS), "checkpointing_steps": 1000}
     job_id = jobs.start(None, "long", "tiny-lora", settings, ADVANCED)
     deadline = time.monotonic() + 300
     while jobs.status(None, job_id)["step"] < 1:  # training, not still loading
@@ -302,11 +307,11 @@ def test_stop_through_the_runner_stops_the_trainer_at_a_checkpoint_and_resume_fi
     output = jobs.runner.folder(jobs.store.get(job_id)) / OUTPUT_FOLDER
     assert stopped["state"] == "stopped", jobs.status(None, job_id)["log_tail"]
     step = json.loads((output / STOPPED_FILE).read_text())["step"]
-    assert 1 <= step < 400 and (output / f"checkpoint-{step}").is_dir()
+    assert 1 <= step < STOP_STEPS and (output / f"checkpoint-{step}").is_dir()
     jobs.resume(None, job_id)
     assert wait_for(jobs, job_id, ENDED, timeout=600)["state"] == "done"
     assert f"Resumed from {output / f'checkpoint-{step}'} at step {step}" in (output / "train.log").read_text()
-    assert jobs.status(None, job_id)["step"] == 400
+    assert jobs.status(None, job_id)["step"] == STOP_STEPS
 
 
 # Save now / Sample now: the trainer's request files (sdtune/training/on_demand.py)
