@@ -81,8 +81,8 @@ def spread(values: list[float]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4, help="runs per mode, taking turns")
-    parser.add_argument("--max_train_steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per mode, taking turns")
+    parser.add_argument("--max_train_steps", type=int, default=80)
     parser.add_argument("--poll_seconds", type=float, default=3.0,
                         help="the live view's period (the Train tab's timer: 3 s)")
     parser.add_argument("--scheduler_seconds", type=float, default=2.0,
