@@ -7,6 +7,7 @@ one user has every job. Messages name jobs by id and recipes by name, never a se
 """
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -231,9 +232,15 @@ def read_recipe(folder: Path) -> dict:
         return {}
 
 
+# the folders of an absolute path left after that (a base model under a root, the Python environment): a '/' not
+# after a word, '.', ':' or '~' (not JOB/..., ./..., 3/5, it/s or a URL), up to the path's last '/'
+OTHER_FOLDERS = re.compile(r"(?<![\w.:~-])/[^\s'\"():,;]*/")
+
+
 def redact(text: str, folder: Path) -> str:
-    """A log line without the server's paths: the job's folder reads JOB, the repository '.'."""
-    return text.replace(str(folder), "JOB").replace(str(REPOSITORY), ".")
+    """A log line without the server's paths: the job's folder reads JOB, the repository '.', and any other absolute
+    path keeps its last part only ('…/diffusion_pytorch_model.safetensors')."""
+    return OTHER_FOLDERS.sub("…/", text.replace(str(folder), "JOB").replace(str(REPOSITORY), "."))
 
 
 def wait_for(jobs: TrainingJobs, job_id: int, states, timeout: float) -> dict:
