@@ -61,17 +61,22 @@ class CaptionFolders:
         """The folders under the data root that hold images directly, by relative path, at most MAX_FOLDERS."""
         found = []
         for directory in sorted(self._walk(self.root, FOLDER_DEPTH)):
-            if any(entry.suffix.lower() in IMAGE_SUFFIXES for entry in directory.iterdir() if entry.is_file()):
+            if any(entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file() for entry in directory.iterdir()):
                 found.append(directory.relative_to(self.root).as_posix() or ".")
             if len(found) == MAX_FOLDERS:
                 break
         return found
 
     def _walk(self, folder: Path, depth: int):
+        """`folder` and the folders under it, `depth` levels down; hidden ones, links and unreadable ones left out."""
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            return
         yield folder
         if depth == 0:
             return
-        for entry in sorted(folder.iterdir()):
+        for entry in entries:
             if entry.is_dir() and not entry.is_symlink() and not entry.name.startswith("."):
                 yield from self._walk(entry, depth - 1)
 
