@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from helpers import REPO, subprocess_env
@@ -275,7 +276,7 @@ def test_the_data_check_reads_kohya_caption_files_and_repeats(tmp_path, tiny_pip
     folder = kohya_folder(tmp_path / "data")
     report = check_data(parse_args(["--pretrained_model_name_or_path", str(tiny_pipeline), "--train_data_dir",
                                     str(folder), "--resolution", "64", "--check_data"]))
-    assert len(report.screened.usable) == 2 * 3 + 2
+    assert len(report.screened.usable) == 2 + 2  # one row per image: the repeats are the training examples'
     assert dict(report.screened.skipped) == {"missing caption": 1}
     assert report.sources == (
         "Captions from: 4 .txt caption files beside the images (kohya's layout).",
@@ -297,6 +298,43 @@ def test_training_runs_on_kohya_caption_files(tmp_path, train):
     folder = kohya_folder(tmp_path / "data")
     out = train(tmp_path / "run", data=folder)
     assert "on 8 rows" in (out / "train.log").read_text()
+
+
+def test_the_repeats_of_an_image_read_its_one_row_decoded_once(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import CLIPTokenizer
+
+    from sdtune.data import dataset as data
+    from sdtune.data.captions import caption_file_rows
+    from sdtune.training.latent_cache import build_latent_cache
+
+    rows = caption_file_rows(kohya_folder(tmp_path / "data"), "image", "text")
+    decoded, decode = Counter(), data.decode_row_image
+    monkeypatch.setattr(data, "decode_row_image", lambda value: decoded.update([value["path"]]) or decode(value))
+    screened = data.screen_rows(rows, "image", "text")
+    assert len(rows) == 5 and len(screened.usable) == 4 and sorted(decoded.values()) == [1, 1, 1, 1]
+    args = SimpleNamespace(image_column="image", caption_column="text", resolution=32, center_crop=True,
+                           random_flip=True, proportion_empty_prompts=0.0, seed=0, shuffle_caption=False, keep_tokens=0)
+    usable = rows.select(screened.usable)  # 3_sks creature/00.png, 01.png (x 3 each), top00.png, top01.png
+    examples = data.CaptionedImages(usable, args, CLIPTokenizer.from_pretrained(TINY_CLIP))
+    assert len(examples) == 2 * 3 + 2 and examples.row_of == [0, 0, 0, 1, 1, 1, 2, 3]
+    sizes = [(32, 32), (32, 32), (64, 32), (32, 64)]
+    assert data.CaptionedImages(usable, args, examples.tokenizer, buckets=sizes).buckets == \
+        [(32, 32)] * 6 + [(64, 32), (32, 64)]  # by position, as the bucket sampler reads them
+
+    decoded.clear()  # --cache_latents: each image encoded once per flip, its repeats sharing the tensors
+    vae = SimpleNamespace(dtype=torch.float32, encode=lambda pixels: SimpleNamespace(latent_dist=SimpleNamespace(
+        mean=pixels[:, :2, ::8, ::8], std=pixels[:, 2:, ::8, ::8].abs())))
+    cache = build_latent_cache(examples, vae, lambda ids, return_dict: (torch.zeros(len(ids), 3, 4),), "cpu", 4,
+                               False)
+    assert sorted(decoded.values()) == [2, 2, 2, 2]
+    assert cache.means[0] is cache.means[2] and cache.means[3] is cache.means[5]
+    assert not torch.equal(cache.means[0], cache.means[3])
+    examples.cache = cache
+    assert torch.equal(examples[(0, 1)]["latent_mean"], cache.image_distribution(0, False)[0]) or \
+        torch.equal(examples[(0, 1)]["latent_mean"], cache.image_distribution(0, True)[0])
 
 
 def test_a_caption_file_is_read_as_kohya_reads_it(tmp_path):

@@ -52,10 +52,12 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training jobs (README, \"Training jobs\")")
     train.add_argument("--train", action="store_true",
                        help="Serve the training jobs' API (/train_start, /train_status, /train_stop, /train_resume, "
-                            "/train_list): jobs train in their own process, one at a time, their folders under "
-                            "OUTPUT_DIR/jobs. With --share or a --host other than this machine it needs --auth.")
+                            "/train_list) and the Captions tab: jobs train in their own process, one at a time, "
+                            "their folders under OUTPUT_DIR/jobs. With --share or a --host other than this machine "
+                            "it needs --auth.")
     train.add_argument("--data_root", "--data-root", dest="data_root", default="data",
-                       help="With --train: jobs read training data from folders under this one only.")
+                       help="With --train: jobs read training data, and the Captions tab edits caption files, in "
+                            "folders under this one only.")
 
 
 def add_ray_flags(parser: argparse.ArgumentParser) -> None:

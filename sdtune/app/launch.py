@@ -59,6 +59,15 @@ def jobs_root(args) -> Path:
     return Path(args.output_dir) / "jobs"
 
 
+def caption_folders(args, registry: ModelRegistry):
+    """--train's Captions tab: the caption files of folders under --data_root, captioners from --models_root or the
+    hub, run on the app's device."""
+    from sdtune.app.captions import CaptionFolders
+
+    Path(args.data_root).mkdir(parents=True, exist_ok=True)  # the tab works on a fresh clone
+    return CaptionFolders(args.data_root, args.models_root, str(registry.device), models_root_shown=args.models_root)
+
+
 def serve(args) -> None:
     """Load the models, build the UI and serve it until interrupted."""
     setup_logging()
@@ -86,7 +95,7 @@ def serve(args) -> None:
         from sdtune.jobs.sharing import generation_gate
 
         service.device_gate = generation_gate(jobs, registry)
-    demo = build_ui(service, jobs)
+    demo = build_ui(service, jobs, caption_folders(args, registry) if args.train else None)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, prevent_thread_lock=True,
                 **LAUNCH_OPTIONS)

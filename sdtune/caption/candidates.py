@@ -25,7 +25,7 @@ def expand(line: str) -> list[str]:
 
 
 def read_candidates(path) -> list[str]:
-    """The distinct candidates of a file, in file order; blank lines and lines starting with # are left out."""
+    """The distinct candidates of a file, in file order (candidates_from_lines)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
@@ -34,6 +34,12 @@ def read_candidates(path) -> list[str]:
     except UnicodeDecodeError as error:
         raise SdtuneError(f"--candidates {path.name} is not UTF-8 text (byte {error.start}): save it as UTF-8.") \
             from error
+    return candidates_from_lines(lines, f"--candidates {path.name}")
+
+
+def candidates_from_lines(lines, source: str) -> list[str]:
+    """The distinct candidates of `lines` (a file's, or the app's text box), in order; blank lines and lines
+    starting with # are left out. `source` names them in errors."""
     candidates = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -41,11 +47,10 @@ def read_candidates(path) -> list[str]:
         try:
             candidates.update(dict.fromkeys(caption for caption in expand(line) if caption))
         except ValueError as error:
-            raise SdtuneError(f"--candidates {path.name} line {number}: {error}. Write alternatives as "
-                              "{red|blue}.") from error
+            raise SdtuneError(f"{source} line {number}: {error}. Write alternatives as {{red|blue}}.") from error
         if len(candidates) > MAX_CANDIDATES:
-            raise SdtuneError(f"--candidates {path.name} stands for more than {MAX_CANDIDATES} captions by line "
-                              f"{number}: split the alternatives into fewer combinations.")
+            raise SdtuneError(f"{source} stands for more than {MAX_CANDIDATES} captions by line {number}: split "
+                              "the alternatives into fewer combinations.")
     if not candidates:
-        raise SdtuneError(f"--candidates {path.name} holds no caption: write one a line.")
+        raise SdtuneError(f"{source} holds no caption: write one a line.")
     return list(candidates)

@@ -65,13 +65,15 @@ class MetadataCaptions:
         text = self.by_name.get(key, {}).get("text")
         return text if text and (isinstance(text, list) or text.strip()) else None
 
-    def write(self, captions: dict[str, str]) -> None:
+    def write(self, captions: dict[str, str | list[str]]) -> None:
         """Add or replace the rows of `captions` and rewrite the file (a few bytes a row: cheap beside a model)."""
         for key, caption in captions.items():
             if key not in self.by_name:
                 self.by_name[key] = {"file_name": key}
                 self.rows.append(self.by_name[key])
-            self.by_name[key]["text"] = one_line(caption)
+            # a list of captions (one drawn each time the image is) stays a list
+            self.by_name[key]["text"] = [one_line(item) for item in caption] if isinstance(caption, list) \
+                else one_line(caption)
         write_atomically(self.path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows))
 
 

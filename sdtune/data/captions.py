@@ -20,6 +20,7 @@ CAPTION_SUFFIX = ".txt"
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "10_sks dog": 10 repeats, the rest is a name
 MAX_REPEATS = 1000  # "100000_x" is a typo, not an intent: an epoch of it would never end
+REPEATS_COLUMN = "kohya_repeats"  # a kohya folder's rows: how many times an epoch draws each (sdtune.data.dataset)
 
 
 class CaptionFileError(SdtuneError):
@@ -110,9 +111,10 @@ def is_caption_file_folder(folder) -> bool:
 
 
 def caption_file_rows(folder, image_column: str, caption_column: str):
-    """A training dataset from kohya's layout: one row per image per repeat, the image undecoded (path only), so the
-    rows are screened like an imagefolder's; an image without a caption file is a row without a caption (skipped and
-    named by the screening). Refuses a folder with no image or no caption file, saying how to write them."""
+    """A training dataset from kohya's layout: one row per image, the image undecoded (path only), so the rows are
+    screened like an imagefolder's (each image decoded once), and its repeat count in REPEATS_COLUMN, which the
+    training examples expand (CaptionedImages); an image without a caption file is a row without a caption (skipped
+    and named by the screening). Refuses a folder with no image or no caption file, saying how to write them."""
     import datasets
 
     images = caption_file_images(folder)
@@ -123,10 +125,11 @@ def caption_file_rows(folder, image_column: str, caption_column: str):
         raise SdtuneError(f"No captions in {folder}: it has {len(images)} images but no metadata.jsonl (or "
                           "metadata.csv) and no same-named .txt caption file. Write them with "
                           f"python -m sdtune.caption {folder} (add --format txt for .txt files).")
-    rows = [image for image in images for _ in range(image.repeats)]
-    features = datasets.Features({image_column: datasets.Image(decode=False), caption_column: datasets.Value("string")})
-    return datasets.Dataset.from_dict({image_column: [str(image.path) for image in rows],
-                                       caption_column: [image.caption for image in rows]}, features=features)
+    features = datasets.Features({image_column: datasets.Image(decode=False), caption_column: datasets.Value("string"),
+                                  REPEATS_COLUMN: datasets.Value("int32")})
+    return datasets.Dataset.from_dict({image_column: [str(image.path) for image in images],
+                                       caption_column: [image.caption for image in images],
+                                       REPEATS_COLUMN: [image.repeats for image in images]}, features=features)
 
 
 def caption_sources(folder) -> tuple[str, ...]:

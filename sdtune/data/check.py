@@ -15,7 +15,7 @@ from statistics import median_low
 
 from sdtune.data.buckets import BucketSpec, assign_buckets, bucket_table
 from sdtune.data.captions import caption_sources
-from sdtune.data.dataset import EXAMPLE_NAMES, ScreenResult, inspect_rows, load_rows, usable_captions
+from sdtune.data.dataset import EXAMPLE_NAMES, ScreenResult, inspect_rows, load_rows, repeat_counts, usable_captions
 from sdtune.data.folders import list_images
 from sdtune.data.splits import split_validation_rows
 from sdtune.errors import SdtuneError
@@ -123,7 +123,10 @@ def build_report(rows, screened: ScreenResult, args, tokenizer) -> DataReport:
     caption_values = rows.select(screened.usable)[args.caption_column] if screened.usable else []
     captions = [caption for value in caption_values for caption in usable_captions(value)]
     lengths = [len(ids) for ids in tokenizer(captions).input_ids] if captions else []
-    counts = Counter(caption for value in caption_values for caption in set(usable_captions(value)))
+    repeats = repeat_counts(rows.select(screened.usable)) if screened.usable else []
+    counts = Counter()  # rows per caption, a kohya repeat counting as a row: what training draws
+    for value, times in zip(caption_values, repeats):
+        counts.update(dict.fromkeys(set(usable_captions(value)), times))
     # with --max_train_samples the rows left out on purpose would count as unlisted
     unlisted = (unlisted_images(rows[args.image_column], args.train_data_dir)
                 if args.train_data_dir is not None and args.max_train_samples is None else [])

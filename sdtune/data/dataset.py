@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from sdtune.data.buckets import cover_size
-from sdtune.data.captions import caption_file_rows, is_caption_file_folder
+from sdtune.data.captions import REPEATS_COLUMN, caption_file_rows, is_caption_file_folder
 from sdtune.data.images import BadImageError, open_image, to_rgb
 from sdtune.errors import SdtuneError
 from sdtune.seeds import example_generator, shuffle_generator, split_generator
@@ -129,6 +129,13 @@ def check_files_exist(image_values, folder: str) -> None:
         raise SdtuneError(f"The metadata of {folder} names {len(missing)} image file(s) that do not exist: "
                           f"{', '.join(missing[:EXAMPLE_NAMES])}. Add the files or remove their rows from "
                           "metadata.jsonl (or metadata.csv).")
+
+
+def repeat_counts(rows) -> list[int]:
+    """How many times an epoch draws each row: kohya's N_name folders' counts, else once."""
+    if REPEATS_COLUMN in getattr(rows, "column_names", ()):
+        return list(rows[REPEATS_COLUMN])
+    return [1] * len(rows)
 
 
 def usable_captions(caption) -> list[str]:
@@ -303,20 +310,25 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __init__(self, rows, args, tokenizer, cache=None, buckets=None):
         """`rows`: the screened rows only (see screen_rows); `cache`: a LatentCache under --cache_latents;
-        `buckets`: each row's (width, height) under --enable_bucket (sdtune.data.buckets.assign_buckets)."""
-        self.rows, self.tokenizer, self.cache, self.buckets = rows, tokenizer, cache, buckets
+        `buckets`: each row's (width, height) under --enable_bucket (sdtune.data.buckets.assign_buckets).
+
+        An example is a position: a row repeated by kohya's N_name folder is N positions reading the one row (each
+        with its own random crop, flip and caption draw), so the row is screened and cached once, not N times."""
+        self.rows, self.tokenizer, self.cache = rows, tokenizer, cache
+        self.row_of = [row for row, count in enumerate(repeat_counts(rows)) for _ in range(count)]
+        self.buckets = None if buckets is None else [buckets[row] for row in self.row_of]  # by position
         self.image_column, self.caption_column = args.image_column, args.caption_column
         self.resolution, self.center_crop, self.random_flip = args.resolution, args.center_crop, args.random_flip
         self.proportion_empty_prompts, self.seed = args.proportion_empty_prompts, args.seed
         self.shuffle_caption, self.keep_tokens = args.shuffle_caption, args.keep_tokens
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.row_of)
 
     def __getitem__(self, key):
         epoch, position = key
         generator = example_generator(self.seed, epoch, position)
-        row = self.rows[position]
+        row = self.rows[self.row_of[position]]
         caption = self.pick_caption(row[self.caption_column], generator)
         flip = self.random_flip and uniform(generator) < 0.5
         if self.cache is not None:
@@ -342,7 +354,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def image_at(self, position: int, flip: bool) -> torch.Tensor:
         """The centre-cropped pixels of one example, as cached by --cache_latents."""
-        row = self.rows[position]
+        row = self.rows[self.row_of[position]]
         image = resize_and_crop(decode_row_image(row[self.image_column]), self.target_size(position), True, None)
         return to_tensor(image, flip)
 

@@ -34,19 +34,29 @@ def build_latent_cache(dataset, vae, text_encoder, device, batch_size: int, show
     """Encode the dataset's images (both orientations when it flips) and every caption it can draw."""
     flips = [False, True] if dataset.random_flip else [False]
     means, stds = [None] * len(dataset), [None] * len(dataset)
-    for batch in tqdm(same_size_batches(dataset, batch_size), desc="caching latents", disable=not show_progress):
+    # the positions of one row (kohya's repeats) share its centre-cropped pixels: encoded once, the tensors shared
+    rows = getattr(dataset, "row_of", range(len(dataset)))
+    first = {}
+    for position, row in enumerate(rows):
+        first.setdefault(row, position)
+    distinct = sorted(first.values())
+    for batch in tqdm(same_size_batches(dataset, batch_size, distinct), desc="caching latents",
+                      disable=not show_progress):
         per_flip = [_encode_images(dataset, batch, flip, vae, device) for flip in flips]
         for index, position in enumerate(batch):
             means[position] = torch.stack([mean[index] for mean, _ in per_flip])
             stds[position] = torch.stack([std[index] for _, std in per_flip])
+    for position, row in enumerate(rows):
+        means[position], stds[position] = means[first[row]], stds[first[row]]
     text = _encode_captions(dataset, text_encoder, device, batch_size)
     return LatentCache(means, stds, text)
 
 
-def same_size_batches(dataset, batch_size: int) -> list[list[int]]:
-    """The dataset's positions in batches of at most `batch_size` whose examples share a size (a bucket)."""
+def same_size_batches(dataset, batch_size: int, positions=None) -> list[list[int]]:
+    """The dataset's positions (or those given) in batches of at most `batch_size` whose examples share a size (a
+    bucket)."""
     by_size = defaultdict(list)
-    for position in range(len(dataset)):
+    for position in range(len(dataset)) if positions is None else positions:
         by_size[dataset.target_size(position)].append(position)
     return [positions[start:start + batch_size] for positions in by_size.values()
             for start in range(0, len(positions), batch_size)]

@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from sdtune.app.service import Service
+from sdtune.app.ui.captions_tab import captions_tab
 from sdtune.app.ui.compare_tab import compare_tab
 from sdtune.app.ui.controls import default_size
 from sdtune.app.ui.handlers import Handlers
@@ -43,8 +44,9 @@ def backend_status(service: Service) -> None:
     refresh.click(service.backend.status, None, status, queue=False, api_visibility="private")
 
 
-def build_ui(service: Service, jobs=None) -> gr.Blocks:
-    """The app; with `jobs` (a sdtune.jobs.api.TrainingJobs, gradio_app.py --train) also the training API."""
+def build_ui(service: Service, jobs=None, captions=None) -> gr.Blocks:
+    """The app; with `jobs` (a sdtune.jobs.api.TrainingJobs, gradio_app.py --train) also the training API, and with
+    `captions` (a sdtune.app.captions.CaptionFolders, also --train's) the Captions tab."""
     names, handlers = service.registry.names, Handlers(service)
     # delete_cache: Gradio copies every upload and output into its temp folder; drop copies older than a day
     with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
@@ -64,6 +66,9 @@ def build_ui(service: Service, jobs=None) -> gr.Blocks:
                 info = png_info_tab(service.registry)
             with gr.Tab("Models"):
                 added, removed, own, base = models_tab(service.models, service.models.root_shown)
+            if captions is not None:
+                with gr.Tab("Captions"):
+                    captions_tab(captions)
         pickers = Pickers([text_form.model, image_form.model, *own.single], [compare_models, batch_models])
         follow_changes(service.models, [added, removed], pickers, base)
         wire(text_form, image_form, info, tabs, service.registry, {TEXT_TAB: text_event, IMAGE_TAB: image_event})
