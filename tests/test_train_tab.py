@@ -114,7 +114,9 @@ def test_a_bad_advanced_flag_is_refused_with_the_trainers_message_and_nothing_is
     tab = make_tab(roots)
     for advanced, expected in [("lr_scheduler: sideways", "argument --lr_scheduler: invalid choice: 'sideways'"),
                                ("snr_gama: 5", "Unknown trainer flags ['snr_gama']"),
-                               ("output_dir: /tmp/elsewhere", "output_dir cannot be set")]:
+                               ("output_dir: /tmp/elsewhere", "output_dir cannot be set"),
+                               ("class_data_dir: /etc", "class_data_dir '/etc': outside the folders jobs may read"),
+                               ("instance_data_dir: /etc", "instance_data_dir '/etc': outside")]:
         message, job = tab.form.start(None, *form(advanced=advanced))
         assert message.startswith("**Not started.**") and expected in message and job == gr.skip()
     message, _ = tab.form.start(None, *form(source="upload", files=[str(roots.data / "shapes" / "0.png")],
