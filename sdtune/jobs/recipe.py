@@ -36,7 +36,7 @@ REFUSED_FLAGS = {
     "check_data": "a job trains; run the data check with train_text_to_image.py --check_data",
 }
 LOCAL_TRACKERS = ("none", "tensorboard")  # wandb and comet_ml send the run off the machine
-DATA_FLAGS = ("train_data_dir", "validation_data_dir")
+DATA_FLAGS = ("train_data_dir", "validation_data_dir", "instance_data_dir", "class_data_dir")  # class: written too
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -119,11 +119,12 @@ def check_requested(values: dict, data_root: Path, model_roots: list[Path]) -> N
         raise JobError("resume_from_checkpoint: a job resumes from its own checkpoints only ('latest'); use Resume.")
     if values.get("report_to", "none") not in LOCAL_TRACKERS:
         raise JobError(f"report_to: {' or '.join(LOCAL_TRACKERS)} for a job (other trackers upload the run).")
+    # None unsets a recipe's value (the form's folder replaces the recipe's dataset_name): nothing to confine
     for key in DATA_FLAGS:
-        if key in values:
+        if values.get(key) is not None:
             _check_inside(key, values[key], [data_root])
     for key, roots in (("dataset_name", [data_root]), ("pretrained_model_name_or_path", model_roots)):
-        if key in values:
+        if values.get(key) is not None:
             _check_local_or_hub(key, values[key], roots)
 
 
@@ -147,7 +148,7 @@ def _check_inside(key: str, value, roots: list[Path]) -> None:
 
 
 def _absolute_if_path(key: str, value):
-    if key in (*DATA_FLAGS, "dataset_name", "pretrained_model_name_or_path") and Path(value).exists():
+    if key in (*DATA_FLAGS, "dataset_name", "pretrained_model_name_or_path") and value and Path(value).exists():
         return str(Path(value).resolve())
     return value
 

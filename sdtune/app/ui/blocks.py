@@ -10,13 +10,14 @@ import gradio as gr
 
 from sdtune.app.service import Service
 from sdtune.app.ui.captions_tab import captions_tab
-from sdtune.app.ui.compare_tab import compare_tab
+from sdtune.app.ui.compare_tab import COMPARE_TAB, compare_tab
 from sdtune.app.ui.controls import default_size
 from sdtune.app.ui.handlers import Handlers
 from sdtune.app.ui.models_tab import Pickers, follow_changes, models_tab
 from sdtune.app.ui.recall_tab import IMAGE_TAB, INFO_TAB, TEXT_TAB, png_info_tab, wire
 from sdtune.app.ui.tabs import batch_tab, image_tab, text_tab
 from sdtune.app.ui.train_api import train_endpoints
+from sdtune.app.ui.train_tab import CompareTargets, train_tab
 
 CSS_PATH = Path(__file__).with_name("style.css")  # the layout's and the result images' styles
 
@@ -45,8 +46,8 @@ def backend_status(service: Service) -> None:
 
 
 def build_ui(service: Service, jobs=None, captions=None) -> gr.Blocks:
-    """The app; with `jobs` (a sdtune.jobs.api.TrainingJobs, gradio_app.py --train) also the training API, and with
-    `captions` (a sdtune.app.captions.CaptionFolders, also --train's) the Captions tab."""
+    """The app; with `jobs` (a sdtune.jobs.api.TrainingJobs, gradio_app.py --train) also the Train tab and the
+    training API, and with `captions` (a sdtune.app.captions.CaptionFolders, also --train's) the Captions tab."""
     names, handlers = service.registry.names, Handlers(service)
     # delete_cache: Gradio copies every upload and output into its temp folder; drop copies older than a day
     with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
@@ -58,8 +59,9 @@ def build_ui(service: Service, jobs=None, captions=None) -> gr.Blocks:
                 text_event, text_stop, text_form = text_tab(handlers, names, default_size(service))
             with gr.Tab("Image to image", id=IMAGE_TAB):
                 image_event, image_stop, image_form = image_tab(handlers, names)
-            with gr.Tab("Compare"):
-                _, compare_stop, compare_models = compare_tab(handlers, names, default_size(service))
+            with gr.Tab("Compare", id=COMPARE_TAB):
+                _, compare_stop, compare_models, (compare_prompt, compare_seed) = compare_tab(
+                    handlers, names, default_size(service))
             with gr.Tab("Random-model batch"):
                 _, batch_stop, batch_models = batch_tab(handlers, names, service.allowed_root_shown)
             with gr.Tab("PNG info", id=INFO_TAB):
@@ -69,6 +71,9 @@ def build_ui(service: Service, jobs=None, captions=None) -> gr.Blocks:
             if captions is not None:
                 with gr.Tab("Captions"):
                     captions_tab(captions)
+            if jobs is not None:  # gradio_app.py --train only (README, "Training in the app")
+                with gr.Tab("Train"):
+                    train_tab(jobs, service, CompareTargets(tabs, compare_prompt, compare_models, compare_seed))
         pickers = Pickers([text_form.model, image_form.model, *own.single], [compare_models, batch_models])
         follow_changes(service.models, [added, removed], pickers, base)
         wire(text_form, image_form, info, tabs, service.registry, {TEXT_TAB: text_event, IMAGE_TAB: image_event})

@@ -18,6 +18,7 @@ from sdtune.app.ui.handlers import Handlers, whole
 from sdtune.errors import SdtuneError
 from sdtune.limits import MAX_COMPARE_CELLS, MAX_SIDE
 
+COMPARE_TAB = "compare"  # the tab's id: the Train tab's Compare with base opens it
 # (label, the API's value): the values are the names of what a row changes
 AXIS_CHOICES = [("Seeds", "seed"), ("Guidance scale", "guidance_scale"), ("Steps", "num_inference_steps"),
                 ("LoRA scale", "lora_scale")]
@@ -64,7 +65,8 @@ def compare_outputs(update: CompareUpdate):
 
 
 def compare_tab(handlers: Handlers, names, size: int):
-    """The tab's controls and results; returns its Generate event, its Stop button and its model choice."""
+    """The tab's controls and results; returns its Generate event, its Stop button, its model choice, and its prompt
+    and seed (which the Train tab's Compare with base fills)."""
     handler = CompareHandler(handlers)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=360):
@@ -96,4 +98,4 @@ def compare_tab(handlers: Handlers, names, size: int):
                    [grid, cells, download, record], "compare")
     gr.on([listed.click, run_folder.submit], handler.run_checkpoints, run_folder, checkpoints,
           api_visibility="private", queue=False)
-    return event, stop, models
+    return event, stop, models, (prompt, seed)

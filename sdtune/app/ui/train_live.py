@@ -1,0 +1,188 @@
+"""The Train tab's job list, the live view of the chosen job and its controls. Everything shown is read from the
+store and the files the trainer writes (TrainingJobs.status: the tails of its log and loss history, the newest
+validation grid), so a page refreshing every few seconds costs the trainer nothing, and a browser that closes and
+reopens finds its jobs where they are. Every call names the signed-in user: with --auth another user's jobs are not
+listed and cannot be read or controlled.
+"""
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from sdtune.app.ui.compare_tab import COMPARE_TAB
+from sdtune.errors import SdtuneError
+from sdtune.jobs.api import read_recipe
+
+LIST_HEADERS = ["Job", "Name", "State", "Error"]
+LOSS_COLUMNS = ["step", "loss"]
+CONTROLS = {"stop": "stopping: it saves a checkpoint at its current step and ends",
+            "cancel": "cancelled: it ends at once, its checkpoints kept",
+            "resume": "queued again: it continues from its latest checkpoint"}
+# methods another part of the jobs API adds (issue 25); until it has them the buttons say so
+LATER = {"save": "Save now", "sample": "Sample now"}
+
+
+class TrainLive:
+    """The live view's and the controls' handlers, for one TrainingJobs and the app's served models."""
+
+    def __init__(self, jobs, registry):
+        self.jobs, self.registry = jobs, registry
+
+    def job_list(self, selected, request: gr.Request):
+        """The caller's jobs as a table and as the job picker's choices; with none chosen, the newest."""
+        jobs = self.jobs.list(_user(request))
+        rows = [[job["id"], job["name"], job["state"], job["error"] or ""] for job in jobs]
+        choices = [(f"{job['id']}: {job['name']} ({job['state']})", job["id"]) for job in jobs]
+        ids = [job["id"] for job in jobs]
+        chosen = _job_id(selected) if _job_id(selected) in ids else (ids[-1] if ids else None)
+        return rows, gr.update(choices=choices, value=chosen)
+
+    def view(self, selected, request: gr.Request):
+        """The chosen job's state line, training and validation loss series, latest grid and log's last lines."""
+        if _job_id(selected) is None:
+            return "No job chosen.", loss_frame([]), loss_frame([]), None, ""
+        try:
+            status = self.jobs.status(_user(request), _job_id(selected))
+        except SdtuneError as error:
+            return str(error), loss_frame([]), loss_frame([]), None, ""
+        grid = status["latest_grid"]
+        return (state_line(status), loss_frame(status["train_loss"]), loss_frame(status["validation_loss"]),
+                str(grid) if grid is not None else None, "\n".join(status["log_tail"]))
+
+    def control(self, action: str):
+        """The handler of Stop, Cancel or Resume."""
+        def handler(selected, request: gr.Request):
+            return self._act(selected, request, lambda owner, job_id: getattr(self.jobs, action)(owner, job_id),
+                             CONTROLS[action])
+        handler.__name__ = f"train_{action}"
+        return handler
+
+    def ask_delete(self, selected, request: gr.Request):
+        """Delete's first step: the confirmation, naming the job; nothing is deleted yet."""
+        job_id = _job_id(selected)
+        if job_id is None:
+            return gr.update(visible=False), None, "Choose a job first."
+        try:
+            name = self.jobs.status(_user(request), job_id)["name"]
+        except SdtuneError as error:
+            return gr.update(visible=False), None, str(error)
+        return (gr.update(visible=True), job_id,
+                f"Delete job {job_id} ({name}) with its checkpoints, samples and log? This cannot be undone.")
+
+    def confirm_delete(self, pending, request: gr.Request):
+        """Delete's second step: the job confirmed (kept from the first step, whatever is chosen since)."""
+        if pending is None:
+            return gr.update(visible=False), None, "Nothing to delete: press Delete first."
+        try:
+            self.jobs.delete(_user(request), pending)
+        except SdtuneError as error:
+            return gr.update(visible=False), None, str(error)
+        return gr.update(visible=False), None, f"Job {pending} deleted."
+
+    def keep(self):
+        return gr.update(visible=False), None, "Nothing deleted."
+
+    def request_now(self, what: str):
+        """The handler of Save now ("save": a checkpoint) or Sample now ("sample": a validation grid), at the next
+        step."""
+        def handler(selected, request: gr.Request):
+            call = getattr(self.jobs, "request", None)
+            if call is None:
+                return _not_available(LATER[what])
+            return self._act(selected, request, lambda owner, job_id: call(owner, job_id, what),
+                             f"{LATER[what].lower()} asked: at its next step")
+        handler.__name__ = f"train_{what}_now"
+        return handler
+
+    def score(self, selected, request: gr.Request):
+        """Score: CLIP score against the base on the job's validation prompts, queued as a job of its own."""
+        call = getattr(self.jobs, "score", None)
+        if call is None:
+            return _not_available("Score")
+        job_id = _job_id(selected)
+        try:
+            score_job = call(_user(request), job_id)
+        except SdtuneError as error:
+            return str(error)
+        return f"Job {job_id}: scoring queued as job {score_job}."
+
+    def compare_with_base(self, selected, request: gr.Request):
+        """The Compare tab, opened on a done job's base and its served model, the job's first validation prompt and
+        seed; the tabs, prompt, models and seed, and a message."""
+        job_id = _job_id(selected)
+        try:
+            if job_id is None:
+                raise SdtuneError("Choose a job first.")
+            status = self.jobs.status(_user(request), job_id)
+            if status["state"] != "done":
+                raise SdtuneError(f"Job {job_id} is {status['state']}: Compare with base opens on a done job.")
+            recipe = read_recipe(self.jobs.runner.folder(self.jobs.store.get(job_id)))
+            models = [self._served_base(recipe.get("pretrained_model_name_or_path")), self._served(status["name"])]
+        except SdtuneError as error:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), str(error)
+        prompts = recipe.get("validation_prompts") or [""]
+        seed = recipe.get("seed") if recipe.get("seed") is not None else -1
+        return gr.Tabs(selected=COMPARE_TAB), prompts[0], models, seed, f"Job {job_id} against its base: Compare."
+
+    def _served_base(self, path) -> str:
+        """The served name of the full model at the job's base path."""
+        wanted = Path(str(path)).resolve() if path else None
+        for name, spec in self.registry.specs.items():
+            if not spec.lora and (spec.path == path or Path(spec.path).resolve() == wanted):
+                return name
+        raise SdtuneError("The job's base is not served: add it in the Models tab, then compare.")
+
+    def _served(self, name: str) -> str:
+        if name not in self.registry.specs:
+            raise SdtuneError(f"The model {name!r} is not served yet: it joins the model list when its job ends.")
+        return name
+
+    def _act(self, selected, request, call, done: str) -> str:
+        job_id = _job_id(selected)
+        if job_id is None:
+            return "Choose a job first."
+        try:
+            call(_user(request), job_id)
+        except SdtuneError as error:
+            return str(error)
+        return f"Job {job_id}: {done}."
+
+
+def state_line(status: dict) -> str:
+    """'**running**: step 30 / 100, 1.20 steps/s, about 58 s left', and the job's error when it has one."""
+    line = f"Job {status['id']} ({status['name']}): **{status['state']}**"
+    if status["total_steps"]:
+        line += f", step {status['step']} / {status['total_steps']}"
+    if status["steps_per_second"]:
+        line += f", {status['steps_per_second']:.2f} steps/s"
+    if status["seconds_left"] is not None and status["state"] == "running":
+        line += f", about {_duration(status['seconds_left'])} left"
+    return line + (f"\n\n{status['error']}" if status["error"] else "")
+
+
+def loss_frame(series) -> pd.DataFrame:
+    return pd.DataFrame([list(point) for point in series], columns=LOSS_COLUMNS)
+
+
+def _duration(seconds: float) -> str:
+    minutes, second = divmod(int(seconds), 60)
+    hours, minute = divmod(minutes, 60)
+    return f"{hours} h {minute:02d} min" if hours else f"{minute} min {second:02d} s" if minute else f"{second} s"
+
+
+def _not_available(what: str) -> str:
+    message = f"{what} is not available in this version of the jobs API."
+    gr.Warning(message)
+    return message
+
+
+def _job_id(selected) -> int | None:
+    try:
+        return int(selected)
+    except (TypeError, ValueError):
+        return None
+
+
+def _user(request) -> str | None:
+    return getattr(request, "username", None)

@@ -1,0 +1,311 @@
+"""The Train tab (gradio_app.py --train): its handlers driven as functions on a Blocks built with a TrainingJobs on
+temporary roots, whose train.sh is a stand-in (no training): the recipe fills the form, refusals show in the page and
+queue nothing, uploads are capped and saved with their captions, the live view reads a job's files, Delete asks
+first, and one user's controls never reach another's jobs."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+import yaml
+from helpers import png_header_only, subprocess_env
+from PIL import Image
+
+from sdtune.app.service import Service
+from sdtune.app.ui.blocks import build_ui
+from sdtune.app.ui.compare_tab import COMPARE_TAB
+from sdtune.app.ui.train_form import FILLED, FORM_FIELDS
+from sdtune.generation.registry import ModelRegistry, ModelSpec
+from sdtune.jobs import uploads
+from sdtune.jobs.api import TrainingJobs, read_recipe, wait_for
+from sdtune.jobs.runner import LOG_FILE, OUTPUT_FOLDER
+
+ENDED = ("done", "failed", "stopped", "interrupted")
+ALICE, BOB = SimpleNamespace(username="alice"), SimpleNamespace(username="bob")
+
+
+def image(path, colour="red", size=(40, 32)):
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+@pytest.fixture
+def roots(tmp_path):
+    data, models = tmp_path / "data", tmp_path / "models"
+    (data / "shapes").mkdir(parents=True)
+    for index in range(2):
+        image(data / "shapes" / f"{index}.png")
+    (models / "base").mkdir(parents=True)
+    return SimpleNamespace(tmp=tmp_path, data=data, models=models)
+
+
+def make_tab(roots, auth=False, script="exit 0\n", served=()):
+    """The app's Blocks with a Train tab on a TrainingJobs whose train.sh is `script`; returns the tab's form and live
+    handlers (found by their names among the Blocks' events), the jobs and the Blocks."""
+    jobs = TrainingJobs(roots.tmp / "jobs", roots.data, [roots.models], auth=auth, env=subprocess_env(threads=1))
+    fake = roots.tmp / "bin" / "train.sh"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(script)
+    jobs.runner.train_script = fake
+    specs = [ModelSpec("base", str(roots.models / "base")), *(ModelSpec(name, str(roots.models / "base"))
+                                                              for name in served)]
+    service = Service(ModelRegistry(specs, device="cpu", lazy=True), roots.tmp / "outputs", roots.tmp / "inputs",
+                      models_root=roots.models)
+    demo = build_ui(service, jobs)
+    handlers = {getattr(fn.fn, "__name__", ""): fn for fn in demo.fns.values()}
+    return SimpleNamespace(form=handlers["start"].fn.__self__, live=handlers["view"].fn.__self__, jobs=jobs,
+                           demo=demo, events=handlers)
+
+
+def form(**overrides) -> list:
+    """The form's values in its controls' order: configs/tiny-lora.yaml on the data root's shapes, 4 steps."""
+    values = dict(name="shapes job", recipe="tiny-lora", method="lora", instance_prompt="", class_prompt="",
+                  base="base", source="folder", folder="shapes", dataset="", files=None, captions=None,
+                  max_train_steps=4, learning_rate=5e-4, lora_rank=4, resolution=32, train_batch_size=2,
+                  checkpointing_steps=2, validation_prompts="a red circle\na blue square", validation_epochs=1,
+                  validation_steps=0, seed=7, advanced="")
+    values.update(overrides)
+    return [values[name] for name in FORM_FIELDS]
+
+
+def test_the_train_tab_is_there_only_with_jobs(roots):
+    def tabs(demo):
+        return [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+
+    service = Service(ModelRegistry([ModelSpec("base", str(roots.models / "base"))], device="cpu", lazy=True),
+                      roots.tmp / "outputs", roots.tmp / "inputs")
+    assert "Train" not in tabs(build_ui(service))
+    assert "Train" in tabs(make_tab(roots).demo)
+
+
+def test_a_recipe_fills_the_settings_people_change(roots):
+    tab = make_tab(roots)
+    recipe = yaml.safe_load(open("configs/tiny-lora.yaml"))
+    filled = dict(zip([*FILLED, "method"], tab.form.recipe_values("tiny-lora")))
+    assert filled == dict(max_train_steps=400, learning_rate=5e-4, lora_rank=16, resolution=64, train_batch_size=8,
+                          checkpointing_steps=200, validation_prompts="\n".join(recipe["validation_prompts"]),
+                          validation_epochs=1000, validation_steps=0, seed=1234, method="lora")
+    assert tab.form.recipe_values("tiny")[-1] == "full"  # configs/tiny.yaml: no rank, a full fine-tune
+    assert {"tiny", "tiny-lora"} <= set(tab.form.recipes())
+    outputs = [block.label for block in tab.events["recipe_values"].outputs]  # the values land in their fields
+    assert outputs == ["Steps", "Learning rate", "LoRA rank", "Resolution", "Batch", "Checkpoint every (steps)",
+                       "Validation prompts (one a line)", "Validate every (epochs)",
+                       "...or every (steps; 0: by epochs)", "Seed (-1: drawn)", "Method"]
+
+
+def test_start_queues_the_forms_job_with_its_settings(roots):
+    tab = make_tab(roots)
+    message, job_id = tab.form.start(None, *form())
+    assert message == f"Job {job_id} queued."
+    recipe = read_recipe(tab.jobs.runner.folder(tab.jobs.store.get(job_id)))
+    assert (recipe["train_data_dir"], recipe["pretrained_model_name_or_path"]) == (
+        str(roots.data / "shapes"), str(roots.models / "base"))
+    assert {key: recipe[key] for key in ("max_train_steps", "lora_rank", "resolution", "seed", "validation_prompts")
+            } == dict(max_train_steps=4, lora_rank=4, resolution=32, seed=7,
+                      validation_prompts=["a red circle", "a blue square"])
+    assert recipe["validation_steps"] is None and recipe["instance_prompt"] is None  # the recipe's own unset
+    _, full = tab.form.start(None, *form(method="full"))
+    assert read_recipe(tab.jobs.runner.folder(tab.jobs.store.get(full)))["lora_rank"] == 0
+
+
+def test_a_bad_advanced_flag_is_refused_with_the_trainers_message_and_nothing_is_queued(roots):
+    tab = make_tab(roots)
+    for advanced, expected in [("lr_scheduler: sideways", "argument --lr_scheduler: invalid choice: 'sideways'"),
+                               ("snr_gama: 5", "Unknown trainer flags ['snr_gama']"),
+                               ("output_dir: /tmp/elsewhere", "output_dir cannot be set"),
+                               ("class_data_dir: /etc", "class_data_dir '/etc': outside the folders jobs may read"),
+                               ("instance_data_dir: /etc", "instance_data_dir '/etc': outside")]:
+        message, job = tab.form.start(None, *form(advanced=advanced))
+        assert message.startswith("**Not started.**") and expected in message and job == gr.skip()
+    message, _ = tab.form.start(None, *form(source="upload", files=[str(roots.data / "shapes" / "0.png")],
+                                            advanced="lr_scheduler: sideways"))
+    assert "invalid choice" in message
+    assert tab.jobs.list(None) == [] and not any((roots.data / uploads.UPLOADS_FOLDER).iterdir())  # upload dropped
+
+
+def test_subject_training_sets_the_instance_and_class_flags_and_a_hub_dataset_replaces_the_folder(roots):
+    tab = make_tab(roots)
+    _, job_id = tab.form.start(None, *form(method="subject", instance_prompt="a photo of sks shape",
+                                           class_prompt="a photo of a shape"))
+    recipe = read_recipe(tab.jobs.runner.folder(tab.jobs.store.get(job_id)))
+    assert recipe["instance_data_dir"] == str(roots.data / "shapes") and recipe["train_data_dir"] is None
+    assert recipe["with_prior_preservation"] and recipe["class_prompt"] == "a photo of a shape"
+    assert recipe["class_data_dir"] == str(roots.data / "class-images" / "a-photo-of-a-shape")
+    message, _ = tab.form.start(None, *form(method="subject"))
+    assert "needs the instance prompt" in message
+    _, job_id = tab.form.start(None, *form(source="hub", dataset="lambdalabs/naruto-blip-captions"))
+    recipe = read_recipe(tab.jobs.runner.folder(tab.jobs.store.get(job_id)))
+    assert recipe["dataset_name"] == "lambdalabs/naruto-blip-captions" and recipe["train_data_dir"] is None
+
+
+def test_uploads_beyond_the_caps_are_refused_and_an_unreadable_image_is_skipped_and_counted(roots, monkeypatch):
+    tab = make_tab(roots)
+    upload = roots.tmp / "upload"
+    upload.mkdir()
+    files = [str(image(upload / f"{index}.png")) for index in range(3)]
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_IMAGES", 2)
+    message, _ = tab.form.start(None, *form(source="upload", files=files))
+    assert "3 images uploaded: at most 2" in message
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_IMAGES", 10)
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 100)
+    assert "at most 0 MiB" in tab.form.start(None, *form(source="upload", files=files))[0]
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 1 << 30)
+    assert tab.jobs.list(None) == [] and not (roots.data / uploads.UPLOADS_FOLDER).exists()  # refused: none made
+    (upload / "broken.png").write_bytes(b"not an image")
+    huge = png_header_only(upload / "huge.png", 20_000, 20_000)  # over MAX_UPLOAD_PIXELS, never decoded
+    message, job_id = tab.form.start(None, *form(source="upload", files=[*files, str(upload / "broken.png"),
+                                                                           str(huge)]))
+    assert message.startswith(f"Job {job_id} queued. 3 images saved in data/uploads/shapes-job; 2 skipped")
+    assert "broken.png: cannot decode image" in message and "huge.png: image too large" in message
+    assert str(upload) not in message  # the server's paths are not shown
+    saved = roots.data / uploads.UPLOADS_FOLDER / "shapes-job"
+    assert sorted(path.name for path in saved.iterdir()) == ["0.png", "1.png", "2.png"]
+    assert read_recipe(tab.jobs.runner.folder(tab.jobs.store.get(job_id)))["train_data_dir"] == str(saved)
+    _, again = tab.form.start(None, *form(source="upload", files=files))  # a fresh folder each upload
+    assert read_recipe(tab.jobs.runner.folder(tab.jobs.store.get(again)))["train_data_dir"] == f"{saved}-2"
+
+
+def test_captions_come_from_uploaded_files_and_the_typed_table_as_txt_files(roots):
+    tab = make_tab(roots)
+    upload = roots.tmp / "upload"
+    upload.mkdir()
+    pictures = [str(image(upload / name)) for name in ("a.png", "b.png", "c odd.png")]
+    (upload / "a.txt").write_text("a red thing, uploaded\n")
+    (upload / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "from the metadata"}) + "\n")
+    files = [*pictures, str(upload / "a.txt"), str(upload / "metadata.jsonl")]
+    rows = tab.form.upload_table(files)
+    assert rows == [["a.png", "a red thing, uploaded"], ["b.png", "from the metadata"], ["c odd.png", ""]]
+    rows[1][1], rows[2][1] = "typed over\nthe metadata", "typed for c"
+    message, job_id = tab.form.start(None, *form(source="upload", files=files, captions=rows))
+    folder = roots.data / uploads.UPLOADS_FOLDER / "shapes-job"
+    assert {path.name: path.read_text() for path in folder.glob("*.txt")} == {
+        "a.txt": "a red thing, uploaded", "b.txt": "typed over the metadata", "c_odd.txt": "typed for c"}
+    assert message.startswith(f"Job {job_id} queued. 3 images saved") and "without a caption" not in message
+
+
+def test_the_live_view_shows_a_jobs_losses_grid_and_log_from_its_files(roots):
+    tab = make_tab(roots)
+    _, job_id = tab.form.start(None, *form())
+    wait_for(tab.jobs, job_id, ENDED, timeout=30)
+    folder = tab.jobs.runner.folder(tab.jobs.store.get(job_id))
+    output = folder / OUTPUT_FOLDER
+    history = [{"step": 1, "train_loss": 0.5}, {"step": 2, "train_loss": 0.25}, {"step": 2, "validation_loss": 0.4}]
+    (output / "loss_history.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
+    (output / "validation").mkdir()
+    image(output / "validation" / "step-000001.png")
+    image(output / "validation" / "step-000002.png", "blue")
+    (folder / LOG_FILE).write_text(f"loading {folder}/output\nsteps:  50%|#####     | 2/4 [00:02<00:02, "
+                                   "1.00it/s, loss=0.25]\n")
+    rows, picker = tab.live.job_list(None, None)
+    assert rows == [[job_id, "shapes-job", "done", ""]] and picker["value"] == job_id  # the newest, chosen
+    state, train, validation, grid, log = tab.live.view(job_id, None)
+    assert state == f"Job {job_id} (shapes-job): **done**, step 2 / 4, 1.00 steps/s"
+    assert train.values.tolist() == [[1, 0.5], [2, 0.25]] and validation.values.tolist() == [[2, 0.4]]
+    assert grid.endswith("step-000002.png")
+    assert log.splitlines()[0] == "loading JOB/output" and "2/4" in log  # the job's folder is not shown
+
+
+def test_delete_asks_first_and_deletes_the_confirmed_job(roots):
+    tab = make_tab(roots)
+    first, second = (tab.form.start(None, *form(name=name))[1] for name in ("one", "two"))
+    wait_for(tab.jobs, second, ENDED, timeout=30)
+    confirm, pending, message = tab.live.ask_delete(first, None)
+    assert confirm["visible"] and pending == first and message.startswith(f"Delete job {first} (one)")
+    assert len(tab.jobs.list(None)) == 2  # asked, not deleted
+    assert tab.live.keep()[1:] == (None, "Nothing deleted.") and len(tab.jobs.list(None)) == 2
+    assert tab.live.confirm_delete(None, None)[2] == "Nothing to delete: press Delete first."
+    folder = tab.jobs.runner.folder(tab.jobs.store.get(first))
+    confirm, pending, message = tab.live.confirm_delete(first, None)
+    assert not confirm["visible"] and message == f"Job {first} deleted." and not folder.exists()
+    assert [job["id"] for job in tab.jobs.list(None)] == [second]
+    event = tab.events["confirm_delete"]
+    assert [block.label if hasattr(block, "label") else None for block in event.inputs] == [None]  # the pending id
+
+
+def test_another_users_job_is_not_listed_read_or_controlled(roots):
+    tab = make_tab(roots, auth=True, script="sleep 30\n")
+    _, job_id = tab.form.start(ALICE, *form())
+    assert tab.jobs.store.get(job_id).state == "running"
+    assert tab.live.job_list(None, BOB)[0] == [] and tab.live.job_list(None, ALICE)[0][0][0] == job_id
+    assert tab.live.view(job_id, BOB)[0].startswith(f"No training job {job_id}")
+    for action in ("stop", "cancel", "resume"):
+        assert tab.live.control(action)(job_id, BOB).startswith(f"No training job {job_id}")
+    assert tab.live.ask_delete(job_id, BOB)[2].startswith(f"No training job {job_id}")
+    assert tab.live.confirm_delete(job_id, BOB)[2].startswith(f"No training job {job_id}")
+    assert tab.jobs.store.get(job_id).state == "running" and not tab.jobs.store.get(job_id).stop_requested
+    assert tab.live.control("cancel")(job_id, ALICE).startswith(f"Job {job_id}: cancelled")
+    assert wait_for(tab.jobs, job_id, ENDED, timeout=30)["state"] == "stopped"
+    assert "Sign in first" in tab.form.start(None, *form())[0]
+
+
+def test_save_sample_and_score_call_the_jobs_api_or_say_they_are_not_available(roots, monkeypatch):
+    tab = make_tab(roots)
+    _, job_id = tab.form.start(ALICE, *form())
+    if not hasattr(TrainingJobs, "request"):
+        assert "not available" in tab.live.request_now("save")(job_id, ALICE)
+    if not hasattr(TrainingJobs, "score"):
+        assert "not available" in tab.live.score(job_id, ALICE)
+    calls = []
+    monkeypatch.setattr(tab.jobs, "request", lambda *arguments: calls.append(arguments), raising=False)
+    monkeypatch.setattr(tab.jobs, "score", lambda *arguments: calls.append(arguments) or 99, raising=False)
+    assert tab.live.request_now("save")(job_id, ALICE) == f"Job {job_id}: save now asked: at its next step."
+    assert tab.live.request_now("sample")(job_id, ALICE) == f"Job {job_id}: sample now asked: at its next step."
+    assert tab.live.score(job_id, ALICE) == f"Job {job_id}: scoring queued as job 99."
+    assert calls == [("alice", job_id, "save"), ("alice", job_id, "sample"), ("alice", job_id)]
+
+
+def test_compare_with_base_opens_the_compare_tab_on_base_and_model(roots):
+    tab = make_tab(roots, served=["shapes-job"])
+    _, job_id = tab.form.start(None, *form())
+    assert tab.live.compare_with_base(job_id, None)[-1].endswith("Compare with base opens on a done job.")
+    wait_for(tab.jobs, job_id, ENDED, timeout=30)
+    tabs, prompt, models, seed, message = tab.live.compare_with_base(job_id, None)
+    assert (tabs.selected, prompt, models, seed) == (COMPARE_TAB, "a red circle", ["base", "shapes-job"], 7)
+    outputs = tab.events["compare_with_base"].outputs  # the Compare tab's own controls
+    assert isinstance(outputs[0], gr.Tabs) and [block.label for block in outputs[1:3]] == [
+        "Prompt", "Models (one column each)"] and outputs[3].label.startswith("Seed")
+    other = make_tab(roots)  # its job's model is not served
+    assert "is not served yet" in other.live.compare_with_base(job_id, None)[-1]
+
+
+def test_the_data_folders_are_those_under_the_data_root(roots):
+    tab = make_tab(roots)
+    (roots.data / "shapes" / "sub").mkdir()
+    (roots.data / ".hidden").mkdir()
+    assert tab.form.data_folders() == ["shapes", "shapes/sub"]
+    message, _ = tab.form.start(None, *form(folder="../models/base"))
+    assert "Folder '../models/base' is not under the data root" in message and str(roots.tmp) not in message
+    message, _ = tab.form.start(None, *form(base="../data/shapes"))
+    assert "outside the folders jobs may read" in message and str(roots.tmp) not in message
+    assert tab.jobs.list(None) == []
+
+
+@pytest.mark.slow  # a headless browser (about 10 s)
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_in_a_browser_the_train_tab_fills_its_form_from_a_recipe_and_lists_a_job(roots):
+    from playwright.sync_api import expect, sync_playwright
+
+    from docs.screenshot import CHROMIUM, CHROMIUM_FLAGS
+    from sdtune.app.launch import LAUNCH_OPTIONS
+
+    tab = make_tab(roots)
+    _, job_id = tab.form.start(None, *form())
+    wait_for(tab.jobs, job_id, ENDED, timeout=30)
+    tab.demo.queue(default_concurrency_limit=1)
+    tab.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **LAUNCH_OPTIONS)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            page.goto(tab.demo.local_url)
+            page.get_by_role("tab", name="Train", exact=True).click()
+            page.get_by_label("Recipe (configs/)").click()
+            page.get_by_role("option", name="tiny-lora", exact=True).click()
+            steps = page.get_by_role("spinbutton", name="Steps", exact=True)
+            expect(steps).to_have_value("400")  # the recipe's value, in the form
+            expect(page.get_by_text(f"Job {job_id} (shapes-job): done").first).to_be_visible(timeout=15_000)
+            browser.close()
+    finally:
+        tab.demo.close()
