@@ -240,20 +240,18 @@ def test_another_users_job_is_not_listed_read_or_controlled(roots):
     assert "Sign in first" in tab.form.start(None, *form())[0]
 
 
-def test_save_sample_and_score_call_the_jobs_api_or_say_they_are_not_available(roots, monkeypatch):
-    tab = make_tab(roots)
+def test_save_and_sample_now_leave_their_requests_for_the_trainer_and_score_waits_for_a_done_job(roots):
+    tab = make_tab(roots, script="sleep 30\n")
     _, job_id = tab.form.start(ALICE, *form())
-    if not hasattr(TrainingJobs, "request"):
-        assert "not available" in tab.live.request_now("save")(job_id, ALICE)
-    if not hasattr(TrainingJobs, "score"):
-        assert "not available" in tab.live.score(job_id, ALICE)
-    calls = []
-    monkeypatch.setattr(tab.jobs, "request", lambda *arguments: calls.append(arguments), raising=False)
-    monkeypatch.setattr(tab.jobs, "score", lambda *arguments: calls.append(arguments) or 99, raising=False)
+    assert tab.jobs.store.get(job_id).state == "running"
+    output = tab.jobs.runner.folder(tab.jobs.store.get(job_id)) / OUTPUT_FOLDER
     assert tab.live.request_now("save")(job_id, ALICE) == f"Job {job_id}: save now asked: at its next step."
     assert tab.live.request_now("sample")(job_id, ALICE) == f"Job {job_id}: sample now asked: at its next step."
-    assert tab.live.score(job_id, ALICE) == f"Job {job_id}: scoring queued as job 99."
-    assert calls == [("alice", job_id, "save"), ("alice", job_id, "sample"), ("alice", job_id)]
+    assert (output / "save_now.request").exists() and (output / "sample_now.request").exists()
+    assert tab.jobs.status(ALICE, job_id)["pending_requests"] == ["save", "sample"]
+    assert tab.live.score(job_id, ALICE).startswith(f"Job {job_id} is running") and len(tab.jobs.list(ALICE)) == 1
+    tab.live.control("cancel")(job_id, ALICE)
+    wait_for(tab.jobs, job_id, ENDED, timeout=30)
 
 
 def test_compare_with_base_opens_the_compare_tab_on_base_and_model(roots):

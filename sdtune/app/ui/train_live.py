@@ -87,22 +87,16 @@ class TrainLive:
         """The handler of Save now ("save": a checkpoint) or Sample now ("sample": a validation grid), at the next
         step."""
         def handler(selected, request: gr.Request):
-            call = getattr(self.jobs, "request", None)
-            if call is None:
-                return _not_available(LATER[what])
-            return self._act(selected, request, lambda owner, job_id: call(owner, job_id, what),
+            return self._act(selected, request, lambda owner, job_id: self.jobs.request(owner, job_id, what),
                              f"{LATER[what].lower()} asked: at its next step")
         handler.__name__ = f"train_{what}_now"
         return handler
 
     def score(self, selected, request: gr.Request):
         """Score: CLIP score against the base on the job's validation prompts, queued as a job of its own."""
-        call = getattr(self.jobs, "score", None)
-        if call is None:
-            return _not_available("Score")
         job_id = _job_id(selected)
         try:
-            score_job = call(_user(request), job_id)
+            score_job = self.jobs.score(_user(request), job_id)
         except SdtuneError as error:
             return str(error)
         return f"Job {job_id}: scoring queued as job {score_job}."
@@ -169,12 +163,6 @@ def _duration(seconds: float) -> str:
     minutes, second = divmod(int(seconds), 60)
     hours, minute = divmod(minutes, 60)
     return f"{hours} h {minute:02d} min" if hours else f"{minute} min {second:02d} s" if minute else f"{second} s"
-
-
-def _not_available(what: str) -> str:
-    message = f"{what} is not available in this version of the jobs API."
-    gr.Warning(message)
-    return message
 
 
 def _job_id(selected) -> int | None:
