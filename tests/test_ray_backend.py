@@ -136,7 +136,7 @@ LONG = dict(prompt="a red circle", negative_prompt="", model="stock", scheduler=
 SHORT = dict(LONG, num_inference_steps=3, width=64, num_images=1)
 LONG_CELL = dict(prompt="a red circle", negative_prompt="", models=["stock"], axis="seed", values="1", seed=1,
                  scheduler="dpmsolver++", num_inference_steps=100, guidance_scale=7.5, width=256, height=256)
-PROMPT_START = 10.0  # seconds the next request may take, the cancelled ones' replicas freed: a long one takes ~40 s
+PROMPT_START = 10.0  # seconds the next requests may take, the cancelled ones' replicas freed: a long one takes ~40 s
 
 
 def both_replicas_running(remote) -> None:
@@ -147,14 +147,19 @@ def both_replicas_running(remote) -> None:
         time.sleep(0.5)
 
 
-def assert_next_request_starts_promptly(url, after: str) -> None:
+def assert_next_requests_start_promptly(url, after: str) -> None:
+    """Two short requests at once, from two clients: each needs a replica, so both replicas must be free."""
     from gradio_client import Client
 
+    def answered() -> float:
+        Client(url, verbose=False).predict(**SHORT, api_name="/text2img")
+        return time.monotonic() - started
+
     started = time.monotonic()
-    Client(url, verbose=False).predict(**SHORT, api_name="/text2img")
-    seconds = time.monotonic() - started
-    print(f"the next request, {after}: {seconds:.1f} s")  # the figure the README quotes (pytest -s shows it)
-    assert seconds < PROMPT_START, f"the next request, {after}, took {seconds:.1f} s: its replica was still busy"
+    with ThreadPoolExecutor(2) as pool:
+        seconds = max(pool.map(lambda _: answered(), range(2)))
+    print(f"the next two requests, {after}: {seconds:.1f} s")  # the figure the README quotes (pytest -s shows it)
+    assert seconds < PROMPT_START, f"the next requests, {after}, took {seconds:.1f} s: a replica was still busy"
 
 
 @needs_ray
@@ -171,7 +176,7 @@ def test_a_request_cancelled_by_its_client_frees_its_replica(ray_app):
     time.sleep(2.5)  # both under way on their replicas
     for job in jobs:
         job.cancel()
-    assert_next_request_starts_promptly(url, "two long ones cancelled")
+    assert_next_requests_start_promptly(url, "two long ones cancelled")
 
 
 @needs_ray
@@ -193,7 +198,7 @@ def test_a_client_that_goes_away_frees_its_replica(ray_app):
                                                    f"{event.json()['event_id']}", timeout=120))
         time.sleep(2.5)
     # both connections closed, as by a browser tab closed or a client killed mid-request
-    assert_next_request_starts_promptly(url, "two clients of long ones gone")
+    assert_next_requests_start_promptly(url, "two clients of long ones gone")
 
 
 @needs_ray
