@@ -1,6 +1,7 @@
 """Live previews: the fitted latent->RGB map, previews during generation, and their streaming to a handler."""
 
 import threading
+import time
 from types import SimpleNamespace
 
 import gradio as gr
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdtune.app import streaming
 from sdtune.app.service import BatchUpdate, Outcome
 from sdtune.app.streaming import stream
 from sdtune.app.ui.handlers import Handlers
@@ -85,6 +87,17 @@ def test_a_stream_closed_early_stops_its_generation():
     assert next(previews) == "still drawing"
     previews.close()
     assert stop.wait(1)
+
+
+def test_a_stream_with_nothing_to_show_still_yields_so_that_a_cancel_reaches_it(monkeypatch):
+    # a Ray replica sends no previews: Gradio can close a handler (and so set its Stop flag) only between yields
+    monkeypatch.setattr(streaming, "IDLE_SECONDS", 0.05)
+    stop = threading.Event()
+    previews = stream(lambda show: "stopped" if stop.wait(10) else "ran to the end", print, stop)
+    started = time.monotonic()
+    assert next(previews) == gr.skip() and time.monotonic() - started < 5  # every output left as it is
+    previews.close()
+    assert stop.is_set()
 
 
 class PreviewingService:

@@ -8,7 +8,7 @@ single ones by float rounding), so a cell equals the text-to-image tab's image o
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -230,7 +230,8 @@ def compare_columns(service: Service, prompt: str, models: list[str], labels: di
         folder.mkdir(parents=True, exist_ok=True)
         for cell in finished_cells(service, prompt, cells, folder, recorder, stop):
             update.cells.append(cell)
-            yield update
+            # a copy: the app's handler shows the updates from another thread, after the next cells were added
+            yield replace(update, cells=list(update.cells))
         update.grid_path = save_png(grid_image(update), folder / "grid.png",
                                     grid_parameters(prompt, cells[0], models, axis, rows))
         stopped = len(update.cells) < len(cells) or any(cell.error == STOPPED for cell in update.cells)

@@ -18,9 +18,14 @@ _PREVIEW, _ITEM, _DONE, _FAILED = "preview", "item", "done", "failed"  # what th
 # threads kept between calls: torch ran a generation about 20% slower in a thread started for it than in one reused;
 # as many as requests may run at once (one per Ray replica), so none waits here for a thread
 _WORKERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="sdtune-generation")
+# Gradio sees a client's cancel or disconnect only between a generator handler's yields: it runs the blocking next()
+# in a thread nothing interrupts, and closes the handler (which sets the Stop flag) once next() returns. A handler
+# with nothing to show for this long (a Ray replica sends no previews, Compare none within a cell) yields a no-change
+# update, so a cancel lands within about this long instead of when the whole request ends.
+IDLE_SECONDS = 1.0
 
 
-def stream(call: Callable[[Callable], Any], on_preview: Callable[..., Any], stop: threading.Event,
+def stream(call: Callable[[Callable], Any], on_preview: Callable[..., Any] | None, stop: threading.Event,
            on_item: Callable[[Any], Any] | None = None) -> Generator[Any, None, Any]:
     """Run `call(show)` in a worker thread, and yield here on_preview(*args) for each show(*args) it makes, as they
     come; return what `call` returned, or raise here what it raised (a gr.Error stays the same gr.Error).
@@ -30,12 +35,17 @@ def stream(call: Callable[[Callable], Any], on_preview: Callable[..., Any], stop
 
     `stop` is the generation's Stop flag: closed early (a cancelled event, a browser that went away), the handler
     sets it, so the worker ends at its next denoising step instead of running on unwatched beside the next request
-    that Gradio lets onto the device."""
+    that Gradio lets onto the device. With nothing to show for IDLE_SECONDS it yields gr.skip() (every output left
+    as it is), so that a cancel or a lost client reaches it while the worker runs."""
     feed = queue.SimpleQueue()
     _WORKERS.submit(_work, call, on_item is not None, feed)
     try:
         while True:
-            kind, payload = feed.get()
+            try:
+                kind, payload = feed.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                yield gr.skip()
+                continue
             if kind == _DONE:
                 return payload
             if kind == _FAILED:

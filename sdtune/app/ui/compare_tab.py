@@ -4,6 +4,7 @@ they come and the grid at the end (sdtune.app.compare does the work)."""
 import gradio as gr
 
 from sdtune.app.compare import CompareUpdate, compare
+from sdtune.app.streaming import stream
 from sdtune.app.ui.controls import (
     RESULT_HEIGHT,
     SEED_RANGE,
@@ -35,13 +36,20 @@ class CompareHandler:
                 checkpoints=None):
         settings = settings_from(negative_prompt=negative_prompt, scheduler=scheduler, width=width, height=height,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        seed = whole(seed, "seed")
+
+        def shown(update: CompareUpdate):
+            progress((len(update.cells), len(update.columns) * len(update.rows)), desc="cells", unit="cells")
+            return compare_outputs(update)
+
         with self.stops.running(request) as stop:
-            updates = compare(self.service, prompt, models, axis, values, whole(seed, "seed"), settings, stop, run,
-                              checkpoints)
+            # run in stream's worker like the other tabs' generations, so that a cancel or a lost client stops the
+            # cell in flight (and the rest) instead of waiting for it: a cell shows no previews
+            def updates(show):  # a cell shows no previews: `show` goes unused
+                return compare(self.service, prompt, models, axis, values, seed, settings, stop, run, checkpoints)
+
             try:  # the comparison checks its request when it starts, i.e. at the first iteration
-                for update in updates:
-                    progress((len(update.cells), len(update.columns) * len(update.rows)), desc="cells", unit="cells")
-                    yield compare_outputs(update)
+                yield from stream(updates, None, stop, shown)
             except SdtuneError as error:
                 raise gr.Error(str(error)) from error
 
