@@ -110,3 +110,64 @@ def test_each_session_has_its_own_history_and_send_to_fills_image_to_image(app, 
     expect(page.get_by_label("Prompt", exact=True).filter(visible=True)).to_have_value("session 111")
     for page in pages.values():
         page.context.close()
+
+
+@pytest.fixture(scope="module")
+def models_app(tmp_path_factory, tiny_pipeline):
+    """The app serving the tiny stock model, with a copy of its pipeline folder under its models root to add."""
+    import shutil
+
+    from sdtune.app.launch import LAUNCH_OPTIONS
+    from sdtune.app.service import Service
+    from sdtune.app.ui.blocks import build_ui
+    from sdtune.generation.registry import ModelRegistry, ModelSpec
+
+    root = tmp_path_factory.mktemp("models-root")
+    shutil.copytree(tiny_pipeline, root / "copy")
+    service = Service(ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu"), root / "outputs",
+                      root, models_root=root)
+    demo = build_ui(service)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, **LAUNCH_OPTIONS)
+    yield {"url": demo.local_url, "root": root}
+    demo.close()
+
+
+def offered(page, name: str) -> bool:
+    """Whether the text-to-image tab's model picker offers `name`, as its open list shows it."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Text to image").click()
+    page.get_by_label("Model", exact=True).first.click()
+    expect(page.get_by_role("option", name="stock", exact=True)).to_be_visible()  # the list is open
+    found = page.get_by_role("option", name=name, exact=True).count() > 0
+    page.keyboard.press("Escape")
+    return found
+
+
+@pytest.mark.slow
+def test_a_model_added_in_the_models_tab_is_offered_without_a_reload_and_removed(models_app, browser):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport=WIDE)
+    page.goto(models_app["url"])
+    header = page.locator(".prose.sdtune-header").filter(has_text="Models:")  # the markdown, not its block
+    expect(header).to_contain_text("Models: stock on cpu.")
+    assert not offered(page, "copy")
+
+    page.get_by_role("tab", name="Models").click()
+    fill(page, "Name", "copy")
+    fill(page, "Path under", "copy")
+    page.get_by_role("button", name="Add model").click()
+    expect(page.get_by_text("Added 'copy': pipeline copy.")).to_be_visible(timeout=60_000)
+    expect(header).to_contain_text("Models: stock, copy on cpu.")  # the same page, not reloaded
+    assert offered(page, "copy")
+
+    page.get_by_role("tab", name="Models").click()
+    page.get_by_label("Model to remove").click()
+    page.get_by_role("option", name="copy", exact=True).click()
+    page.get_by_role("button", name="Remove", exact=True).click()
+    expect(page.get_by_text("Removed 'copy'")).to_be_visible(timeout=30_000)
+    expect(header).to_contain_text("Models: stock on cpu.")
+    assert not offered(page, "copy")
+    page.close()

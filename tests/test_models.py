@@ -97,6 +97,35 @@ def test_additions_are_served_again_after_a_restart_after_the_configured_list(ti
     assert [entry["name"] for entry in restarted.listing() if entry["added"]] == ["lora-2", "tuned"]
 
 
+def test_a_single_file_checkpoint_is_served_as_the_pipeline_it_was_written_from(tiny_pipeline, runs, tmp_path):
+    """The fine-tune shared as one original-format file (as A1111 users share SD v1 models), read against the stock
+    pipeline folder's configs: its VAE and text encoder are the stock ones (a full fine-tune trains the UNet only),
+    its UNet the fine-tune's, and it draws the fine-tune's images; the .ckpt of the same weights only when allowed."""
+    from tinyworld.single_file import write_single_file
+
+    write_single_file(runs / "full", runs / "full.safetensors")
+    write_single_file(runs / "full", runs / "full.ckpt", pickle=True)
+    manager = manager_for(tiny_pipeline, runs, tmp_path)
+    registry = manager.registry
+    stock, before = registry.load("stock"), registry.parameter_bytes()
+    assert "single-file checkpoint full.safetensors" in manager.add("single", "full.safetensors")
+    single = registry.load("single")
+    assert single.vae is stock.vae and single.text_encoder is stock.text_encoder and single.unet is not stock.unet
+    folder = ModelRegistry([ModelSpec("tuned", str(runs / "full"))], device="cpu")
+    assert draw(registry, "single") == draw(folder, "tuned") != draw(registry, "stock")
+
+    with pytest.raises(SourceError, match="allow_pickle: full.ckpt is a pickle"):
+        manager.add("pickled", "full.ckpt")
+    with pytest.raises(ModelUnavailable, match="full.ckpt is a pickle; it is read only with allow_pickle"):
+        registry.add(ModelSpec("raw", str(tiny_pipeline), single_file=str(runs / "full.ckpt")))  # the registry too
+    manager.add("pickled", "full.ckpt", allow_pickle=True)
+    assert registry.load("pickled").unet is single.unet  # the same weights: the one module, shared
+    assert draw(registry, "pickled") == draw(folder, "tuned")
+    manager.remove("pickled")
+    manager.remove("single")
+    assert registry.parameter_bytes() == before
+
+
 def bad_inputs(runs: Path, outside: Path):
     (runs / "half").mkdir(exist_ok=True)
     (runs / "half" / "model_index.json").write_text("{}")
@@ -264,23 +293,27 @@ def test_models_are_added_used_and_removed_through_the_api(models_app, runs):
     assert [m["name"] for m in client.predict(api_name="/list_models")] == ["stock"]
 
 
-def test_every_model_picker_follows_an_addition_and_a_removal(models_app):
+def test_every_model_picker_and_the_header_follow_an_addition_and_a_removal(models_app):
+    from sdtune.app.ui.blocks import model_status
     from sdtune.app.ui.models_tab import PickerRefresh
 
-    manager = models_app["service"].models
-    refresh = PickerRefresh(manager, singles=2)
+    service = models_app["service"]
+    manager = service.models
+    refresh = PickerRefresh(manager, singles=2, status=lambda: model_status(service))
     seen = manager.registry.version
     assert all(update.get("__type__") == "update" and len(update) == 1  # gr.skip(): nothing changes
                for update in refresh(seen, "stock", None, ["stock"])[1:])
     manager.add("tuned", "full")
-    version, text, remove, compare, base = refresh(seen, "stock", None, ["stock"])
+    version, text, remove, compare, base, header = refresh(seen, "stock", None, ["stock"])
     assert version == manager.registry.version
     assert text == {"__type__": "update", "choices": ["stock", "tuned"], "value": "stock"}
     assert remove["value"] is None and compare["value"] == ["stock"] and compare["choices"] == ["stock", "tuned"]
     assert base["choices"] == ["", "stock", "tuned"]
+    assert header.startswith("Models: stock, tuned on cpu.")
     manager.remove("stock")
-    _, text, _, compare, _ = refresh(version, "stock", None, ["stock", "tuned"])
+    _, text, _, compare, _, header = refresh(version, "stock", None, ["stock", "tuned"])
     assert text["value"] == "tuned" and compare["value"] == ["tuned"]  # a removed choice falls back to a served one
+    assert header.startswith("Models: tuned on cpu.")
 
 
 @pytest.mark.parametrize("run", ["full", "lora"])
@@ -347,3 +380,38 @@ def test_each_model_says_its_base_how_it_was_trained_and_its_trigger_words(tiny_
     assert handlers.add_trigger_words("subject", "") == "sks dog"
     assert handlers.add_trigger_words("subject", "a dog on a beach") == "sks dog, a dog on a beach"
     assert handlers.add_trigger_words("subject", "sks dog on a beach") == "sks dog on a beach"
+
+
+def test_a_subject_runs_rare_token_is_its_trigger_word_from_its_folder_or_its_kohya_file_alone(tmp_path):
+    """What a DreamBooth run writes (its training_config.yaml; with --lora_rank the kohya file's metadata), written by
+    the trainer's own functions from its flags, read as the app reads a served model."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdtune.app.model_info import model_info
+    from sdtune.training.config import build_parser, save_resolved_config
+    from sdtune.training.lora import kohya_metadata
+
+    def subject_run(name, *flags):
+        args = build_parser().parse_args(["--pretrained_model_name_or_path", "stock", "--output_dir",
+                                          str(tmp_path / name), "--instance_data_dir", "dog", *flags])
+        (tmp_path / name).mkdir()
+        save_resolved_config(args, tmp_path / name)
+        return args
+
+    subject_run("prior", "--instance_prompt", "a photo of sks dog", "--with_prior_preservation",
+                "--class_data_dir", "dogs", "--class_prompt", "a photo of dog")
+    info = model_info(ModelSpec("prior", str(tmp_path / "prior")))
+    assert info["trigger_words"] == ["sks"] and info["training"]["instance_prompt"] == "a photo of sks dog"
+    subject_run("alone", "--instance_prompt", "a photo of sks dog")  # no class prompt tells the token apart
+    assert model_info(ModelSpec("alone", str(tmp_path / "alone")))["trigger_words"] == ["a photo of sks dog"]
+
+    args = subject_run("lora", "--instance_prompt", "zwx, a cat on a sofa", "--with_prior_preservation",
+                       "--class_data_dir", "cats", "--class_prompt", "a cat on a sofa", "--lora_rank", "4")
+    shared = tmp_path / "shared"  # the kohya file on its own, away from its run's folder (A1111's models/Lora)
+    shared.mkdir()
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4)}, str(shared / "zwx.safetensors"),
+              metadata=kohya_metadata(args))
+    info = model_info(ModelSpec("zwx", "stock", lora=str(shared / "zwx.safetensors")))
+    assert info["trigger_words"] == ["zwx"] and info["training"]["method"] == "LoRA rank 4"
+    assert info["base"] == "stock"

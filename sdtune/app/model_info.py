@@ -1,8 +1,11 @@
 """What a served model is for: its base, how it was trained and its trigger words, read from what its files say (an
 sdtune run's training_config.yaml and training_state.json, a LoRA file's kohya `ss_*` metadata, as A1111's LoRA
-metadata viewer reads them). Nothing is guessed: a field its files do not hold is left out."""
+metadata viewer reads them; the kohya file sdtune writes also carries every setting in `sdtune_training_config`, so it
+says what its run's folder says when it is served on its own). Nothing is guessed: a field its files do not hold is
+left out."""
 
 import json
+import re
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,15 +17,15 @@ from sdtune.generation.registry import ModelSpec
 from sdtune.training.checkpoints import LORA_FOLDER, PROGRESS_FILE, UNET_FOLDER
 from sdtune.training.config import RESOLVED_CONFIG_NAME
 
-TRIGGER_SETTINGS = ("trigger_word", "instance_prompt")  # a declared trigger word first, else a subject's prompt
+SDTUNE_SETTINGS_KEY = "sdtune_training_config"  # in the kohya file of an sdtune LoRA run (training/lora.py)
 TOP_TAGS = 5  # the tags of a kohya file's ss_tag_frequency offered as its trigger words
 
 
 def model_info(spec: ModelSpec) -> dict:
     """{"base", "training": {...}, "trigger_words": [...]} for a served model."""
     files = trained_files(spec)
-    settings = read_settings(files[0]) if files else {}
     metadata = file_metadata(spec.lora or spec.single_file)
+    settings = (read_settings(files[0]) if files else {}) or embedded_settings(metadata)
     info = {"base": base_of(spec, settings, metadata), "training": training_of(settings, metadata, files),
             "trigger_words": triggers_of(settings, metadata)}
     return {key: value for key, value in info.items() if value}
@@ -44,6 +47,14 @@ def read_settings(folder: Path) -> dict:
         return yaml.safe_load((folder / RESOLVED_CONFIG_NAME).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
+
+
+def embedded_settings(metadata: dict) -> dict:
+    try:
+        settings = json.loads(metadata.get(SDTUNE_SETTINGS_KEY) or "{}")
+    except ValueError:
+        return {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def file_metadata(path: str | None) -> dict:
@@ -68,7 +79,7 @@ def training_of(settings: dict, metadata: dict, folders: list[Path]) -> dict:
         rank = settings.get("lora_rank")
         training = {"method": f"LoRA rank {rank}" if rank else "full fine-tune", "steps": steps_of(settings, folders),
                     "resolution": settings.get("resolution"), "learning_rate": settings.get("learning_rate"),
-                    "date": date_of(folders)}
+                    "instance_prompt": settings.get("instance_prompt"), "date": date_of(folders)}
     elif metadata:
         training = {"method": f"LoRA rank {metadata['ss_network_dim']}" if "ss_network_dim" in metadata else None,
                     "steps": metadata.get("ss_max_train_steps") or metadata.get("ss_steps"),
@@ -102,10 +113,22 @@ def kohya_date(value) -> str | None:
 
 
 def triggers_of(settings: dict, metadata: dict) -> list[str]:
-    for key in TRIGGER_SETTINGS:
-        if settings.get(key):
-            return [str(settings[key])]
+    """A declared --trigger_word; else a subject run's (DreamBooth's) rare token; else a kohya file's top tags."""
+    if settings.get("trigger_word"):
+        return [str(settings["trigger_word"])]
+    if settings.get("instance_prompt"):
+        return [subject_token(str(settings["instance_prompt"]), str(settings.get("class_prompt") or ""))]
     return top_tags(metadata.get("ss_tag_frequency"))
+
+
+def subject_token(instance_prompt: str, class_prompt: str) -> str:
+    """What names the subject in DreamBooth's prompts: the words of --instance_prompt that --class_prompt lacks ("sks"
+    of "a photo of sks dog" against "a photo of dog"), the rare token the run bound to the subject. Without a class
+    prompt nothing tells the token from the rest, so the instance prompt whole."""
+    words = re.findall(r"[^\s,.;:!?()]+", instance_prompt)
+    common = {word.lower() for word in re.findall(r"[^\s,.;:!?()]+", class_prompt)}
+    rare = [word for word in words if word.lower() not in common]
+    return " ".join(rare) if class_prompt and rare else instance_prompt.strip()
 
 
 def top_tags(frequency) -> list[str]:

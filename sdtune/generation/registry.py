@@ -414,6 +414,9 @@ class ModelRegistry:
         """A single-file checkpoint, read with diffusers' from_single_file against a local pipeline's configs (no
         download). Its components are loaded, then each one whose weights equal a loaded component's is replaced by
         that one (a single file has no per-component files to fingerprint before loading)."""
+        if not spec.single_file.endswith(".safetensors") and not spec.allow_pickle:  # whoever built the spec
+            raise ModelRefused(f"Model '{spec.name}': {Path(spec.single_file).name} is a pickle; it is read only "
+                               "with allow_pickle.")
         pipeline = StableDiffusionPipeline.from_single_file(
             spec.single_file, config=str(config), torch_dtype=self.dtype, local_files_only=True)
         loaded = {tensors_fingerprint(module): module for module in self._components.values()}

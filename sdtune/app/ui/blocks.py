@@ -4,6 +4,7 @@ Generation runs one request at a time through the queue (sdtune/app/ui/controls.
 controls and its handlers keep the API's parameter names.
 """
 
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -23,10 +24,12 @@ CSS_PATH = Path(__file__).with_name("style.css")  # the layout's and the result 
 
 
 def model_status(service: Service) -> str:
-    registry = service.registry
-    lines = [f"Models: {', '.join(registry.names)} on {service.backend.device.type}."]
+    """The header's line on what is served (the models a user can choose: a comparison's borrowed checkpoints left
+    out), re-read at each page load and after each add and remove (models_tab.follow_changes)."""
+    registry, names = service.registry, service.models.names
+    lines = [f"Models: {', '.join(names)} on {service.backend.device.type}."]
     for name, spec in registry.specs.items():
-        if spec.lora:
+        if spec.lora and name in names:
             lines.append(f"**{name}** is a LoRA on `{spec.path}`, at scale {spec.lora_scale:g} unless a request "
                          "sets its own.")
     for name, reason in registry.errors.items():
@@ -52,7 +55,8 @@ def build_ui(service: Service, jobs=None, captions=None) -> gr.Blocks:
     # delete_cache: Gradio copies every upload and output into its temp folder; drop copies older than a day
     with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# sdtune: stock and fine-tuned Stable Diffusion", elem_classes=["sdtune-header"])
-        gr.Markdown(model_status(service), elem_classes=["sdtune-header"])
+        status = partial(model_status, service)
+        header = gr.Markdown(status, elem_classes=["sdtune-header"])
         backend_status(service)
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id=TEXT_TAB):
@@ -75,7 +79,7 @@ def build_ui(service: Service, jobs=None, captions=None) -> gr.Blocks:
                 with gr.Tab("Train"):
                     train_tab(jobs, service, CompareTargets(tabs, compare_prompt, compare_models, compare_seed))
         pickers = Pickers([text_form.model, image_form.model, *own.single], [compare_models, batch_models])
-        follow_changes(service.models, [added, removed], pickers, base)
+        follow_changes(service.models, [added, removed], pickers, base, header, status)
         wire(text_form, image_form, info, tabs, service.registry, {TEXT_TAB: text_event, IMAGE_TAB: image_event})
         for button in (text_stop, image_stop, batch_stop, compare_stop):
             # a running generation stops at its next denoising step (a batch or comparison keeps what it finished

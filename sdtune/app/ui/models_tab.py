@@ -1,6 +1,7 @@
 """The Models tab and its API endpoints /add_model, /remove_model and /list_models: models added and removed while
 the app serves (sdtune.app.models does the work), and every model picker of the page following the change."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
@@ -46,7 +47,7 @@ def models_tab(manager: ModelManager, root_shown: str):
                 f"v1 checkpoint, under `{root_shown}`. Added models are served again after a restart.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=360):
-            name = gr.Textbox(label="Name", info="Letters, digits, '.', '_' or '-'.")
+            name = gr.Textbox(label="Name", info="1 to 64 letters, digits, '_' or '-'.")
             path = gr.Textbox(label=f"Path under {root_shown}")
             base = gr.Dropdown(base_choices(manager), value="", label="Base (LoRA, checkpoint, "
                                "single file)", info="Empty: the one its training settings name.")
@@ -71,23 +72,23 @@ def models_tab(manager: ModelManager, root_shown: str):
 
 
 class PickerRefresh:
-    """The updates that bring a page's model pickers up to date: nothing when the page has seen the registry's last
-    change; otherwise the served names, a form keeping its choice while it is still served, a group its still-served
-    ticks, and the Models tab's base choice."""
+    """The updates that bring a page up to date with the served models: nothing when the page has seen the registry's
+    last change; otherwise the served names, a form keeping its choice while it is still served, a group its
+    still-served ticks, the Models tab's base choice and the header's model status (`status()`, its text)."""
 
-    def __init__(self, manager: ModelManager, singles: int):
-        self.manager, self.singles = manager, singles
+    def __init__(self, manager: ModelManager, singles: int, status: Callable[[], str]):
+        self.manager, self.singles, self.status = manager, singles, status
 
     def __call__(self, seen, *values):
         version = self.manager.registry.version
         if seen == version:
-            return (seen, *([gr.skip()] * (len(values) + 1)))
+            return (seen, *([gr.skip()] * (len(values) + 2)))
         names = self.manager.names
         singles = [gr.update(choices=names, value=value if value in names else names[0] if value else None)
                    for value in values[:self.singles]]
         groups = [gr.update(choices=names, value=[v for v in (chosen or []) if v in names])
                   for chosen in values[self.singles:]]
-        return (version, *singles, *groups, gr.update(choices=base_choices(self.manager)))
+        return (version, *singles, *groups, gr.update(choices=base_choices(self.manager)), self.status())
 
 
 def base_choices(manager: ModelManager) -> list[str]:
@@ -109,14 +110,17 @@ def keep_defaults_current(manager: ModelManager, pickers: Pickers, base: gr.Drop
     base.choices = [(name, name) for name in base_choices(manager)]
 
 
-def follow_changes(manager: ModelManager, events, pickers: Pickers, base: gr.Dropdown) -> None:
-    """Every model picker of the page lists the served models: at once after this page's add or remove, and within
-    REFRESH_SECONDS of another page's."""
+def follow_changes(manager: ModelManager, events, pickers: Pickers, base: gr.Dropdown, header: gr.Markdown,
+                   status: Callable[[], str]) -> None:
+    """Every model picker of the page lists the served models, and the header's status (`status()`) says what is
+    served: at once after this page's add or remove, and within REFRESH_SECONDS of another page's. A new page reads
+    the header from `status` (its value) and the pickers from their defaults, kept current here."""
     controls = [*pickers.single, *pickers.several]
-    refresh = PickerRefresh(manager, len(pickers.single))
+    refresh = PickerRefresh(manager, len(pickers.single), status)
     manager.on_change(lambda: keep_defaults_current(manager, pickers, base))
     seen = gr.State(manager.registry.version)
+    outputs = [seen, *controls, base, header]
     for event in events:
-        event.then(refresh, [seen, *controls], [seen, *controls, base], api_visibility="private", queue=False)
-    gr.Timer(REFRESH_SECONDS).tick(refresh, [seen, *controls], [seen, *controls, base], api_visibility="private",
-                                   queue=False, show_progress="hidden")
+        event.then(refresh, [seen, *controls], outputs, api_visibility="private", queue=False)
+    gr.Timer(REFRESH_SECONDS).tick(refresh, [seen, *controls], outputs, api_visibility="private", queue=False,
+                                   show_progress="hidden")
