@@ -68,6 +68,15 @@ def file_metadata(path: str | None) -> dict:
         return {}
 
 
+def served_base_name(specs: dict[str, ModelSpec], lora: ModelSpec) -> str:
+    """A LoRA model's base as the page shows it: the served model of that folder by its name, else the folder's own
+    name (a hub id as it is), never the server path."""
+    for name, spec in specs.items():
+        if not spec.lora and not spec.single_file and spec.path == lora.path:
+            return name
+    return Path(lora.path).name if Path(lora.path).exists() else lora.path
+
+
 def base_of(spec: ModelSpec, settings: dict, metadata: dict) -> str:
     """The model it was trained from, by its folder's name (no server path) or hub id."""
     trained_on = settings.get("pretrained_model_name_or_path") or metadata.get("ss_sd_model_name") or ""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from sdtune.app.model_info import served_base_name
 from sdtune.app.service import Service
 from sdtune.app.ui.captions_tab import captions_tab
 from sdtune.app.ui.compare_tab import COMPARE_TAB, compare_tab
@@ -30,7 +31,8 @@ def model_status(service: Service) -> str:
     lines = [f"Models: {', '.join(names)} on {service.backend.device.type}."]
     for name, spec in registry.specs.items():
         if spec.lora and name in names:
-            lines.append(f"**{name}** is a LoRA on `{spec.path}`, at scale {spec.lora_scale:g} unless a request "
+            base = served_base_name(registry.specs, spec)
+            lines.append(f"**{name}** is a LoRA on `{base}`, at scale {spec.lora_scale:g} unless a request "
                          "sets its own.")
     for name, reason in registry.errors.items():
         lines.append(f"**{name} failed to load** and is unavailable: {reason}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from sdtune.app.model_info import served_base_name
 from sdtune.app.service import Service
 from sdtune.app.streaming import InFlight, stream
 from sdtune.app.ui.controls import StopSignals, served, settings_from
@@ -27,7 +28,7 @@ class Handlers:
         scale = self.service.registry.configured_scale(model)
         if scale is None:
             return gr.update(visible=False, value=None)
-        base = self.service.registry.specs[model].path
+        base = served_base_name(self.service.registry.specs, self.service.registry.specs[model])
         return gr.update(visible=True, value=scale, info=f"{model} is a LoRA on {base}, listed at {scale:g}; 0 gives "
                          f"the base model's image, from {LORA_SCALE_RANGE[0]:g} to {LORA_SCALE_RANGE[1]:g}.")
 
