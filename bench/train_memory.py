@@ -48,6 +48,7 @@ autocast runs group_norm, layer_norm, softmax and other CUDA-fp32 ops in fp16; -
 import argparse
 import os
 import platform
+import shlex
 import tempfile
 import time
 from collections import OrderedDict
@@ -116,6 +117,8 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
     """The benchmark's flags; the training settings come from the recipes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=list(TARGETS_GIB), help="YAML recipes to measure.")
+    parser.add_argument("--training_flags", default="",
+                        help="Training flags added to every recipe's, in one string: --training_flags=--use_dora")
     parser.add_argument("--autocast_policy", choices=["cuda", "cpu"], default="cuda",
                         help="cuda: CUDA's fp32 op list emulated on top of CPU autocast; cpu: CPU autocast as is.")
     return parser.parse_args(argv)
@@ -332,13 +335,13 @@ class FrozenAwareMemTracker(MemTracker):
         return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
 
-def recipe_args(recipe: str, placeholder: str):
-    """The recipe's settings as sdtune parses them; a subject recipe's folders replaced by `placeholder` (one image),
-    since the data check reads them and the memory of a step does not depend on them."""
+def recipe_args(recipe: str, placeholder: str, training_flags: list[str]):
+    """The recipe's settings (and `training_flags`) as sdtune parses them; a subject recipe's folders replaced by
+    `placeholder` (one image), since the data check reads them and the memory of a step does not depend on them."""
     with open(recipe) as f:
         subject = "instance_data_dir" in (yaml.safe_load(f) or {})
     folders = ["--instance_data_dir", placeholder, "--class_data_dir", placeholder] if subject else []
-    return parse_args(["--config", recipe, *folders])
+    return parse_args(["--config", recipe, *folders, *training_flags])
 
 
 def placeholder_folder(folder: str) -> str:
@@ -346,10 +349,10 @@ def placeholder_folder(folder: str) -> str:
     return folder
 
 
-def measure_recipe(recipe: str) -> dict:
+def measure_recipe(recipe: str, training_flags: list[str]) -> dict:
     """Build the recipe's parts under FakeTensorMode, run a warm-up step, then track the second step's memory."""
     with tempfile.TemporaryDirectory() as folder:
-        args = recipe_args(recipe, placeholder_folder(folder))
+        args = recipe_args(recipe, placeholder_folder(folder), training_flags)
     weight_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the scheduler's tables and AdamW8bit's map stay real
     parts = build_parts(args, weight_dtype, fake)
@@ -475,7 +478,8 @@ def print_recipe(recipe: str, result: dict) -> None:
           f"EMA={ema}, cached latents={args.cache_latents}, gradient "
           f"checkpointing={args.gradient_checkpointing}, {args.resolution} px, batch {args.train_batch_size}"
           f"{' + as many class images (prior preservation)' if args.with_prior_preservation else ''}, "
-          f"LoRA rank={args.lora_rank or 'none'}, text encoder trained={args.train_text_encoder}; "
+          f"LoRA rank={args.lora_rank or 'none'}{' (DoRA)' if args.use_dora else ''}, "
+          f"text encoder trained={args.train_text_encoder}; "
           f"UNet weights: {result['dtypes']}, {result['trained']:,} parameters trained")
     print(f"  {'GiB at the peak':<36}{'measured':>10}{'computed':>10}")
     for name, value in result["rows"].items():
@@ -483,7 +487,7 @@ def print_recipe(recipe: str, result: dict) -> None:
         measured = f"{value / GIB:>10.2f}" if value is not None else f"{'off device':>10}"
         computed = f"{expected / GIB:>10.2f}" if expected is not None else ""
         print(f"  {name:<36}{measured}{computed}")
-    target = TARGETS_GIB.get(recipe)
+    target = TARGETS_GIB.get(recipe.split()[0])
     total = result["total"] / GIB
     verdict = "" if target is None else f"; target <= {target} GiB: {'met' if total <= target else 'MISSED'}"
     print(f"  {'total':<36}{total:>10.2f}{'':>10}  reached in the {result['peak_phase']}{verdict}")
@@ -504,9 +508,9 @@ def main(argv=None) -> None:
             raise SystemExit(f"the CUDA autocast emulation did not take: {autocast_check()} still run in fp16")
     for recipe in bench.recipes:
         start = time.perf_counter()
-        result = measure_recipe(recipe)
+        result = measure_recipe(recipe, shlex.split(bench.training_flags))
         print()
-        print_recipe(recipe, result)
+        print_recipe(f"{recipe} {bench.training_flags}".strip(), result)
         print(f"  ({time.perf_counter() - start:.0f} s)")
     print()
     print("measured: MemTracker's count of the step's tensors under FakeTensorMode (real shapes and dtypes, no data), "
