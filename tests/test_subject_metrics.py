@@ -12,23 +12,26 @@ from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessor
 
 from sdtune.evaluation.clip_score import ClipScorer
 from sdtune.evaluation.run import main
-from sdtune.evaluation.subject import DinoEmbedder, fidelity
+from sdtune.evaluation.subject import DinoEmbedder, SubjectSet, add_subject_fidelity, fidelity
 
 TILE = 64  # the tiny pipeline's images
 
 
-@pytest.fixture(scope="module", params=["vit", "dinov2"])
-def tiny_dino(request, tmp_path_factory):
+def save_tiny_vit(folder, kind: str):
     """A random self-supervised-ViT stand-in: DINO's architecture (ViT) or DINOv2's, with its image processor."""
-    folder = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32)
-    if request.param == "vit":
+    if kind == "vit":
         ViTModel(ViTConfig(patch_size=8, **shape)).save_pretrained(folder)
     else:
         Dinov2Model(Dinov2Config(patch_size=8, **shape)).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    return save_tiny_vit(tmp_path_factory.mktemp("dino"), "vit")
 
 
 def subject_folder(tmp_path):
@@ -48,8 +51,30 @@ def test_fidelity_is_the_mean_cosine_to_every_subject_picture():
     assert fidelity(generated, subject).tolist() == pytest.approx([0.0, (0.6 + 0.8 - 0.6) / 3])
 
 
-def test_the_dino_embedding_is_the_unit_cls_token_of_the_last_layer(tiny_dino):
-    embedder = DinoEmbedder(str(tiny_dino))
+class RedGreen:
+    """An embedder whose embedding of an image is its top-left pixel's (red, green), unit length."""
+
+    def image_embeddings(self, images):
+        pixels = torch.tensor([image.getpixel((0, 0))[:2] for image in images], dtype=torch.float64)
+        return torch.nn.functional.normalize(pixels, dim=-1)
+
+
+def test_every_model_is_compared_with_the_first_image_by_image():
+    red, green = Image.new("RGB", (2, 2), (255, 0, 0)), Image.new("RGB", (2, 2), (0, 255, 0))
+    grids = {"first": {"p": [red, green]}, "second": {"p": [green, green]}, "third": {"p": [red, red]}}
+    results = {name: {"per_image": [{"prompt": "p", "index": i} for i in range(2)]} for name in grids}
+    subject = SubjectSet("subject", 1, [], [], {"clip_i": np.array([[1.0, 0.0]])})  # one red picture
+    add_subject_fidelity(results, grids, subject, {"clip_i": RedGreen()}, seed=0)
+    assert [row["clip_i"] for row in results["third"]["per_image"]] == [1.0, 1.0]
+    means = {name: result["subject"]["clip_i"]["mean"] for name, result in results.items()}
+    assert means == {"first": 0.5, "second": 0.0, "third": 1.0}
+    assert results["second"]["subject"]["clip_i"]["difference_to_first"]["mean"] == -0.5
+    assert results["third"]["subject"]["clip_i"]["difference_to_first"]["mean"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_the_dino_embedding_is_the_unit_cls_token_of_the_last_layer(kind, tmp_path):
+    embedder = DinoEmbedder(str(save_tiny_vit(tmp_path / kind, kind)))
     images = [Image.new("RGB", (40, 40), "blue"), Image.effect_noise((32, 48), 40).convert("RGB")]
     embeddings = embedder.image_embeddings(images)
     pixels = embedder.processor(images=images, return_tensors="pt")["pixel_values"]
