@@ -1,14 +1,24 @@
 """Benchmark: peak tensor memory of one training step of the full-size SD v1-4 UNet (512 px, batch 1), by category.
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_memory.py [--autocast_policy cpu]
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_memory.py [--autocast_policy cpu] [--recipes ...]
 
-Three recipes, read from their YAML files through sdtune.training.config:
+Five recipes, read from their YAML files through sdtune.training.config:
   configs/pokemon.yaml         fp16 autocast with fp32 master weights, AdamW, EMA on the device, gradient
                                checkpointing, VAE + text encoder in fp16 on the device; target <= 20 GiB
   configs/pokemon-lowmem.yaml  the same with bitsandbytes' AdamW8bit, the EMA in CPU memory and cached latents
                                (VAE + text encoder off the device); target <= 12 GiB
   configs/pokemon-lora.yaml    a rank-4 LoRA: the UNet frozen in fp16, the adapter's fp32 weights trained with
                                AdamW, gradient checkpointing, VAE + text encoder in fp16 on the device; target <= 6 GiB
+  configs/dreambooth-lora.yaml DreamBooth: a rank-4 LoRA of the UNet and of the text encoder (its adapter in fp32 on
+                               the fp16 encoder), prior preservation (each step's batch is an instance image and a
+                               class image: twice the activations), AdamW, gradient checkpointing; target <= 4 GiB
+  configs/dreambooth.yaml      DreamBooth: the whole UNet and text encoder trained (fp32 master weights), prior
+                               preservation, 8-bit AdamW, gradient checkpointing; target <= 22 GiB (a 24 GB GPU)
+
+The subject recipes' folders are replaced by a one-image placeholder, so that their flags pass the data check: the
+step's memory depends on the resolution and the batch, not on the pictures. A trained text encoder is set up by
+sdtune.training.subject.make_text_encoder_trainable (all of it in fp32, or its LoRA adapter), on the meta device as
+the LoRA UNet is (below), and its forward runs under autocast, as accelerate.prepare leaves it.
 
 How it measures: the models are built from SD v1-4's published configs (below; no download) with random weights
 under FakeTensorMode, so every tensor has its real shape and dtype but no storage: a step of the 860M-parameter UNet
@@ -38,6 +48,8 @@ autocast runs group_norm, layer_norm, softmax and other CUDA-fp32 ops in fp16; -
 import argparse
 import os
 import platform
+import shlex
+import tempfile
 import time
 from collections import OrderedDict
 from datetime import date
@@ -46,7 +58,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: 
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
 from torch.utils._pytree import tree_map_only  # noqa: E402
@@ -60,9 +74,11 @@ from sdtune.training.loop import configure_unet, make_ema  # noqa: E402
 from sdtune.training.lora import add_training_adapter  # noqa: E402
 from sdtune.training.objective import diffusion_loss  # noqa: E402
 from sdtune.training.optim import OptimizerSettings, make_optimizer, update_offloaded_ema  # noqa: E402
+from sdtune.training.subject import make_text_encoder_trainable  # noqa: E402
 
 GIB = 2**30
-TARGETS_GIB = {"configs/pokemon.yaml": 20, "configs/pokemon-lowmem.yaml": 12, "configs/pokemon-lora.yaml": 6}
+TARGETS_GIB = {"configs/pokemon.yaml": 20, "configs/pokemon-lowmem.yaml": 12, "configs/pokemon-lora.yaml": 6,
+               "configs/dreambooth-lora.yaml": 4, "configs/dreambooth.yaml": 22}
 
 # CompVis/stable-diffusion-v1-4: unet/config.json, vae/config.json, text_encoder/config.json (as published)
 SD14_UNET = dict(
@@ -101,6 +117,8 @@ def parse_bench_args(argv=None) -> argparse.Namespace:
     """The benchmark's flags; the training settings come from the recipes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=list(TARGETS_GIB), help="YAML recipes to measure.")
+    parser.add_argument("--training_flags", default="",
+                        help="Training flags added to every recipe's, in one string: --training_flags=--use_dora")
     parser.add_argument("--autocast_policy", choices=["cuda", "cpu"], default="cuda",
                         help="cuda: CUDA's fp32 op list emulated on top of CPU autocast; cpu: CPU autocast as is.")
     return parser.parse_args(argv)
@@ -172,12 +190,13 @@ class AutocastForward:
 
 
 def build_parts(args, weight_dtype, fake: FakeTensorMode) -> Components:
-    """SD v1-4's UNet, set up as sdtune.training.loop.set_up sets it up, and its frozen VAE and text encoder (in the
-    recipe's dtype), all with fake storage."""
+    """SD v1-4's UNet and, with --train_text_encoder, its text encoder, set up as sdtune.training.loop.set_up sets
+    them up, and the frozen rest (in the recipe's dtype), all with fake storage."""
     torch.manual_seed(0)
     unet = build_unet(args, weight_dtype, fake)
+    text_encoder = build_trained_text_encoder(args, weight_dtype, fake) if args.train_text_encoder else None
     with fake:
-        return build_frozen_parts(unet, weight_dtype)
+        return build_frozen_parts(unet, text_encoder, weight_dtype)
 
 
 def build_unet(args, weight_dtype, fake: FakeTensorMode) -> UNet2DConditionModel:
@@ -195,11 +214,23 @@ def build_unet(args, weight_dtype, fake: FakeTensorMode) -> UNet2DConditionModel
         return unet.to_empty(device="cpu")
 
 
-def build_frozen_parts(unet, weight_dtype) -> Components:
+def build_trained_text_encoder(args, weight_dtype, fake: FakeTensorMode) -> CLIPTextModel:
+    """--train_text_encoder: the text encoder loaded in the recipe's dtype and made trainable by sdtune (all of it in
+    fp32, or a LoRA adapter), on the meta device, then given fake CPU storage (as build_unet)."""
+    with torch.device("meta"):
+        text_encoder = build_in_dtype(lambda: CLIPTextModel(CLIPTextConfig(**SD14_TEXT_ENCODER)), weight_dtype)
+    make_text_encoder_trainable(text_encoder, args)
+    with fake:
+        return text_encoder.to_empty(device="cpu")
+
+
+def build_frozen_parts(unet, text_encoder, weight_dtype) -> Components:
+    """The frozen VAE and, unless it is trained (`text_encoder` given), the frozen text encoder."""
     vae = build_in_dtype(lambda: AutoencoderKL(**SD14_VAE), weight_dtype)
-    text_encoder = build_in_dtype(lambda: CLIPTextModel(CLIPTextConfig(**SD14_TEXT_ENCODER)), weight_dtype)
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    if text_encoder is None:
+        text_encoder = build_in_dtype(lambda: CLIPTextModel(CLIPTextConfig(**SD14_TEXT_ENCODER)), weight_dtype)
+        text_encoder.requires_grad_(False)
     return Components(None, text_encoder, vae, unet, DDPMScheduler(**SD14_SCHEDULER))
 
 
@@ -215,9 +246,10 @@ def build_in_dtype(build, dtype):
 
 
 def make_batch(args, weight_dtype) -> dict:
-    """One micro-batch as the data loader delivers it: pixels and token ids, or cached latents and embeddings."""
+    """One micro-batch as the data loader delivers it: pixels and token ids, or cached latents and embeddings; with
+    prior preservation, the instance examples and as many class examples (sdtune.data.subject_dataset)."""
     latent = args.resolution // 8
-    size = args.train_batch_size
+    size = args.train_batch_size * (2 if args.with_prior_preservation else 1)
     if args.cache_latents:
         # build_latent_cache stores the frozen models' outputs in their dtype
         return {"latent_mean": torch.randn(size, 4, latent, latent, dtype=weight_dtype),
@@ -240,9 +272,10 @@ def make_step_optimizer(args, trained) -> torch.optim.Optimizer:
     return optimizer
 
 
-def training_step(args, parts, trained, unet_call, optimizer, ema, peaks, tracker=None) -> None:
-    """One step in sdtune.training.loop.train_step's order; appends (phase, the peak so far by category) after each
-    phase if tracked."""
+def training_step(args, parts, trained, calls, optimizer, ema, peaks, tracker=None) -> None:
+    """One step in sdtune.training.loop.train_step's order; `calls`: the UNet's and the trained text encoder's (or
+    None) forward as accelerate.prepare leaves them. Appends (phase, the peak so far by category) after each phase if
+    tracked."""
     weight_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
 
     def record(phase):
@@ -250,8 +283,11 @@ def training_step(args, parts, trained, unet_call, optimizer, ema, peaks, tracke
             peaks.append((phase, by_category(tracker.get_tracker_snapshot("peak"))))
 
     batch = make_batch(args, weight_dtype)  # made here, so that the tracked step counts it as it lands
+    unet_call, text_encoder_call = calls
     loss = diffusion_loss(batch, unet_call, parts, step_generator(args.seed, 0, 0, 0), weight_dtype,
-                          noise_offset=args.noise_offset, snr_gamma=args.snr_gamma)
+                          noise_offset=args.noise_offset, snr_gamma=args.snr_gamma,
+                          prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else None,
+                          text_encoder=text_encoder_call)
     record("forward")
     (loss * LOSS_SCALE).backward()  # accelerator.backward: GradScaler.scale(loss).backward()
     record("backward")
@@ -299,22 +335,39 @@ class FrozenAwareMemTracker(MemTracker):
         return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
 
-def measure_recipe(recipe: str) -> dict:
+def recipe_args(recipe: str, placeholder: str, training_flags: list[str]):
+    """The recipe's settings (and `training_flags`) as sdtune parses them; a subject recipe's folders replaced by
+    `placeholder` (one image), since the data check reads them and the memory of a step does not depend on them."""
+    with open(recipe) as f:
+        subject = "instance_data_dir" in (yaml.safe_load(f) or {})
+    folders = ["--instance_data_dir", placeholder, "--class_data_dir", placeholder] if subject else []
+    return parse_args(["--config", recipe, *folders, *training_flags])
+
+
+def placeholder_folder(folder: str) -> str:
+    Image.new("RGB", (64, 64)).save(os.path.join(folder, "subject.png"))
+    return folder
+
+
+def measure_recipe(recipe: str, training_flags: list[str]) -> dict:
     """Build the recipe's parts under FakeTensorMode, run a warm-up step, then track the second step's memory."""
-    args = parse_args(["--config", recipe])
+    with tempfile.TemporaryDirectory() as folder:
+        args = recipe_args(recipe, placeholder_folder(folder), training_flags)
     weight_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the scheduler's tables and AdamW8bit's map stay real
     parts = build_parts(args, weight_dtype, fake)
-    trained = [p for p in parts.unet.parameters() if p.requires_grad]
+    unet_trained = [p for p in parts.unet.parameters() if p.requires_grad]
+    trained = unet_trained + [p for p in parts.text_encoder.parameters() if p.requires_grad]
     with fake:
-        ema = make_ema(parts.unet, trained, "cpu", use_ema=args.use_ema, decay=args.ema_decay,
+        ema = make_ema(parts.unet, unet_trained, "cpu", use_ema=args.use_ema, decay=args.ema_decay,
                        adapter=bool(args.lora_rank), offload=args.offload_ema)
     optimizer = make_step_optimizer(args, trained)
-    unet_call = AutocastForward(parts.unet, weight_dtype) if args.mixed_precision == "fp16" else parts.unet
+    calls = (autocast_call(parts.unet, weight_dtype, args),
+             autocast_call(parts.text_encoder, weight_dtype, args) if args.train_text_encoder else None)
 
     peaks = []
     with fake:
-        warm_up(args, parts, trained, unet_call, optimizer, ema)
+        warm_up(args, parts, trained, calls, optimizer, ema)
         tracker = FrozenAwareMemTracker()
         tracker.track_external(parts.unet, optimizer)
         if ema is not None and not args.offload_ema:
@@ -322,15 +375,19 @@ def measure_recipe(recipe: str) -> dict:
         if not args.cache_latents:
             tracker.track_external(parts.vae, parts.text_encoder)
         with tracker:
-            training_step(args, parts, trained, unet_call, optimizer, ema, peaks, tracker)
+            training_step(args, parts, trained, calls, optimizer, ema, peaks, tracker)
         if ema is not None and args.offload_ema:
             update_offloaded_ema(ema, trained)  # in CPU memory: outside the tracked device
-    return summarise(args, parts, trained, optimizer, ema, tracker, peaks)
+    return summarise(args, parts, unet_trained, trained, optimizer, ema, tracker, peaks)
 
 
-def warm_up(args, parts, trained, unet_call, optimizer, ema) -> None:
+def autocast_call(model, weight_dtype, args):
+    return AutocastForward(model, weight_dtype) if args.mixed_precision == "fp16" else model
+
+
+def warm_up(args, parts, trained, calls, optimizer, ema) -> None:
     """A first, untracked step: creates the optimizer state that every later step carries."""
-    training_step(args, parts, trained, unet_call, optimizer, ema, [])
+    training_step(args, parts, trained, calls, optimizer, ema, [])
     if ema is not None and args.offload_ema:
         update_offloaded_ema(ema, trained)
 
@@ -344,40 +401,62 @@ def weight_dtypes(parts, trained) -> str:
     return ", ".join(f"{name} {'/'.join(dtypes)}" for name, dtypes in names.items())
 
 
-def summarise(args, parts, trained, optimizer, ema, tracker, peaks) -> dict:
-    """The peak snapshot split into the benchmark's categories, with the analytic size of each where there is one."""
+def summarise(args, parts, unet_trained, trained, optimizer, ema, tracker, peaks) -> dict:
+    """The peak snapshot split into the benchmark's categories, with the analytic size of each where there is one.
+    `unet_trained`: the UNet's trained parameters; `trained`: those and the text encoder's (--train_text_encoder)."""
     by_type = by_category(tracker.get_tracker_snapshot("peak"))
-    frozen = 0 if args.cache_latents else tensor_bytes(
-        [*parts.vae.parameters(), *parts.vae.buffers(), *parts.text_encoder.parameters(),
-         *parts.text_encoder.buffers()])
+    frozen = tensor_bytes([t for model in frozen_models(args, parts) for t in (*model.parameters(), *model.buffers())])
+    text_encoder = (tensor_bytes([*parts.text_encoder.parameters(), *parts.text_encoder.buffers()])
+                    if args.train_text_encoder else 0)
     state = tensor_bytes(optimizer_state_tensors(optimizer))
     ema_on_device = ema is not None and not args.offload_ema
-    unet = by_type["Parameter"] + by_type["Buffer"] - frozen
-    adapter = tensor_bytes(trained)
+    unet = by_type["Parameter"] + by_type["Buffer"] - frozen - text_encoder
+    adapter = tensor_bytes(unet_trained)
     rows = {
         **({"frozen UNet (fp16)": unet - adapter, "adapter (fp32)": adapter} if args.lora_rank
            else {"parameters (UNet, fp32)": unet}),
+        **({text_encoder_row(args): text_encoder} if args.train_text_encoder else {}),
         "gradients (fp32)": by_type["Gradient"],
         "optimizer state": min(state, by_type["Optstate"]),
         "optimizer-step temporaries": max(by_type["Optstate"] - state, 0),
         **({"EMA weights": by_type["Other"] if ema_on_device else None} if args.use_ema else {}),
         "activations (forward)": by_type["Activation"],
         "backward temporaries": by_type["Temp"],
-        "frozen VAE + text encoder": frozen if not args.cache_latents else None,
+        frozen_row(args): frozen if not args.cache_latents else None,
     }
     peak_phase = next(phase for phase, peak in peaks if peak["Total"] == by_type["Total"])
     return {"args": args, "rows": rows, "total": by_type["Total"], "peak_phase": peak_phase, "phases": peaks,
-            "expected": expected_bytes(args, parts, trained, ema_on_device), "dtypes": weight_dtypes(parts, trained),
-            "trained": sum(p.numel() for p in trained)}
+            "expected": expected_bytes(args, parts, unet_trained, trained, ema_on_device),
+            "dtypes": weight_dtypes(parts, unet_trained), "trained": sum(p.numel() for p in trained)}
 
 
-def expected_bytes(args, parts, trained, ema_on_device) -> dict:
+def frozen_models(args, parts) -> list[torch.nn.Module]:
+    """The frozen models on the device beside the UNet: none with cached latents, else the VAE and the text encoder
+    unless it is trained."""
+    if args.cache_latents:
+        return []
+    return [parts.vae] + ([] if args.train_text_encoder else [parts.text_encoder])
+
+
+def text_encoder_row(args) -> str:
+    return "text encoder (fp16 + fp32 adapter)" if args.lora_rank else "text encoder (fp32, trained)"
+
+
+def frozen_row(args) -> str:
+    return "frozen VAE" if args.train_text_encoder else "frozen VAE + text encoder"
+
+
+def expected_bytes(args, parts, unet_trained, trained, ema_on_device) -> dict:
     """Sizes that follow from the parameter counts alone, to check the tracked ones against."""
-    count = sum(p.numel() for p in trained)
-    frozen_unet = sum(p.numel() for p in parts.unet.parameters()) - count
-    expected = {"parameters (UNet, fp32)": 4 * count, "adapter (fp32)": 4 * count,
+    count, unet_count = sum(p.numel() for p in trained), sum(p.numel() for p in unet_trained)
+    frozen_unet = sum(p.numel() for p in parts.unet.parameters()) - unet_count
+    expected = {"parameters (UNet, fp32)": 4 * unet_count, "adapter (fp32)": 4 * unet_count,
                 "frozen UNet (fp16)": 2 * frozen_unet, "gradients (fp32)": 4 * count,
-                "EMA weights": 4 * count if ema_on_device else None}
+                "EMA weights": 4 * unet_count if ema_on_device else None}
+    if args.train_text_encoder:
+        text_trained = count - unet_count
+        text_frozen = sum(p.numel() for p in parts.text_encoder.parameters()) - text_trained
+        expected[text_encoder_row(args)] = 4 * text_trained + 2 * text_frozen
     if args.use_8bit_adam:
         # AdamW8bit: two uint8 moments plus an fp32 absmax per 256-value block; tensors under 4096 values stay fp32
         expected["optimizer state"] = sum(8 * p.numel() if p.numel() < 4096 else
@@ -386,8 +465,8 @@ def expected_bytes(args, parts, trained, ema_on_device) -> dict:
         expected["optimizer state"] = 8 * count  # two fp32 moments (+ a CPU-side step count per tensor)
         expected["optimizer-step temporaries"] = 4 * count  # foreach AdamW's sqrt(v) for every tensor at once
     if not args.cache_latents:
-        frozen = sum(p.numel() for m in (parts.vae, parts.text_encoder) for p in m.parameters())
-        expected["frozen VAE + text encoder"] = frozen * torch.finfo(parts.vae.dtype).bits // 8
+        frozen = sum(p.numel() for m in frozen_models(args, parts) for p in m.parameters())
+        expected[frozen_row(args)] = frozen * torch.finfo(parts.vae.dtype).bits // 8
     return expected
 
 
@@ -397,18 +476,21 @@ def print_recipe(recipe: str, result: dict) -> None:
     ema = "none" if not args.use_ema else "CPU" if args.offload_ema else "device"
     print(f"{recipe}: fp16 autocast={args.mixed_precision == 'fp16'}, 8-bit AdamW={args.use_8bit_adam}, "
           f"EMA={ema}, cached latents={args.cache_latents}, gradient "
-          f"checkpointing={args.gradient_checkpointing}, {args.resolution} px, batch {args.train_batch_size}, "
-          f"LoRA rank={args.lora_rank or 'none'}; UNet weights: {result['dtypes']}, {result['trained']:,} trained")
-    print(f"  {'GiB at the peak':<30}{'measured':>10}{'computed':>10}")
+          f"checkpointing={args.gradient_checkpointing}, {args.resolution} px, batch {args.train_batch_size}"
+          f"{' + as many class images (prior preservation)' if args.with_prior_preservation else ''}, "
+          f"LoRA rank={args.lora_rank or 'none'}{' (DoRA)' if args.use_dora else ''}, "
+          f"text encoder trained={args.train_text_encoder}; "
+          f"UNet weights: {result['dtypes']}, {result['trained']:,} parameters trained")
+    print(f"  {'GiB at the peak':<36}{'measured':>10}{'computed':>10}")
     for name, value in result["rows"].items():
         expected = result["expected"].get(name)
         measured = f"{value / GIB:>10.2f}" if value is not None else f"{'off device':>10}"
         computed = f"{expected / GIB:>10.2f}" if expected is not None else ""
-        print(f"  {name:<30}{measured}{computed}")
-    target = TARGETS_GIB.get(recipe)
+        print(f"  {name:<36}{measured}{computed}")
+    target = TARGETS_GIB.get(recipe.split()[0])
     total = result["total"] / GIB
     verdict = "" if target is None else f"; target <= {target} GiB: {'met' if total <= target else 'MISSED'}"
-    print(f"  {'total':<30}{total:>10.2f}{'':>10}  reached in the {result['peak_phase']}{verdict}")
+    print(f"  {'total':<36}{total:>10.2f}{'':>10}  reached in the {result['peak_phase']}{verdict}")
     so_far = ", ".join(f"{phase} {peak['Total'] / GIB:.2f} (activations {peak['Activation'] / GIB:.2f})"
                        for phase, peak in result["phases"])
     print(f"  peak so far after each phase, GiB: {so_far}")
@@ -426,9 +508,9 @@ def main(argv=None) -> None:
             raise SystemExit(f"the CUDA autocast emulation did not take: {autocast_check()} still run in fp16")
     for recipe in bench.recipes:
         start = time.perf_counter()
-        result = measure_recipe(recipe)
+        result = measure_recipe(recipe, shlex.split(bench.training_flags))
         print()
-        print_recipe(recipe, result)
+        print_recipe(f"{recipe} {bench.training_flags}".strip(), result)
         print(f"  ({time.perf_counter() - start:.0f} s)")
     print()
     print("measured: MemTracker's count of the step's tensors under FakeTensorMode (real shapes and dtypes, no data), "

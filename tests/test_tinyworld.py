@@ -49,6 +49,18 @@ def test_splits_keep_creatures_out_of_the_base_world_and_heldout_pairs_out_of_tr
     assert not captions["pokemon/heldout"] & captions["pokemon/train"]
 
 
+def test_the_subject_species_is_new_and_its_word_is_not_in_the_vocabulary(world):
+    # DreamBooth's subject must be something no tiny model has seen, called by a rare word (as "sks" for SD)
+    from tinyworld.creatures import SPECIES, SUBJECT, SUBJECT_PROMPT
+
+    assert (SUBJECT.colour, SUBJECT.feature) not in {(species.colour, species.feature) for species in SPECIES}
+    for split, count in (("subject/zxq", 6), ("subject/heldout", 24)):
+        rows = [json.loads(line) for line in (world / split / "metadata.jsonl").open()]
+        assert len(rows) == count and {row["text"] for row in rows} == {SUBJECT_PROMPT}
+    tokenizer = CLIPTokenizer.from_pretrained(STOCK / "tokenizer")
+    assert "zxq" not in world_words() and len(tokenizer("zxq", add_special_tokens=False).input_ids) > 1
+
+
 @pytest.mark.parametrize("folder", [CLIP, STOCK / "tokenizer"])
 def test_every_word_of_the_world_is_one_token(folder):
     # A word split into characters would make the text towers learn spelling instead of meaning.

@@ -31,6 +31,11 @@ SPECIES = (
     Species("purple", "tall", "big eyes"),
     Species("orange", "pear", "a big mouth"),
 )
+# The seventh species, for subject training (DreamBooth): a colour-and-feature pair no species above has, so no tiny
+# model was trained on it; it is called by a rare word that is not in the tiny world's vocabulary, as "sks" is not a
+# word of SD's.
+SUBJECT = Species("green", "wide", "long ears")
+SUBJECT_PROMPT = "a drawing of a zxq creature"
 
 
 def creature_caption(species: Species, background: str) -> str:

@@ -4,6 +4,9 @@
 
     base/train, base/heldout         shapes only (the stock model's world); held-out images are new draws
     pokemon/train, pokemon/heldout   creatures only; held-out captions are unseen (species, background) pairs
+    subject/zxq, subject/heldout     the seventh species (creatures.SUBJECT), never in the sets above: 6 instance
+                                     images for subject training (configs/tiny-dreambooth-lora.yaml) and 24 other draws
+                                     to measure subject fidelity against (metrics.py --subject_images)
 
 A few seconds on one core; the same seed always writes the same files.
 """
@@ -17,12 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tinyworld.creatures import SPECIES, creature_caption, creature_words, random_creature
+from tinyworld.creatures import SPECIES, SUBJECT, SUBJECT_PROMPT, creature_caption, creature_words, random_creature
 from tinyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, random_shape, shape_caption, shape_words, write_imagefolder
 
 BASE_TRAIN, BASE_HELDOUT = 3600, 360  # 50 and 5 images per caption on average (72 captions)
 CREATURES_PER_PAIR_TRAIN, CREATURES_PER_PAIR_HELDOUT = 60, 20
-SPLITS = ("base/train", "base/heldout", "pokemon/train", "pokemon/heldout")
+SUBJECT_INSTANCES, SUBJECT_HELDOUT = 6, 24  # DreamBooth's 3-30 pictures of the subject; and images to score against
+SPLITS = ("base/train", "base/heldout", "pokemon/train", "subject/zxq", "subject/heldout", "pokemon/heldout")
 
 
 def world_words() -> list[str]:
@@ -61,19 +65,37 @@ def creatures(heldout: bool, per_pair: int, seed: int):
             yield random_creature(rng, species, background)
 
 
+def subject_creatures(count: int, seed: int):
+    """`count` draws of the seventh species, captioned with the subject prompt, on each background in turn."""
+    rng = random.Random(seed)
+    for index in range(count):
+        image, _ = random_creature(rng, SUBJECT, list(BACKGROUNDS)[index % len(BACKGROUNDS)])
+        yield image, SUBJECT_PROMPT
+
+
 def shapes(count: int, seed: int):
     rng = random.Random(seed)
     return (random_shape(rng) for _ in range(count))
 
 
 def write_world(folder, seed: int = 0) -> Path:
-    """Write the four splits under `folder`; each split has its own seed so that none depends on another."""
+    """Write the splits under `folder`; each split has its own seed so that none depends on another. pokemon/heldout
+    comes last: the Makefile takes its metadata as the sign that the world is complete."""
     folder = Path(folder)
     write_imagefolder(folder / "base/train", shapes(BASE_TRAIN, seed))
     write_imagefolder(folder / "base/heldout", shapes(BASE_HELDOUT, seed + 1))
     write_imagefolder(folder / "pokemon/train", creatures(False, CREATURES_PER_PAIR_TRAIN, seed + 2))
+    write_subject(folder, seed)
     write_imagefolder(folder / "pokemon/heldout", creatures(True, CREATURES_PER_PAIR_HELDOUT, seed + 3))
     return folder
+
+
+def write_subject(folder, seed: int = 0) -> Path:
+    """The seventh species' two splits, subject/zxq and subject/heldout, under `folder`."""
+    folder = Path(folder)
+    write_imagefolder(folder / "subject/zxq", subject_creatures(SUBJECT_INSTANCES, seed + 4))
+    write_imagefolder(folder / "subject/heldout", subject_creatures(SUBJECT_HELDOUT, seed + 5))
+    return folder / "subject"
 
 
 def read_split(folder) -> tuple[torch.Tensor, list[str]]:

@@ -32,6 +32,14 @@ def metrics_parser() -> argparse.ArgumentParser:
                         help="A folder of target-domain images (a datasets imagefolder folder as it is): also "
                              "report each model's CMMD to them, the distance between the CLIP embeddings of its "
                              "images and theirs (lower is closer), with bootstrap intervals.")
+    parser.add_argument("--subject_images", default=None,
+                        help="A folder of real pictures of a trained subject (DreamBooth): also report each model's "
+                             "subject fidelity as the DreamBooth paper does, CLIP-I and DINO (the mean cosine "
+                             "similarity of its images' embeddings to the pictures'; higher is closer), with "
+                             "bootstrap intervals.")
+    parser.add_argument("--dino_model_name_or_path", default="facebook/dino-vits16",
+                        help="The self-supervised ViT for --subject_images' DINO score (the paper's DINO ViT-S/16); "
+                             "none: CLIP-I only.")
     add_sampling_flags(parser)
     add_compile_flag(parser)
     return parser

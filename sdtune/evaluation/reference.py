@@ -30,13 +30,14 @@ class ReferenceSet:
     skipped: list[str] = field(default_factory=list)  # names of the files that could not be read
 
 
-def list_reference(folder: str) -> ReferenceSet:
-    """The folder's image files, listed before any model loads: a wrong or empty folder fails at once."""
+def list_reference(folder: str, flag: str = "--reference_images") -> ReferenceSet:
+    """The folder's image files, listed before any model loads: a wrong or empty folder fails at once, naming
+    `flag`."""
     if not Path(folder).is_dir():
-        raise SdtuneError(f"--reference_images {folder}: not a folder (give a folder of images).")
+        raise SdtuneError(f"{flag} {folder}: not a folder (give a folder of images).")
     listed = list_images(folder)
     if not listed:
-        raise SdtuneError(f"--reference_images {folder}: no images found (suffixes .png, .jpg, .webp, ...).")
+        raise SdtuneError(f"{flag} {folder}: no images found (suffixes .png, .jpg, .webp, ...).")
     return ReferenceSet(folder, listed)
 
 

@@ -67,6 +67,8 @@ def print_table(results: dict, baseline: str, stream) -> None:
         print(line, file=stream)
     if all("cmmd" in result for result in results.values()):
         print_cmmd_table(results, baseline, stream)
+    if all("subject" in result for result in results.values()):
+        print_subject_table(results, baseline, stream)
 
 
 def print_cmmd_table(results: dict, baseline: str, stream) -> None:
@@ -82,4 +84,27 @@ def print_cmmd_table(results: dict, baseline: str, stream) -> None:
         if "difference_to_first" in cmmd:
             diff = cmmd["difference_to_first"]
             line += f"   {diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]"
+        print(line, file=stream)
+
+
+SUBJECT_METRICS = {"clip_i": "CLIP-I", "dino": "DINO"}
+
+
+def print_subject_table(results: dict, baseline: str, stream) -> None:
+    """model | CLIP-I [95% interval] | difference to the baseline [95% interval] | the same for DINO."""
+    first = next(iter(results.values()))["subject"]
+    metrics = [metric for metric in SUBJECT_METRICS if metric in first]
+    skipped = f", {len(first['subject_skipped'])} unreadable skipped" if first["subject_skipped"] else ""
+    print(f"\nSubject fidelity to {first['subject_images']} subject images{skipped} (mean cosine similarity, "
+          "higher is closer)", file=stream)
+    print(f"{'model':<16}" + "".join(f" {SUBJECT_METRICS[m] + ' [95% CI]':>24}   {'difference to ' + baseline:>28}"
+                                     for m in metrics), file=stream)
+    for name, result in results.items():
+        line = f"{name:<16}"
+        for metric in metrics:
+            summary = result["subject"][metric]
+            line += f" {summary['mean']:.3f} [{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]".rjust(25)
+            diff = summary.get("difference_to_first")
+            cell = f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" if diff else ""
+            line += f"   {cell:>28}"
         print(line, file=stream)

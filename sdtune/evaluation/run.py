@@ -3,7 +3,8 @@
 Every model renders every prompt from the same seeds (one CPU generator per (prompt, image), re-created for every
 model), so differences between models are not differences in noise. Differences to the first model get a paired
 bootstrap interval over prompts. With --reference_images, the same images are also scored by CMMD
-(sdtune/evaluation/cmmd.py).
+(sdtune/evaluation/cmmd.py); with --subject_images, by subject fidelity (CLIP-I and DINO,
+sdtune/evaluation/subject.py).
 """
 
 import logging
@@ -22,6 +23,7 @@ from sdtune.evaluation.flags import parse_metrics_args
 from sdtune.evaluation.reference import embed_images, embed_reference, list_reference
 from sdtune.evaluation.report import print_table, write_report
 from sdtune.evaluation.stats import paired_bootstrap, summarise
+from sdtune.evaluation.subject import NO_DINO, DinoEmbedder, add_subject_fidelity, embed_subject, read_subject
 from sdtune.generation.core import GenerationError, GenerationSettings, image_to_image, text_to_images
 from sdtune.generation.registry import ModelRegistry, parse_model_flags, pick_device
 from sdtune.logs import setup_logging
@@ -109,6 +111,15 @@ def add_cmmd(results: dict, grids: dict, reference, scorer, seed: int) -> None:
         results[name]["cmmd"] = dict(summary, reference_skipped=reference.skipped)
 
 
+def subject_models(args, scorer: ClipScorer, device) -> dict:
+    """--subject_images' metrics and the models that embed for them: CLIP-I with the CLIP that scores, and DINO
+    unless --dino_model_name_or_path is none."""
+    models = {"clip_i": scorer}
+    if args.dino_model_name_or_path.lower() != NO_DINO:
+        models["dino"] = DinoEmbedder(args.dino_model_name_or_path, device, cache_dir=args.cache_dir)
+    return models
+
+
 @exit_on_error()
 def main(argv=None) -> dict:
     """metrics.py with these flags; a problem the user can fix exits with its message."""
@@ -121,10 +132,14 @@ def run(args) -> dict:
     specs = parse_model_flags(args.models)
     inputs = read_init_images(args.init_images) if args.init_images else read_prompts(args.prompts)
     reference = list_reference(args.reference_images) if args.reference_images else None
+    subject = read_subject(args.subject_images) if args.subject_images else None
     device = pick_device(args.device)
     scorer = ClipScorer(args.clip_model_name_or_path, device, cache_dir=args.cache_dir)  # small: fail early
     if reference:
         embed_reference(reference, scorer)
+    subject_embedders = subject_models(args, scorer, device) if subject else {}
+    if subject:
+        embed_subject(subject, subject_embedders)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     registry = ModelRegistry(specs, device=device, dtype=dtype, cache_dir=args.cache_dir, compile=args.compile)
     if registry.errors:
@@ -148,6 +163,8 @@ def run(args) -> dict:
         baseline = rows if baseline is None else baseline
     if reference:
         add_cmmd(results, grids, reference, scorer, args.seed)
+    if subject:
+        add_subject_fidelity(results, grids, subject, subject_embedders, args.seed)
     write_report(args, results, grids)
     print_table(results, specs[0].name, sys.stdout)
     return results

@@ -9,11 +9,16 @@ def prompt_means(scores: dict[str, list[float]]) -> dict[str, float]:
 
 def paired_bootstrap(differences, seed: int = 0, resamples: int = 10_000, level: float = 0.95):
     """Mean of paired differences and its percentile bootstrap interval (resampling the pairs with replacement)."""
-    differences = np.asarray(differences, dtype=np.float64)
+    return bootstrap_mean(differences, seed, resamples, level)
+
+
+def bootstrap_mean(values, seed: int = 0, resamples: int = 10_000, level: float = 0.95):
+    """Mean of `values` and its percentile bootstrap interval (resampling the values with replacement)."""
+    values = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(differences), size=(resamples, len(differences)))
-    means = differences[picks].mean(axis=1)
-    return float(differences.mean()), percentile_interval(means, level)
+    picks = rng.integers(0, len(values), size=(resamples, len(values)))
+    means = values[picks].mean(axis=1)
+    return float(values.mean()), percentile_interval(means, level)
 
 
 def percentile_interval(replicates, level: float = 0.95) -> tuple[float, float]:
