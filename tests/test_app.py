@@ -202,7 +202,7 @@ def test_the_app_creates_its_allowed_root(tmp_path, tiny_pipeline, monkeypatch):
 
     models = tmp_path / "models.yaml"
     models.write_text(f"models:\n  - name: stock\n    path: {tiny_pipeline}\n")
-    monkeypatch.setattr(app_module, "build_ui", lambda service, jobs=None: Demo())
+    monkeypatch.setattr(app_module, "build_ui", lambda service, jobs=None, captions=None: Demo())
     app_module.serve(parse_app_args(["--models", str(models), "--lazy",
                                      "--allowed-root", str(tmp_path / "data" / "input_images"),
                                      "--output_dir", str(tmp_path / "outputs")]))

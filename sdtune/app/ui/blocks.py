@@ -58,7 +58,9 @@ def build_ui(service: Service, jobs=None, captions=None) -> gr.Blocks:
     with gr.Blocks(title="sdtune", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# sdtune: stock and fine-tuned Stable Diffusion", elem_classes=["sdtune-header"])
         status = partial(model_status, service)
-        header = gr.Markdown(status, elem_classes=["sdtune-header"])
+        header = gr.Markdown(status(), elem_classes=["sdtune-header"])
+        # re-read at each page load; a callable value would also make it a public endpoint named after the callable
+        demo.load(status, None, header, queue=False, api_visibility="private")
         backend_status(service)
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id=TEXT_TAB):
