@@ -77,7 +77,12 @@ def test_the_train_tab_is_there_only_with_jobs(roots):
     service = Service(ModelRegistry([ModelSpec("base", str(roots.models / "base"))], device="cpu", lazy=True),
                       roots.tmp / "outputs", roots.tmp / "inputs")
     assert "Train" not in tabs(build_ui(service))
-    assert "Train" in tabs(make_tab(roots).demo)
+    demo = make_tab(roots).demo
+    assert "Train" in tabs(demo)
+    # the tab's own events take no name of the training API's endpoints (Gradio would rename the endpoint: /x_1)
+    endpoints = {"train_start", "train_status", "train_stop", "train_resume", "train_list", "train_save_now",
+                 "train_sample_now", "train_score"}
+    assert {f"/{name}" for name in endpoints} <= set(demo.get_api_info()["named_endpoints"])
 
 
 def test_a_recipe_fills_the_settings_people_change(roots):

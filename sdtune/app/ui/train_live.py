@@ -55,7 +55,7 @@ class TrainLive:
         def handler(selected, request: gr.Request):
             return self._act(selected, request, lambda owner, job_id: getattr(self.jobs, action)(owner, job_id),
                              CONTROLS[action])
-        handler.__name__ = f"train_{action}"
+        handler.__name__ = f"{action}_chosen_job"  # not train_{action}: the API endpoint has that name
         return handler
 
     def ask_delete(self, selected, request: gr.Request):
@@ -89,7 +89,7 @@ class TrainLive:
         def handler(selected, request: gr.Request):
             return self._act(selected, request, lambda owner, job_id: self.jobs.request(owner, job_id, what),
                              f"{LATER[what].lower()} asked: at its next step")
-        handler.__name__ = f"train_{what}_now"
+        handler.__name__ = f"{what}_chosen_job_now"
         return handler
 
     def score(self, selected, request: gr.Request):
