@@ -71,9 +71,9 @@ def score(models: list[str], prompts: Path, seeds: int, output: Path, subject: s
     return metrics(flags)
 
 
-def interval(summary: dict) -> str:
+def interval(summary: dict, digits: int) -> str:
     low, high = summary["ci95"]
-    return f"{summary['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return f"{summary['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def print_tables(subject: dict, species: dict) -> None:
@@ -83,9 +83,9 @@ def print_tables(subject: dict, species: dict) -> None:
         clip_i = subject[name]["subject"]["clip_i"]
         low, high = clip_i["ci95"]
         row = [f"{clip_i['mean']:.3f} [{low:.3f}, {high:.3f}]"]
-        row.append(interval(clip_i["difference_to_first"]) if "difference_to_first" in clip_i else "")
+        row.append(interval(clip_i["difference_to_first"], 3) if "difference_to_first" in clip_i else "")
         row.append(f"{species[name]['clip_score_mean']:.2f}")
-        row.append(interval(species[name]["difference_to_first"]) if "difference_to_first" in species[name] else "")
+        row.append(interval(species[name]["difference_to_first"], 2) if "difference_to_first" in species[name] else "")
         print(f"| {name} | " + " | ".join(row) + " |")
 
 
