@@ -375,8 +375,8 @@ def test_in_a_browser_a_lora_job_is_uploaded_trained_stopped_resumed_served_and_
         page.get_by_label("Images uploaded here").check()
         files = sorted(str(path) for path in story_app.upload.iterdir())  # the images and their .txt captions
         page.locator("input[type=file][multiple]").set_input_files(files)
-        captions = page.locator(".block").filter(has_text="Captions (editable")
-        expect(captions.get_by_text("creature-7.png")).to_be_visible(timeout=30_000)  # the table read the .txt files
+        captions = page.get_by_role("grid", name=re.compile("^Captions"))
+        expect(captions.get_by_text("creature-7.png").first).to_be_visible(timeout=30_000)  # read from the .txt
         for label, value in [("Steps", STORY_STEPS), ("LoRA rank", 4), ("Resolution", 32), ("Batch", 4),
                              ("Checkpoint every", STORY_EVERY), ("...or every (steps", STORY_EVERY), ("Seed", 7)]:
             fill(page, label, str(value))
