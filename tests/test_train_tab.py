@@ -309,7 +309,7 @@ def test_in_a_browser_the_train_tab_fills_its_form_from_a_recipe_and_lists_a_job
         tab.demo.close()
 
 
-STORY_STEPS, STORY_EVERY = 16, 4  # a checkpoint and a validation grid every 4 steps: enough to stop and resume
+STORY_STEPS, STORY_EVERY = 48, 4  # a checkpoint and a grid every 4 steps; Stop comes at the first grid, mid-job
 STORY_ADVANCED = ("validation_inference_steps: 2\ngradient_accumulation_steps: 1\nuse_ema: false\n"
                   "checkpoints_total_limit: 2\n")
 
@@ -351,7 +351,7 @@ def story_app(tmp_path, tiny_pipeline):
                 jobs.cancel(None, job["id"])
 
 
-@pytest.mark.slow  # a headless browser and a LoRA job of 16 steps on the tiny world, stopped and resumed
+@pytest.mark.slow  # a headless browser and a LoRA job of 48 steps on the tiny world, stopped and resumed
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_in_a_browser_a_lora_job_is_uploaded_trained_stopped_resumed_served_and_generates(story_app):
     import re
@@ -374,7 +374,8 @@ def test_in_a_browser_a_lora_job_is_uploaded_trained_stopped_resumed_served_and_
         page.get_by_role("option", name="stock", exact=True).click()
         page.get_by_label("Images uploaded here").check()
         files = sorted(str(path) for path in story_app.upload.iterdir())  # the images and their .txt captions
-        page.locator("input[type=file][multiple]").set_input_files(files)
+        page.locator(".block").filter(has_text="with .txt captions").locator("input[type=file]").first.set_input_files(
+            files)
         captions = page.get_by_role("grid", name=re.compile("^Captions"))
         expect(captions.get_by_text("creature-7.png").first).to_be_visible(timeout=30_000)  # read from the .txt
         for label, value in [("Steps", STORY_STEPS), ("LoRA rank", 4), ("Resolution", 32), ("Batch", 4),
@@ -403,9 +404,13 @@ def test_in_a_browser_a_lora_job_is_uploaded_trained_stopped_resumed_served_and_
         expect(state).to_contain_text(f"step {STORY_STEPS} / {STORY_STEPS}")
 
         # the finished job's model is offered in the text-to-image picker of the same page, and generates
+        header = page.locator(".prose.sdtune-header").filter(has_text="Models:")  # on_done serves it just after done
+        expect(header).to_contain_text("Models: stock, creatures", timeout=60_000)
         assert offered(page, "creatures")
-        page.get_by_label("Model", exact=True).first.click()
-        page.get_by_role("option", name="creatures", exact=True).click()
+        picker = page.get_by_label("Model", exact=True).first
+        picker.fill("creatures")  # typed and entered: the timer's refresh re-renders an open option list
+        picker.press("Enter")
+        expect(picker).to_have_value("creatures")
         page.get_by_label("Prompt", exact=True).first.fill(
             "a drawing of a yellow creature with long ears on a white background")
         for label, value in [("Width", 32), ("Height", 32), ("Steps", 2)]:
