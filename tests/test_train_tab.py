@@ -312,3 +312,115 @@ def test_in_a_browser_the_train_tab_fills_its_form_from_a_recipe_and_lists_a_job
             browser.close()
     finally:
         tab.demo.close()
+
+
+STORY_STEPS, STORY_EVERY = 48, 4  # a checkpoint and a grid every 4 steps; Stop comes at the first grid, mid-job
+STORY_ADVANCED = ("validation_inference_steps: 2\ngradient_accumulation_steps: 1\nuse_ema: false\n"
+                  "checkpoints_total_limit: 2\n")
+
+
+@pytest.fixture
+def story_app(tmp_path, tiny_pipeline):
+    """The app as `gradio_app.py --train` builds it, in this process: the tiny stock model served, the real trainer,
+    a finished job's model served through the model manager (launch.py's on_done), and 8 captioned creatures of the
+    tiny world to upload."""
+    from itertools import islice
+
+    from sdtune.app.job_models import serve_finished
+    from sdtune.app.launch import LAUNCH_OPTIONS
+    from tinyworld.datasets import creatures
+
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    for index, (picture, caption) in enumerate(islice(creatures(heldout=False, per_pair=1, seed=0), 8)):
+        picture.save(upload / f"creature-{index}.png")
+        (upload / f"creature-{index}.txt").write_text(caption)
+    (tmp_path / "data").mkdir()
+    service = Service(ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu"), tmp_path / "outputs",
+                      tmp_path / "inputs", models_root=tmp_path / "models")
+    service.models.allow_root(tmp_path / "jobs")
+    jobs = TrainingJobs(tmp_path / "jobs", tmp_path / "data", [tiny_pipeline, tmp_path / "models"],
+                        env=subprocess_env(threads=1),
+                        on_done=lambda finished: serve_finished(service.models, finished))
+    jobs.runner.start_scheduler(interval=0.5)
+    demo = build_ui(service, jobs)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **LAUNCH_OPTIONS)
+    try:
+        yield SimpleNamespace(url=demo.local_url, upload=upload, jobs=jobs)
+    finally:
+        demo.close()
+        jobs.runner.shutdown()
+        for job in jobs.list(None):  # no trainer outlives the test
+            if job["state"] in ("queued", "running"):
+                jobs.cancel(None, job["id"])
+
+
+@pytest.mark.slow  # a headless browser and a LoRA job of 48 steps on the tiny world, stopped and resumed
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_in_a_browser_a_lora_job_is_uploaded_trained_stopped_resumed_served_and_generates(story_app):
+    import re
+
+    from playwright.sync_api import expect, sync_playwright
+    from test_browser import offered
+
+    from docs.screenshot import CHROMIUM, CHROMIUM_FLAGS, fill, wait_for_result
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        page.goto(story_app.url)
+        page.get_by_role("tab", name="Train", exact=True).click()
+        fill(page, "Job name", "creatures")
+        page.get_by_label("Recipe (configs/)").click()
+        page.get_by_role("option", name="tiny-lora", exact=True).click()
+        expect(page.get_by_role("spinbutton", name="Steps", exact=True)).to_have_value("400")
+        page.get_by_label("Base model").click()
+        page.get_by_role("option", name="stock", exact=True).click()
+        page.get_by_label("Images uploaded here").check()
+        files = sorted(str(path) for path in story_app.upload.iterdir())  # the images and their .txt captions
+        page.locator(".block").filter(has_text="with .txt captions").locator("input[type=file]").first.set_input_files(
+            files)
+        captions = page.get_by_role("grid", name=re.compile("^Captions"))
+        expect(captions.get_by_text("creature-7.png").first).to_be_visible(timeout=30_000)  # read from the .txt
+        for label, value in [("Steps", STORY_STEPS), ("LoRA rank", 4), ("Resolution", 32), ("Batch", 4),
+                             ("Checkpoint every", STORY_EVERY), ("...or every (steps", STORY_EVERY), ("Seed", 7)]:
+            fill(page, label, str(value))
+        fill(page, "Advanced", STORY_ADVANCED)
+        page.get_by_role("button", name="Start", exact=True).click()
+        expect(page.get_by_text("Job 1 queued. 8 images saved")).to_be_visible(timeout=30_000)
+
+        # the live view, refreshed by the tab's timer: the job runs, its loss plot and a validation grid appear
+        state = page.get_by_text(re.compile(r"^Job 1 \(creatures\): "))
+        expect(state).to_contain_text("running", timeout=120_000)
+        grid = page.locator(".block").filter(has_text="Latest validation grid").locator("img")
+        expect(grid).to_have_attribute("src", re.compile(r"step-\d+\.png"), timeout=300_000)
+        train_plot = page.locator(".block").filter(has_text="Training loss").locator("canvas, svg.marks")
+        expect(train_plot.first).to_be_visible(timeout=30_000)
+        page.get_by_role("button", name="Stop", exact=True).click()
+        expect(page.get_by_text("Job 1: stopping")).to_be_visible(timeout=30_000)
+        expect(state).to_contain_text("stopped", timeout=120_000)
+        stopped_at = story_app.jobs.status(None, 1)["step"]
+        assert 0 < stopped_at < STORY_STEPS, stopped_at  # stopped on the way, not at the end
+
+        page.get_by_role("button", name="Resume", exact=True).click()
+        expect(page.get_by_text("Job 1: queued again")).to_be_visible(timeout=30_000)
+        expect(state).to_contain_text("done", timeout=600_000)
+        expect(state).to_contain_text(f"step {STORY_STEPS} / {STORY_STEPS}")
+
+        # the finished job's model is offered in the text-to-image picker of the same page, and generates
+        header = page.locator(".prose.sdtune-header").filter(has_text="Models:")  # on_done serves it just after done
+        expect(header).to_contain_text("Models: stock, creatures", timeout=60_000)
+        assert offered(page, "creatures")
+        picker = page.get_by_label("Model", exact=True).first
+        picker.fill("creatures")  # typed and entered: the timer's refresh re-renders an open option list
+        picker.press("Enter")
+        expect(picker).to_have_value("creatures")
+        page.get_by_label("Prompt", exact=True).first.fill(
+            "a drawing of a yellow creature with long ears on a white background")
+        for label, value in [("Width", 32), ("Height", 32), ("Steps", 2)]:
+            fill(page, label, str(value))
+        page.get_by_role("button", name="Generate").first.click()
+        wait_for_result(page, timeout_ms=120_000)
+        expect(page.locator(".sdtune-result img[src*='-creatures-']").first).to_be_visible()
+        browser.close()
