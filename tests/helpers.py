@@ -107,3 +107,23 @@ def within(seconds: float, function, *args):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def serve_in_process(root: Path, models_root: Path, pipeline: Path):
+    """The app serving `pipeline` as "stock" from this process on a free local port, the way gradio_app.py launches
+    it (outputs under root/outputs, folders under root, models added from under models_root); a generator for a
+    fixture to yield from: {"url", "service"}, closed after."""
+    from sdtune.app.launch import LAUNCH_OPTIONS
+    from sdtune.app.service import Service
+    from sdtune.app.ui.blocks import build_ui
+    from sdtune.generation.registry import ModelRegistry, ModelSpec
+
+    service = Service(ModelRegistry([ModelSpec("stock", str(pipeline))], device="cpu"), root / "outputs", root,
+                      models_root=models_root)
+    demo = build_ui(service)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, **LAUNCH_OPTIONS)
+    try:
+        yield {"url": demo.local_url, "service": service}
+    finally:
+        demo.close()

@@ -117,20 +117,12 @@ def models_app(tmp_path_factory, tiny_pipeline):
     """The app serving the tiny stock model, with a copy of its pipeline folder under its models root to add."""
     import shutil
 
-    from sdtune.app.launch import LAUNCH_OPTIONS
-    from sdtune.app.service import Service
-    from sdtune.app.ui.blocks import build_ui
-    from sdtune.generation.registry import ModelRegistry, ModelSpec
+    from helpers import serve_in_process
 
     root = tmp_path_factory.mktemp("models-root")
     shutil.copytree(tiny_pipeline, root / "copy")
-    service = Service(ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu"), root / "outputs",
-                      root, models_root=root)
-    demo = build_ui(service)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, **LAUNCH_OPTIONS)
-    yield {"url": demo.local_url, "root": root}
-    demo.close()
+    for app in serve_in_process(root, root, tiny_pipeline):
+        yield {**app, "root": root}
 
 
 def offered(page, name: str) -> bool:

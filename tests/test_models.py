@@ -257,18 +257,9 @@ def test_a_model_removed_during_its_request_is_freed_after_it(tiny_pipeline, run
 @pytest.fixture(scope="module")
 def models_app(tmp_path_factory, tiny_pipeline, runs):
     """The app serving the tiny stock model, adding models from under the runs' folder."""
-    from sdtune.app.launch import LAUNCH_OPTIONS
-    from sdtune.app.service import Service
-    from sdtune.app.ui.blocks import build_ui
+    from helpers import serve_in_process
 
-    root = tmp_path_factory.mktemp("models-app")
-    service = Service(ModelRegistry([ModelSpec("stock", str(tiny_pipeline))], device="cpu"), root / "outputs",
-                      root, models_root=runs)
-    demo = build_ui(service)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, **LAUNCH_OPTIONS)
-    yield {"url": demo.local_url, "service": service}
-    demo.close()
+    yield from serve_in_process(tmp_path_factory.mktemp("models-app"), runs, tiny_pipeline)
 
 
 def test_models_are_added_used_and_removed_through_the_api(models_app, runs):
