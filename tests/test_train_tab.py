@@ -3,8 +3,12 @@ temporary roots, whose train.sh is a stand-in (no training): the recipe fills th
 queue nothing, uploads are capped and saved with their captions, the live view reads a job's files, Delete asks
 first, and one user's controls never reach another's jobs."""
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import time
 from types import SimpleNamespace
 
 import gradio as gr
@@ -356,6 +360,29 @@ def story_app(tmp_path, tiny_pipeline):
                 jobs.cancel(None, job["id"])
 
 
+@contextlib.contextmanager
+def trainer_paused_after_first_grid(jobs, job_id: int, timeout: float = 300):
+    """Freeze a running job's trainer (SIGSTOP to its process group) once its first validation grid is written, and
+    let it go on leaving the block: a Stop sent meanwhile waits for SIGCONT, then ends the step under way. Without
+    the pause, a fast machine finished the 48 steps between the grid's display and the click."""
+    from sdtune.jobs.live import VALIDATION_FOLDER
+
+    job = jobs.store.get(job_id)
+    grids = jobs.runner.folder(job) / OUTPUT_FOLDER / VALIDATION_FOLDER
+    deadline = time.monotonic() + timeout
+    while not (grids.is_dir() and any(grids.glob("step-*.png"))):
+        assert time.monotonic() < deadline, "no validation grid in time"
+        assert jobs.store.get(job_id).state in ("queued", "running"), jobs.store.get(job_id)
+        time.sleep(0.05)
+    pid = jobs.store.get(job_id).pid
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        assert jobs.status(None, job_id)["step"] < STORY_STEPS  # paused on the way, not after the end
+        yield
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+
+
 @pytest.mark.slow  # a headless browser and a LoRA job of 48 steps on the tiny world, stopped and resumed
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_in_a_browser_a_lora_job_is_uploaded_trained_stopped_resumed_served_and_generates(story_app):
@@ -393,12 +420,13 @@ def test_in_a_browser_a_lora_job_is_uploaded_trained_stopped_resumed_served_and_
         # the live view, refreshed by the tab's timer: the job runs, its loss plot and a validation grid appear
         state = page.get_by_text(re.compile(r"^Job 1 \(creatures\): "))
         expect(state).to_contain_text("running", timeout=120_000)
-        grid = page.locator(".block").filter(has_text="Latest validation grid").locator("img")
-        expect(grid).to_have_attribute("src", re.compile(r"step-\d+\.png"), timeout=300_000)
-        train_plot = page.locator(".block").filter(has_text="Training loss").locator("canvas, svg.marks")
-        expect(train_plot.first).to_be_visible(timeout=30_000)
-        page.get_by_role("button", name="Stop", exact=True).click()
-        expect(page.get_by_text("Job 1: stopping")).to_be_visible(timeout=30_000)
+        with trainer_paused_after_first_grid(story_app.jobs, 1):  # so that Stop lands mid-job on any machine
+            grid = page.locator(".block").filter(has_text="Latest validation grid").locator("img")
+            expect(grid).to_have_attribute("src", re.compile(r"step-\d+\.png"), timeout=60_000)
+            train_plot = page.locator(".block").filter(has_text="Training loss").locator("canvas, svg.marks")
+            expect(train_plot.first).to_be_visible(timeout=30_000)
+            page.get_by_role("button", name="Stop", exact=True).click()
+            expect(page.get_by_text("Job 1: stopping")).to_be_visible(timeout=30_000)
         expect(state).to_contain_text("stopped", timeout=120_000)
         stopped_at = story_app.jobs.status(None, 1)["step"]
         assert 0 < stopped_at < STORY_STEPS, stopped_at  # stopped on the way, not at the end
