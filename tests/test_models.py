@@ -286,11 +286,12 @@ def test_models_are_added_used_and_removed_through_the_api(models_app, runs):
 
 def test_every_model_picker_and_the_header_follow_an_addition_and_a_removal(models_app):
     from sdtune.app.ui.blocks import model_status
-    from sdtune.app.ui.models_tab import PickerRefresh
+    from sdtune.app.ui.models_tab import PickerRefresh, base_choices
 
     service = models_app["service"]
     manager = service.models
-    refresh = PickerRefresh(manager, singles=2, status=lambda: model_status(service))
+    refresh = PickerRefresh(manager, singles=2, status=lambda: model_status(service),
+                            bases=[lambda: base_choices(manager)])
     seen = manager.registry.version
     assert all(update.get("__type__") == "update" and len(update) == 1  # gr.skip(): nothing changes
                for update in refresh(seen, "stock", None, ["stock"])[1:])

@@ -20,7 +20,7 @@ from PIL import Image
 from sdtune.app.service import Service
 from sdtune.app.ui.blocks import build_ui
 from sdtune.app.ui.compare_tab import COMPARE_TAB
-from sdtune.app.ui.train_form import FILLED, FORM_FIELDS
+from sdtune.app.ui.train_form import FILLED, FORM_FIELDS, RECIPE_BASE
 from sdtune.generation.registry import ModelRegistry, ModelSpec
 from sdtune.jobs import uploads
 from sdtune.jobs.api import TrainingJobs, read_recipe, wait_for
@@ -60,7 +60,7 @@ def make_tab(roots, auth=False, script="exit 0\n", served=()):
     demo = build_ui(service, jobs)
     handlers = {getattr(fn.fn, "__name__", ""): fn for fn in demo.fns.values()}
     return SimpleNamespace(form=handlers["start"].fn.__self__, live=handlers["view"].fn.__self__, jobs=jobs,
-                           demo=demo, events=handlers)
+                           demo=demo, events=handlers, service=service)
 
 
 def form(**overrides) -> list:
@@ -102,6 +102,20 @@ def test_a_recipe_fills_the_settings_people_change(roots):
     assert outputs == ["Steps", "Learning rate", "LoRA rank", "Resolution", "Batch", "Checkpoint every (steps)",
                        "Validation prompts (one a line)", "Validate every (epochs)",
                        "...or every (steps; 0: by epochs)", "Seed (-1: drawn)", "Method"]
+
+
+def test_the_base_picker_follows_models_added_and_removed_while_serving(roots, tiny_pipeline):
+    from sdtune.app.ui.models_tab import PickerRefresh
+
+    tab = make_tab(roots)
+    picker = next(block for block in tab.demo.blocks.values() if getattr(block, "label", None) == "Base model")
+    shutil.copytree(tiny_pipeline, roots.models / "tuned")
+    tab.service.models.add("tuned", "tuned")
+    assert [value for _, value in picker.choices] == [RECIPE_BASE, "base", "tuned"]  # what a new page shows
+    refresh = next(fn for fn in tab.demo.fns.values() if isinstance(fn.fn, PickerRefresh))
+    assert picker in refresh.outputs  # an open page's timer updates it too
+    tab.service.models.remove("tuned")
+    assert [value for _, value in picker.choices] == [RECIPE_BASE, "base"]
 
 
 def test_start_queues_the_forms_job_with_its_settings(roots):
@@ -209,11 +223,24 @@ def test_the_live_view_shows_a_jobs_losses_grid_and_log_from_its_files(roots):
                                    "1.00it/s, loss=0.25]\n")
     rows, picker = tab.live.job_list(None, None)
     assert rows == [[job_id, "shapes-job", "done", ""]] and picker["value"] == job_id  # the newest, chosen
-    state, train, validation, grid, log = tab.live.view(job_id, None)
+    state, train, validation, grid, log, shown = tab.live.view(job_id, None, None)
     assert state == f"Job {job_id} (shapes-job): **done**, step 2 / 4, 1.00 steps/s"
     assert train.values.tolist() == [[1, 0.5], [2, 0.25]] and validation.values.tolist() == [[2, 0.4]]
     assert grid.endswith("step-000002.png")
     assert log.splitlines()[0] == "loading JOB/output" and "2/4" in log  # the job's folder is not shown
+
+    # the next tick sends only what changed: a plot sent again is drawn again
+    assert all(_skipped(value) for value in tab.live.view(job_id, shown, None)[:5])
+    with (output / "loss_history.jsonl").open("a") as history_file:
+        history_file.write(json.dumps({"step": 3, "train_loss": 0.125}) + "\n")
+    state, train, validation, grid, log, shown = tab.live.view(job_id, shown, None)
+    assert train.values.tolist()[-1] == [3, 0.125] and [_skipped(value) for value in (validation, grid, log)] == [
+        True, True, True]
+    assert not any(_skipped(value) for value in tab.live.view(job_id, None, None)[:5])  # a new page: all drawn
+
+
+def _skipped(value) -> bool:
+    return isinstance(value, dict) and value == {"__type__": "update"}
 
 
 def test_delete_asks_first_and_deletes_the_confirmed_job(roots):
@@ -238,7 +265,7 @@ def test_another_users_job_is_not_listed_read_or_controlled(roots):
     _, job_id = tab.form.start(ALICE, *form())
     assert tab.jobs.store.get(job_id).state == "running"
     assert tab.live.job_list(None, BOB)[0] == [] and tab.live.job_list(None, ALICE)[0][0][0] == job_id
-    assert tab.live.view(job_id, BOB)[0].startswith(f"No training job {job_id}")
+    assert tab.live.view(job_id, None, BOB)[0].startswith(f"No training job {job_id}")
     for action in ("stop", "cancel", "resume"):
         assert tab.live.control(action)(job_id, BOB).startswith(f"No training job {job_id}")
     assert tab.live.ask_delete(job_id, BOB)[2].startswith(f"No training job {job_id}")

@@ -81,9 +81,11 @@ def build_ui(service: Service, jobs=None, captions=None) -> gr.Blocks:
                     captions_tab(captions)
             if jobs is not None:  # gradio_app.py --train only (README, "Training in the app")
                 with gr.Tab("Train"):
-                    train_tab(jobs, service, CompareTargets(tabs, compare_prompt, compare_models, compare_seed))
+                    train_base = train_tab(jobs, service,
+                                           CompareTargets(tabs, compare_prompt, compare_models, compare_seed))
         pickers = Pickers([text_form.model, image_form.model, *own.single], [compare_models, batch_models])
-        follow_changes(service.models, [added, removed], pickers, base, header, status)
+        bases = [base] if jobs is None else [base, train_base]
+        follow_changes(service.models, [added, removed], pickers, bases, header, status)
         wire(text_form, image_form, info, tabs, service.registry, {TEXT_TAB: text_event, IMAGE_TAB: image_event})
         for button in (text_stop, image_stop, batch_stop, compare_stop):
             # a running generation stops at its next denoising step (a batch or comparison keeps what it finished

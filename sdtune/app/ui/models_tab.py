@@ -3,6 +3,7 @@ the app serves (sdtune.app.models does the work), and every model picker of the 
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import gradio as gr
 
@@ -38,6 +39,15 @@ class Pickers:
     several: list[gr.CheckboxGroup]
 
 
+@dataclass
+class BaseList:
+    """A dropdown of the served models that can be a base (a LoRA is none), whose choices `choices()` gives with its
+    own first ones: the Models tab's "" (the base a model's settings name), the Train tab's recipe's base. Its value
+    is left alone: both take a typed path too."""
+    dropdown: gr.Dropdown
+    choices: Callable[[], list[str]]
+
+
 def models_tab(manager: ModelManager, root_shown: str):
     """The tab's controls; returns its add and remove events, its own model pickers (the base and the one to
     remove) and its listing."""
@@ -68,34 +78,36 @@ def models_tab(manager: ModelManager, root_shown: str):
                            concurrency_id="models")
     refresh.click(handler.list_models, None, listing, api_name="list_models", queue=False)
     gr.on(None, handler.list_models, None, listing, api_visibility="private", queue=False)  # at page load
-    return added, removed, Pickers([chosen], []), base
+    return added, removed, Pickers([chosen], []), BaseList(base, partial(base_choices, manager))
 
 
 class PickerRefresh:
     """The updates that bring a page up to date with the served models: nothing when the page has seen the registry's
     last change; otherwise the served names, a form keeping its choice while it is still served, a group its
-    still-served ticks, the Models tab's base choice and the header's model status (`status()`, its text)."""
+    still-served ticks, each base list's choices (`bases`, their functions) and the header's model status
+    (`status()`, its text)."""
 
-    def __init__(self, manager: ModelManager, singles: int, status: Callable[[], str]):
-        self.manager, self.singles, self.status = manager, singles, status
+    def __init__(self, manager: ModelManager, singles: int, status: Callable[[], str],
+                 bases: list[Callable[[], list[str]]]):
+        self.manager, self.singles, self.status, self.bases = manager, singles, status, bases
 
     def __call__(self, seen, *values):
         version = self.manager.registry.version
         if seen == version:
-            return (seen, *([gr.skip()] * (len(values) + 2)))
+            return (seen, *([gr.skip()] * (len(values) + len(self.bases) + 1)))
         names = self.manager.names
         singles = [gr.update(choices=names, value=value if value in names else names[0] if value else None)
                    for value in values[:self.singles]]
         groups = [gr.update(choices=names, value=[v for v in (chosen or []) if v in names])
                   for chosen in values[self.singles:]]
-        return (version, *singles, *groups, gr.update(choices=base_choices(self.manager)), self.status())
+        return (version, *singles, *groups, *(gr.update(choices=choices()) for choices in self.bases), self.status())
 
 
 def base_choices(manager: ModelManager) -> list[str]:
     return [""] + [name for name in plain_models(manager.registry) if name in manager.names]
 
 
-def keep_defaults_current(manager: ModelManager, pickers: Pickers, base: gr.Dropdown) -> None:
+def keep_defaults_current(manager: ModelManager, pickers: Pickers, bases: list[BaseList]) -> None:
     """The pickers' choices as a new page (or an API call, which Gradio checks against them) sees them. Gradio copies a
     component for a session only once an event updates it there, so the page's own components are what every other
     session reads."""
@@ -107,19 +119,20 @@ def keep_defaults_current(manager: ModelManager, pickers: Pickers, base: gr.Drop
     for picker in pickers.several:
         picker.choices = [(name, name) for name in names]
         picker.value = [name for name in picker.value or [] if name in names]
-    base.choices = [(name, name) for name in base_choices(manager)]
+    for base in bases:
+        base.dropdown.choices = [(name, name) for name in base.choices()]
 
 
-def follow_changes(manager: ModelManager, events, pickers: Pickers, base: gr.Dropdown, header: gr.Markdown,
+def follow_changes(manager: ModelManager, events, pickers: Pickers, bases: list[BaseList], header: gr.Markdown,
                    status: Callable[[], str]) -> None:
     """Every model picker of the page lists the served models, and the header's status (`status()`) says what is
     served: at once after this page's add or remove, and within REFRESH_SECONDS of another page's. A new page reads
     the header from `status` (its value) and the pickers from their defaults, kept current here."""
     controls = [*pickers.single, *pickers.several]
-    refresh = PickerRefresh(manager, len(pickers.single), status)
-    manager.on_change(lambda: keep_defaults_current(manager, pickers, base))
+    refresh = PickerRefresh(manager, len(pickers.single), status, [base.choices for base in bases])
+    manager.on_change(lambda: keep_defaults_current(manager, pickers, bases))
     seen = gr.State(manager.registry.version)
-    outputs = [seen, *controls, base, header]
+    outputs = [seen, *controls, *(base.dropdown for base in bases), header]
     for event in events:
         event.then(refresh, [seen, *controls], outputs, api_visibility="private", queue=False)
     gr.Timer(REFRESH_SECONDS).tick(refresh, [seen, *controls], outputs, api_visibility="private", queue=False,

@@ -38,12 +38,20 @@ class TrainLive:
         chosen = _job_id(selected) if _job_id(selected) in ids else (ids[-1] if ids else None)
         return rows, gr.update(choices=choices, value=chosen)
 
-    def view(self, selected, request: gr.Request):
-        """The chosen job's state line, training and validation loss series, latest grid and log's last lines."""
-        if _job_id(selected) is None:
+    def view(self, selected, shown, request: gr.Request):
+        """The chosen job's state line, training and validation loss series, latest grid and log's last lines, each
+        left as it is (gr.skip()) when it has not changed since this page's last view (`shown`, the State this
+        returns last): a plot sent again is drawn again, every few seconds, for each open page."""
+        values = self._read(_job_id(selected), _user(request))
+        now = [_fingerprint(_job_id(selected), value) for value in values]
+        before = shown if isinstance(shown, list) and len(shown) == len(now) else [None] * len(now)
+        return (*(gr.skip() if key == seen else value for value, key, seen in zip(values, now, before)), now)
+
+    def _read(self, job_id: int | None, owner: str | None) -> tuple:
+        if job_id is None:
             return "No job chosen.", loss_frame([]), loss_frame([]), None, ""
         try:
-            status = self.jobs.status(_user(request), _job_id(selected))
+            status = self.jobs.status(owner, job_id)
         except SdtuneError as error:
             return str(error), loss_frame([]), loss_frame([]), None, ""
         grid = status["latest_grid"]
@@ -153,6 +161,14 @@ def state_line(status: dict) -> str:
     if status["seconds_left"] is not None and status["state"] == "running":
         line += f", about {_duration(status['seconds_left'])} left"
     return line + (f"\n\n{status['error']}" if status["error"] else "")
+
+
+def _fingerprint(job_id: int | None, value):
+    """What identifies a shown value: a loss series by its length and last point (it only grows, and a resumed run
+    rewrites its tail from the checkpoint's step), anything else by itself; each with the job it belongs to."""
+    if isinstance(value, pd.DataFrame):
+        return job_id, len(value), value.tail(1).values.tolist()
+    return job_id, value
 
 
 def loss_frame(series) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from sdtune.app.ui.models_tab import BaseList
 from sdtune.app.ui.train_form import FILLED, FORM_FIELDS, METHODS, RECIPE_BASE, SOURCES, TrainForm
 from sdtune.app.ui.train_live import LOSS_COLUMNS, TrainLive, loss_frame
 from sdtune.jobs.uploads import MAX_UPLOAD_IMAGES
@@ -27,8 +28,8 @@ class CompareTargets:
     seed: gr.Number
 
 
-def train_tab(jobs, service, compare: CompareTargets) -> TrainLive:
-    """The tab's controls and their events; returns its live handlers."""
+def train_tab(jobs, service, compare: CompareTargets) -> BaseList:
+    """The tab's controls and their events; returns its base model picker, which follows the served models."""
     form, live = TrainForm(jobs, service.registry, service.models.root), TrainLive(jobs, service.registry)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=360):
@@ -39,8 +40,9 @@ def train_tab(jobs, service, compare: CompareTargets) -> TrainLive:
     shown = wire_live(live, view, compare)
     started = gr.State(None)  # the new job's id, chosen in the list once the list holds it
     start.click(form.start, [controls[key] for key in FORM_FIELDS], [message, started], **QUICK).then(
-        live.job_list, started, [view["list"], view["job"]], **QUICK).then(live.view, view["job"], shown, **QUICK)
-    return live
+        live.job_list, started, [view["list"], view["job"]], **QUICK).then(
+        live.view, [view["job"], view["shown"]], shown, **QUICK)
+    return BaseList(controls["base"], form.bases)
 
 
 def job_form(form: TrainForm):
@@ -108,6 +110,7 @@ def live_view() -> dict:
                                            label="Validation loss")
     v["grid"] = gr.Image(label="Latest validation grid", type="filepath", interactive=False)
     v["log"] = gr.Textbox(label="Log (last lines)", lines=8, max_lines=20, interactive=False)
+    v["shown"] = gr.State(None)  # what this page shows now, so that a tick leaves unchanged plots undrawn
     with gr.Row():
         for name in ("Stop", "Cancel", "Resume", "Delete"):
             v[name] = gr.Button(name, size="sm", variant="stop" if name == "Delete" else "secondary")
@@ -134,10 +137,10 @@ def wire_form(form: TrainForm, c: dict) -> None:
 
 def wire_live(live: TrainLive, v: dict, compare: CompareTargets) -> list:
     """The timer's refresh and the controls' events; returns the live view's outputs."""
-    shown = [v["state"], v["train_loss"], v["validation_loss"], v["grid"], v["log"]]
+    shown = [v["state"], v["train_loss"], v["validation_loss"], v["grid"], v["log"], v["shown"]]
     v["timer"].tick(live.job_list, v["job"], [v["list"], v["job"]], show_progress="hidden", **QUICK).then(
-        live.view, v["job"], shown, show_progress="hidden", **QUICK)
-    v["job"].input(live.view, v["job"], shown, **QUICK)
+        live.view, [v["job"], v["shown"]], shown, show_progress="hidden", **QUICK)
+    v["job"].input(live.view, [v["job"], v["shown"]], shown, **QUICK)
     for name in ("Stop", "Cancel", "Resume"):
         v[name].click(live.control(name.lower()), v["job"], v["message"], **QUICK)
     confirm = [v["confirm"], v["pending"], v["message"]]
