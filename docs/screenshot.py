@@ -11,6 +11,12 @@ after `make demo` (which trains outputs/tiny-finetuned, the list's second model)
         --click Compare --output docs/app-compare.png
 
 with PROMPT="a drawing of a yellow creature with long ears on a white background" (configs/tiny_prompts.txt).
+The Train tab's picture is of a finished job: with --train_job the app has a Train tab, the recipe's job (the
+--train_flags YAML over it) is trained through its queue first (about 3 minutes for this one on 2 CPU cores), and the
+shot waits for the job's loss plots and validation grid:
+
+    python docs/screenshot.py --tab Train --train_job tiny-lora --train_flags "$(cat docs/screenshot-job.yaml)" \
+        --window 1366x1100 --output docs/app-train.png
 
 A field is a labelled box (Prompt) or a slider's number box (Steps, Width). Without --click the tab is shown as it
 opens.
@@ -51,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--click", help="the button to click in the tab (e.g. Generate); left out: no click")
     parser.add_argument("--output", required=True, help="the PNG to write")
     parser.add_argument("--window", default="1366x768", help="the browser window's inner size, WIDTHxHEIGHT")
+    parser.add_argument("--train_job", metavar="RECIPE",
+                        help="with a Train tab: train a job of configs/RECIPE.yaml first and show it")
+    parser.add_argument("--train_flags", default="", help="the job's other trainer flags as YAML (the tab's Advanced)")
     args = parser.parse_args(argv)
     args.fields = [split_field(text, parser) for text in args.fill]
     try:
@@ -67,13 +76,29 @@ def split_field(text: str, parser) -> tuple[str, str]:
     return label, value
 
 
-def start_app(models, folder: Path):
-    """The app on the listed models, on the CPU, serving in a background thread; its outputs go to `folder`."""
+def start_app(models, folder: Path, jobs=None):
+    """The app on the listed models, on the CPU, serving in a background thread; its outputs go to `folder`. With
+    `jobs` (a TrainingJobs) it has the Train tab."""
     service = Service(ModelRegistry(read_model_list(models), device="cpu"), folder / "outputs", folder / "inputs")
-    demo = build_ui(service)
+    demo = build_ui(service, jobs)
     demo.queue(default_concurrency_limit=1)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, **LAUNCH_OPTIONS)
     return demo
+
+
+def trained_job(recipe: str, flags: str, folder: Path):
+    """A TrainingJobs in `folder` (data and models from this repository's data/ and tinyworld/) that has trained one
+    job of `recipe`, done, through the same queue and trainer process the Train tab uses."""
+    from sdtune.jobs.api import TrainingJobs, wait_for
+    from sdtune.jobs.store import ENDED
+
+    repository = Path(__file__).resolve().parents[1]
+    jobs = TrainingJobs(folder / "jobs", repository / "data", [repository / "tinyworld", repository / "models"])
+    job_id = jobs.start(None, recipe, recipe, None, flags)
+    ended = wait_for(jobs, job_id, ENDED, timeout=3600)
+    if ended["state"] != "done":
+        raise SystemExit(f"The job ended {ended['state']}: " + "\n".join(jobs.status(None, job_id)["log_tail"]))
+    return jobs
 
 
 def fill(page, label: str, value: str) -> None:
@@ -109,6 +134,10 @@ def screenshot(url: str, args) -> None:
             expect(page.get_by_role("tab", name=args.tab, exact=True)).to_have_attribute("aria-selected", "true")
             for label, value in args.fields:
                 fill(page, label, value)
+            if args.train_job:  # the newest job is shown once the tab's timer has read it
+                expect(page.locator(".block").filter(has_text="Latest validation grid").locator("img")).to_be_visible(
+                    timeout=60_000)
+                page.wait_for_function(FINISHED, timeout=60_000)
             if args.click:
                 page.get_by_role("button", name=args.click, exact=True).click()
                 wait_for_result(page)
@@ -121,7 +150,8 @@ def screenshot(url: str, args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sdtune-screenshot-") as folder:
-        demo = start_app(args.models, Path(folder))
+        jobs = trained_job(args.train_job, args.train_flags, Path(folder)) if args.train_job else None
+        demo = start_app(args.models, Path(folder), jobs)
         try:
             screenshot(demo.local_url, args)
         finally:
