@@ -15,8 +15,8 @@ The Train tab's picture is of a finished job: with --train_job the app has a Tra
 --train_flags YAML over it) is trained through its queue first (about 3 minutes for this one on 2 CPU cores), and the
 shot waits for the job's loss plots and validation grid:
 
-    python docs/screenshot.py --tab Train --train_job tiny-lora --train_flags "$(cat docs/screenshot-job.yaml)" \
-        --window 1366x1100 --output docs/app-train.png
+    python docs/screenshot.py --models configs/models-tiny-stock.yaml --tab Train --train_job tiny-lora \
+        --train_flags "$(cat docs/screenshot-job.yaml)" --window 1366x1100 --output docs/app-train.png
 
 A field is a labelled box (Prompt) or a slider's number box (Steps, Width). Without --click the tab is shown as it
 opens.
@@ -78,27 +78,37 @@ def split_field(text: str, parser) -> tuple[str, str]:
 
 def start_app(models, folder: Path, jobs=None):
     """The app on the listed models, on the CPU, serving in a background thread; its outputs go to `folder`. With
-    `jobs` (a TrainingJobs) it has the Train tab."""
+    `jobs` (a TrainingJobs) it has the Train tab and serves each job that ends done, as gradio_app.py --train does."""
     service = Service(ModelRegistry(read_model_list(models), device="cpu"), folder / "outputs", folder / "inputs")
+    if jobs is not None:
+        from sdtune.app.job_models import serve_finished
+
+        service.models.allow_root(jobs.jobs_root)
+        jobs.on_done(lambda finished: serve_finished(service.models, finished))
     demo = build_ui(service, jobs)
     demo.queue(default_concurrency_limit=1)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True, **LAUNCH_OPTIONS)
     return demo
 
 
-def trained_job(recipe: str, flags: str, folder: Path):
-    """A TrainingJobs in `folder` (data and models from this repository's data/ and tinyworld/) that has trained one
-    job of `recipe`, done, through the same queue and trainer process the Train tab uses."""
-    from sdtune.jobs.api import TrainingJobs, wait_for
-    from sdtune.jobs.store import ENDED
+def training_jobs(folder: Path):
+    """The Train tab's queue in `folder`, on this repository's data/ and tinyworld/ models."""
+    from sdtune.jobs.api import TrainingJobs
 
     repository = Path(__file__).resolve().parents[1]
-    jobs = TrainingJobs(folder / "jobs", repository / "data", [repository / "tinyworld", repository / "models"])
+    return TrainingJobs(folder / "jobs", repository / "data", [repository / "tinyworld", repository / "models"])
+
+
+def train(jobs, recipe: str, flags: str) -> None:
+    """One job of `recipe` with the `flags` YAML over it, trained to its end through the queue and trainer process
+    the Train tab uses."""
+    from sdtune.jobs.api import wait_for
+    from sdtune.jobs.store import ENDED
+
     job_id = jobs.start(None, recipe, recipe, None, flags)
     ended = wait_for(jobs, job_id, ENDED, timeout=3600)
     if ended["state"] != "done":
         raise SystemExit(f"The job ended {ended['state']}: " + "\n".join(jobs.status(None, job_id)["log_tail"]))
-    return jobs
 
 
 def fill(page, label: str, value: str) -> None:
@@ -150,9 +160,11 @@ def screenshot(url: str, args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sdtune-screenshot-") as folder:
-        jobs = trained_job(args.train_job, args.train_flags, Path(folder)) if args.train_job else None
+        jobs = training_jobs(Path(folder)) if args.train_job else None
         demo = start_app(args.models, Path(folder), jobs)
         try:
+            if jobs is not None:
+                train(jobs, args.train_job, args.train_flags)
             screenshot(demo.local_url, args)
         finally:
             demo.close()

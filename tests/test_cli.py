@@ -102,7 +102,7 @@ def script_and_flags(command: str) -> tuple[str, list[str]] | None:
 
 
 # the commands whose flags the README test parses; the README's other python commands are run elsewhere: the tiny
-# world's data by make demo and test_tinyworld.py, benchmarks by hand
+# world's data by make demo and test_tinyworld.py, benchmarks and docs' screenshots by hand
 PARSED = ("train_text_to_image.py", "metrics.py", "gradio_app.py", "sdtune.batch", "sdtune.caption")
 
 
@@ -129,7 +129,7 @@ def test_every_readme_command_is_run_somewhere():
     run_elsewhere = {"make", "huggingface-cli", "curl", "sudo", "ray"}
     # a command after environment settings (HF_HUB_OFFLINE=1 PYTHONPATH=. python bench/...) is that command
     commands_alone = [re.sub(r"^(\w+=\S*\s+)+", "", c) for c in others]
-    assert all(c.split()[0] in run_elsewhere or c.startswith(("python -m tinyworld.", "python bench/"))
+    assert all(c.split()[0] in run_elsewhere or c.startswith(("python -m tinyworld.", "python bench/", "python docs/"))
                for c in commands_alone), others
     assert len(commands) - len(others) >= 10
 

@@ -14,6 +14,7 @@ from sdtune.app.ui.train_form import FILLED, FORM_FIELDS, METHODS, RECIPE_BASE, 
 from sdtune.app.ui.train_live import LOSS_COLUMNS, TrainLive, loss_frame
 from sdtune.jobs.uploads import MAX_UPLOAD_IMAGES
 
+DEFAULT_RECIPE = "pokemon-lora"  # the project's LoRA recipe: a page opens filled in, LoRA being the default method
 REFRESH_SECONDS = 3  # the live view's period: the status reads a few file tails, so this costs the trainer nothing
 QUICK = dict(queue=False, api_visibility="private")
 
@@ -48,10 +49,12 @@ def train_tab(jobs, service, compare: CompareTargets) -> BaseList:
 def job_form(form: TrainForm):
     """The form's controls by JobForm field name, its Start button and its message."""
     c = {}
+    recipe = DEFAULT_RECIPE if DEFAULT_RECIPE in form.recipes() else None
+    *filled, method = form.recipe_values(recipe) if recipe else [None] * len(FILLED) + ["lora"]
     c["name"] = gr.Textbox("", label="Job name", info="Also the served model's name when the job is done.")
-    c["recipe"] = gr.Dropdown(form.recipes(), value=None, label="Recipe (configs/)",
+    c["recipe"] = gr.Dropdown(form.recipes(), value=recipe, label="Recipe (configs/)",
                               info="Its settings fill the form; anything not in the form keeps the recipe's value.")
-    c["method"] = gr.Radio(METHODS, value="lora", label="Method")
+    c["method"] = gr.Radio(METHODS, value=method, label="Method")
     with gr.Row(visible=False) as subject:
         c["instance_prompt"] = gr.Textbox("", label="Instance prompt", placeholder="a photo of sks dog")
         c["class_prompt"] = gr.Textbox("", label="Class prompt (prior preservation; empty: none)",
@@ -68,7 +71,7 @@ def job_form(form: TrainForm):
                              "or a metadata.jsonl")
         c["captions"] = gr.Dataframe(headers=["file", "caption"], column_count=2, interactive=True,
                                      label="Captions (editable; written as .txt files beside the images)")
-    c.update(settings())
+    c.update(settings(dict(zip(FILLED, filled))))
     c["advanced"] = gr.Textbox("", lines=3, label="Advanced: other trainer flags as YAML",
                                placeholder="snr_gamma: 5.0\nlr_scheduler: cosine",
                                info="Names as train_text_to_image.py --help shows them, without the dashes.")
@@ -78,22 +81,27 @@ def job_form(form: TrainForm):
     return c, start, message
 
 
-def settings() -> dict:
-    """The settings people change; a recipe fills them."""
+def settings(values: dict) -> dict:
+    """The settings people change, with `values` (a recipe's, by FILLED name; None: empty); a recipe fills them."""
     c = {}
     with gr.Row():
-        c["max_train_steps"] = gr.Number(label="Steps", precision=0, minimum=1)
-        c["learning_rate"] = gr.Number(label="Learning rate")
-        c["lora_rank"] = gr.Number(label="LoRA rank", precision=0, minimum=0)
+        c["max_train_steps"] = gr.Number(values["max_train_steps"], label="Steps", precision=0, minimum=1)
+        c["learning_rate"] = gr.Number(values["learning_rate"], label="Learning rate")
+        c["lora_rank"] = gr.Number(values["lora_rank"], label="LoRA rank", precision=0, minimum=0)
     with gr.Row():
-        c["resolution"] = gr.Number(label="Resolution", precision=0, minimum=8)
-        c["train_batch_size"] = gr.Number(label="Batch", precision=0, minimum=1)
-        c["checkpointing_steps"] = gr.Number(label="Checkpoint every (steps)", precision=0, minimum=1)
-    c["validation_prompts"] = gr.Textbox("", lines=2, label="Validation prompts (one a line)")
+        c["resolution"] = gr.Number(values["resolution"], label="Resolution", precision=0, minimum=8)
+        c["train_batch_size"] = gr.Number(values["train_batch_size"], label="Batch", precision=0, minimum=1)
+        c["checkpointing_steps"] = gr.Number(values["checkpointing_steps"], label="Checkpoint every (steps)",
+                                             precision=0, minimum=1)
+    c["validation_prompts"] = gr.Textbox(values["validation_prompts"] or "", lines=2,
+                                         label="Validation prompts (one a line)")
     with gr.Row():
-        c["validation_epochs"] = gr.Number(label="Validate every (epochs)", precision=0, minimum=1)
-        c["validation_steps"] = gr.Number(0, label="...or every (steps; 0: by epochs)", precision=0, minimum=0)
-        c["seed"] = gr.Number(-1, label="Seed (-1: drawn)", precision=0, minimum=-1)
+        c["validation_epochs"] = gr.Number(values["validation_epochs"], label="Validate every (epochs)", precision=0,
+                                           minimum=1)
+        c["validation_steps"] = gr.Number(values["validation_steps"] or 0, label="...or every (steps; 0: by epochs)",
+                                          precision=0, minimum=0)
+        seed = values["seed"]
+        c["seed"] = gr.Number(-1 if seed is None else seed, label="Seed (-1: drawn)", precision=0, minimum=-1)
     return c
 
 
