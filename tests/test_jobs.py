@@ -396,6 +396,11 @@ def test_train_endpoints_through_gradio_client(fake_jobs):
                 client.predict(job_id, api_name=endpoint)
         with pytest.raises(Exception, match="output holds no model"):  # the stand-in trainer wrote none
             client.predict(job_id, api_name="/train_score")
+        folder = jobs.runner.folder(jobs.store.get(job_id))
+        assert client.predict(job_id, api_name="/train_delete") == [] and not folder.exists()
+        assert client.predict(api_name="/train_list") == []
+        with pytest.raises(Exception, match=f"No training job {job_id}"):
+            client.predict(job_id, api_name="/train_delete")
     finally:
         demo.close()
 
@@ -434,7 +439,7 @@ def lora_output(tmp_path, tiny_adapter, tiny_pipeline):
 @pytest.mark.parametrize("kind", ["pipeline", "lora"])
 def test_a_done_job_is_served_under_its_name_once_and_again_after_a_restart(fake_jobs, tmp_path, tiny_pipeline,
                                                                               tiny_adapter, kind):
-    from sdtune.app.job_models import serve_finished
+    from sdtune.app.job_models import serve_finished, unserve_deleted
     from sdtune.app.models import ModelManager
     from sdtune.generation.registry import ModelRegistry, ModelSpec
 
@@ -468,6 +473,14 @@ def test_a_done_job_is_served_under_its_name_once_and_again_after_a_restart(fake
     outside = manager(jobs_allowed=False)  # the jobs root not allowed: refused, logged, nothing served
     finished = FinishedJob(job_id, "my.model", None, jobs.runner.folder(jobs.store.get(job_id)) / OUTPUT_FOLDER)
     assert serve_finished(outside, finished) is None and "my_model" not in outside.names
+
+    # deleting a job stops serving its model first (its files go); the other job's model stays
+    jobs.on_delete(lambda output: unserve_deleted(served, output))
+    assert jobs.delete(None, job_id) == ["my_model"]
+    assert "my_model" not in served.names and f"my_model-{again}" in served.names
+    restarted = manager()
+    restarted.restore()
+    assert "my_model" not in restarted.names and f"my_model-{again}" in restarted.names
 
 
 @pytest.mark.slow  # metrics.py in its own process (tiny CLIP, tiny pipeline)

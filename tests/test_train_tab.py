@@ -84,8 +84,8 @@ def test_the_train_tab_is_there_only_with_jobs(roots):
     demo = make_tab(roots).demo
     assert "Train" in tabs(demo)
     # the tab's own events take no name of the training API's endpoints (Gradio would rename the endpoint: /x_1)
-    endpoints = {"train_start", "train_status", "train_stop", "train_resume", "train_list", "train_save_now",
-                 "train_sample_now", "train_score"}
+    endpoints = {"train_start", "train_status", "train_stop", "train_resume", "train_list", "train_delete",
+                 "train_save_now", "train_sample_now", "train_score"}
     assert {f"/{name}" for name in endpoints} <= set(demo.get_api_info()["named_endpoints"])
 
 

@@ -6,6 +6,7 @@ fine-tune's output is a pipeline folder of its own (sdtune/app/model_sources.py)
 
 import logging
 import re
+from pathlib import Path
 
 from sdtune.app.models import ModelManager
 from sdtune.errors import SdtuneError
@@ -31,3 +32,24 @@ def serve_finished(manager: ModelManager, finished) -> str | None:
         return None
     logger.info("Training job %d (%s) is done. %s", finished.id, finished.name, line)
     return name
+
+
+def unserve_deleted(manager: ModelManager, output: Path) -> list[str]:
+    """Stop serving every model read from a training job's `output` folder, which is about to be deleted (a request
+    using one finishes first: the manager frees a busy model after it); returns their names."""
+    specs = manager.registry.specs
+    inside = [name for name in manager.names
+              if any(_under(where, output) for where in (specs[name].path, specs[name].lora, specs[name].unet,
+                                                         specs[name].single_file))]
+    removed = []
+    for name in inside:
+        try:
+            logger.info("%s (its training job is deleted)", manager.remove(name))
+            removed.append(name)
+        except SdtuneError as error:  # a fixed list (--backend ray): the job's files go all the same
+            logger.error("The model %r of a deleted training job is still listed: %s", name, error)
+    return removed
+
+
+def _under(path: str | None, folder: Path) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(folder.resolve())

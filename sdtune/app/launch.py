@@ -43,13 +43,15 @@ def generation_backend(args, registry: ModelRegistry):
 def training_jobs(args, registry: ModelRegistry, auth: bool, models):
     """--train's queue under OUTPUT_DIR/jobs, its scheduler started: jobs found running from an earlier app are
     watched again, those that died with it are marked interrupted. Bases: the served models' folders and
-    --models_root; data: --data_root. A job that ends done has its model served (sdtune/app/job_models.py)."""
-    from sdtune.app.job_models import serve_finished
+    --models_root; data: --data_root. A job that ends done has its model served (sdtune/app/job_models.py) until
+    the job is deleted."""
+    from sdtune.app.job_models import serve_finished, unserve_deleted
     from sdtune.jobs.api import TrainingJobs  # only with --train
 
     served = [Path(spec.path) for spec in registry.specs.values() if Path(spec.path).is_dir()]
     jobs = TrainingJobs(jobs_root(args), args.data_root, [*served, Path(args.models_root)], auth=auth,
                         on_done=lambda finished: serve_finished(models, finished))
+    jobs.on_delete(lambda output: unserve_deleted(models, output))
     jobs.runner.tick()
     jobs.runner.start_scheduler()
     return jobs

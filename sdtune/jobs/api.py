@@ -60,12 +60,18 @@ class TrainingJobs:
         self.recipes_dir, self.auth, self.clip_model = Path(recipes_dir), auth, clip_model
         self.store = JobStore(self.jobs_root / STORE_FILE)
         self._done_listeners: list[Callable[[FinishedJob], None]] = [on_done] if on_done else []
+        self._delete_listeners: list[Callable[[Path], list[str]]] = []
         self.runner = Runner(self.store, self.jobs_root, env=env, on_end=self._ended)
 
     def on_done(self, listener: Callable[[FinishedJob], None]) -> None:
         """Call `listener(FinishedJob)` once for each training job that ends done (the app serves its model). Told
         by the runner of the app that sees the job end, outside the queue's lock."""
         self._done_listeners.append(listener)
+
+    def on_delete(self, listener: "Callable[[Path], list[str]]") -> None:
+        """Call `listener(output_folder)` before a job's files are deleted (the app stops serving the models it
+        serves from there); it returns the names of what it let go, which `delete` returns."""
+        self._delete_listeners.append(listener)
 
     def _ended(self, job: Job) -> None:
         if job.state != "done" or job.kind != "train":
@@ -176,8 +182,9 @@ class TrainingJobs:
         self.runner.tick()
         return summary(self.store.get(job_id))
 
-    def delete(self, owner: str | None, job_id: int) -> None:
-        """Remove a job that is not running, and its folder (checkpoints, outputs, log)."""
+    def delete(self, owner: str | None, job_id: int) -> "list[str]":  # quoted: the method list shadows the type
+        """Remove a job that is not running, and its folder (checkpoints, outputs, log), after its on_delete
+        listeners have let go of what they use there; returns what they let go of (models no longer served)."""
         job = self._job(owner, job_id)
         with self.runner.lock:
             if self.store.get(job_id).state == "running":
@@ -185,8 +192,10 @@ class TrainingJobs:
             folder = self.runner.folder(job).resolve()
             if folder.parent != self.jobs_root:  # never outside the jobs root, whatever the database says
                 raise JobError(f"Job {job_id}'s folder is not in the jobs root; not deleting it.")
+            released = [name for listener in self._delete_listeners for name in listener(folder / OUTPUT_FOLDER)]
             shutil.rmtree(folder, ignore_errors=True)
             self.store.delete(job_id)
+        return released
 
     def _check_room(self) -> None:
         if len(self.store.list(["queued", "running"])) >= MAX_WAITING:

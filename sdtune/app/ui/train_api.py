@@ -1,6 +1,6 @@
 """The training jobs' API endpoints (gradio_app.py --train): /train_start, /train_status, /train_stop, /train_resume,
-/train_list, /train_save_now, /train_sample_now and /train_score, each a sdtune/jobs/api.py call made as the
-signed-in user (--auth), so that one user's jobs are out of another's reach (README, "Training jobs").
+/train_list, /train_delete, /train_save_now, /train_sample_now and /train_score, each a sdtune/jobs/api.py call made
+as the signed-in user (--auth), so that one user's jobs are out of another's reach (README, "Training jobs").
 
 gr.api endpoints take their types from the functions' hints (Gradio 6). A refused request becomes a gr.Error with the
 job module's message, which names no server path; the status names the latest validation grid by its file name only.
@@ -48,12 +48,17 @@ def train_endpoints(jobs: TrainingJobs) -> None:
         """Sample now: a running job renders a validation grid at its next optimizer step."""
         return _answer(jobs.request, _user(request), job_id, "sample")
 
+    def train_delete(job_id: int, request: gr.Request = None) -> list:
+        """Delete a job that is not running, with its folder (checkpoints, samples, log); the models served from it
+        are no longer served. Returns their names. There is no undo."""
+        return _answer(jobs.delete, _user(request), job_id)
+
     def train_score(job_id: int, request: gr.Request = None) -> int:
         """Queue a score job for a done training job (CLIP score against its base on its validation prompts, CMMD to
         its held-out images); returns its id, whose /train_status carries the report."""
         return _answer(jobs.score, _user(request), job_id)
 
-    for endpoint in (train_start, train_status, train_stop, train_resume, train_list, train_save_now,
+    for endpoint in (train_start, train_status, train_stop, train_resume, train_list, train_delete, train_save_now,
                      train_sample_now, train_score):
         gr.api(endpoint, api_name=endpoint.__name__, queue=False)
 

@@ -83,10 +83,11 @@ class TrainLive:
         if pending is None:
             return gr.update(visible=False), None, "Nothing to delete: press Delete first."
         try:
-            self.jobs.delete(_user(request), pending)
+            released = self.jobs.delete(_user(request), pending)
         except SdtuneError as error:
             return gr.update(visible=False), None, str(error)
-        return gr.update(visible=False), None, f"Job {pending} deleted."
+        served = f"; no longer served: {', '.join(released)}" if released else ""
+        return gr.update(visible=False), None, f"Job {pending} deleted{served}."
 
     def keep(self):
         return gr.update(visible=False), None, "Nothing deleted."
