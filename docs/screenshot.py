@@ -16,7 +16,7 @@ The Train tab's picture is of a finished job: with --train_job the app has a Tra
 shot waits for the job's loss plots and validation grid:
 
     python docs/screenshot.py --models configs/models-tiny-stock.yaml --tab Train --train_job tiny-lora \
-        --train_flags "$(cat docs/screenshot-job.yaml)" --window 1366x1100 --output docs/app-train.png
+        --train_flags "$(cat docs/screenshot-job.yaml)" --window 1366x1300 --output docs/app-train.png
 
 A field is a labelled box (Prompt) or a slider's number box (Steps, Width). Without --click the tab is shown as it
 opens.
@@ -145,7 +145,7 @@ def screenshot(url: str, args) -> None:
             for label, value in args.fields:
                 fill(page, label, value)
             if args.train_job:  # the newest job is shown once the tab's timer has read it
-                expect(page.locator(".block").filter(has_text="Latest validation grid").locator("img")).to_be_visible(
+                expect(page.locator(".block").filter(has_text="Validation grids").locator("img").first).to_be_visible(
                     timeout=60_000)
                 page.wait_for_function(FINISHED, timeout=60_000)
             if args.click:

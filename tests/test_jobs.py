@@ -107,6 +107,7 @@ def test_live_status_reads_step_losses_grid_and_log(queue_run):
     assert status["train_loss"] and status["train_loss"][-1][0] == 2
     assert all(math.isfinite(loss) for _, loss in status["train_loss"])
     assert status["latest_grid"].name == "step-000002.png"
+    assert [grid.name for grid in status["grids"]] == ["step-000002.png"]  # the end of the run only
     assert status["log_tail"] and not any(str(jobs.jobs_root) in line for line in status["log_tail"])
     assert any("JOB/output/validation/step-000002.png" in line for line in status["log_tail"])  # paths redacted
 
@@ -386,6 +387,7 @@ def test_train_endpoints_through_gradio_client(fake_jobs):
         wait_for(jobs, job_id, ENDED, timeout=30)
         status = client.predict(job_id, api_name="/train_status")
         assert status["state"] == "done" and status["name"] == "api-job" and status["latest_grid"] is None
+        assert status["grids"] == []
         assert [job["id"] for job in client.predict(api_name="/train_list")] == [job_id]
         with pytest.raises(Exception, match="output_dir cannot be set"):
             client.predict("bad", "tiny-lora", {}, "output_dir: /tmp/x", api_name="/train_start")

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -226,7 +227,8 @@ def test_the_live_view_shows_a_jobs_losses_grid_and_log_from_its_files(roots):
     state, train, validation, grid, log, shown = tab.live.view(job_id, None, None)
     assert state == f"Job {job_id} (shapes-job): **done**, step 2 / 4, 1.00 steps/s"
     assert train.values.tolist() == [[1, 0.5], [2, 0.25]] and validation.values.tolist() == [[2, 0.4]]
-    assert grid.endswith("step-000002.png")
+    assert [(Path(path).name, caption) for path, caption in grid] == [("step-000002.png", "step 2"),
+                                                                      ("step-000001.png", "step 1")]  # newest first
     assert log.splitlines()[0] == "loading JOB/output" and "2/4" in log  # the job's folder is not shown
 
     # the next tick sends only what changed: a plot sent again is drawn again
@@ -448,7 +450,7 @@ def test_in_a_browser_a_lora_job_is_uploaded_trained_stopped_resumed_served_and_
         state = page.get_by_text(re.compile(r"^Job 1 \(creatures\): "))
         expect(state).to_contain_text("running", timeout=120_000)
         with trainer_paused_after_first_grid(story_app.jobs, 1):  # so that Stop lands mid-job on any machine
-            grid = page.locator(".block").filter(has_text="Latest validation grid").locator("img")
+            grid = page.locator(".block").filter(has_text="Validation grids").locator("img").first
             expect(grid).to_have_attribute("src", re.compile(r"step-\d+\.png"), timeout=60_000)
             train_plot = page.locator(".block").filter(has_text="Training loss").locator("canvas, svg.marks")
             expect(train_plot.first).to_be_visible(timeout=30_000)

@@ -19,6 +19,7 @@ LOG_LINES = 20
 TAIL_BYTES = 1 << 20  # ~10,000 tqdm redraws or ~25,000 loss records
 HISTORY_FILE = "loss_history.jsonl"  # sdtune/training/validation_loss.py's name; that module imports torch
 VALIDATION_FOLDER = "validation"
+MAX_GRIDS = 12  # the newest grids shown: enough to see samples change over a run, few enough to send every tick
 PROGRESS = re.compile(r"steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[[^<\]]*<[^,\]]*,\s*([\d.]+|\?)(s/it|it/s)"
                       r"(?:,\s*loss=([-+\d.eE]+|nan|inf))?")
 
@@ -32,6 +33,7 @@ class LiveStatus:
     train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, loss), oldest first
     validation_loss: list[tuple[int, float]] = field(default_factory=list)
     latest_grid: Path | None = None
+    grids: list[Path] = field(default_factory=list)  # the newest MAX_GRIDS validation grids, oldest first
     log_tail: list[str] = field(default_factory=list)
 
 
@@ -52,7 +54,8 @@ def live_status(log_file: Path, output_dir: Path, total_hint: int | None = None)
     history = read_history(Path(output_dir) / HISTORY_FILE)
     status.train_loss = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r] or _shown_losses(progress)
     status.validation_loss = [(r["step"], r["validation_loss"]) for r in history if "validation_loss" in r]
-    status.latest_grid = latest_grid(Path(output_dir) / VALIDATION_FOLDER)
+    status.grids = validation_grids(Path(output_dir) / VALIDATION_FOLDER)[-MAX_GRIDS:]
+    status.latest_grid = status.grids[-1] if status.grids else None
     return status
 
 
@@ -81,9 +84,10 @@ def read_history(path: Path) -> list[dict]:
     return records
 
 
-def latest_grid(folder: Path) -> Path | None:
-    grids = sorted(folder.glob("step-*.png")) if folder.is_dir() else []
-    return grids[-1] if grids else None
+def validation_grids(folder: Path) -> list[Path]:
+    """The trainer's validation grids, oldest first (their names hold the step, zero-padded)."""
+    return sorted(folder.glob("step-*.png")) if folder.is_dir() else []
+
 
 
 def _steps_per_second(value: str, unit: str) -> float | None:

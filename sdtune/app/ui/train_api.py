@@ -23,10 +23,12 @@ def train_endpoints(jobs: TrainingJobs) -> None:
         return _answer(jobs.start, _user(request), name, recipe, settings or {}, advanced)
 
     def train_status(job_id: int, request: gr.Request = None) -> dict:
-        """A job's state, step and total, steps/s, time left, loss series, latest validation grid and log lines."""
+        """A job's state, step and total, steps/s, time left, loss series, validation grids (the newest and the
+        last few by file name) and log lines."""
         status = _answer(jobs.status, _user(request), job_id)
         grid = status.pop("latest_grid")
-        return {**status, "latest_grid": grid.name if grid is not None else None}
+        return {**status, "latest_grid": grid.name if grid is not None else None,
+                "grids": [path.name for path in status.pop("grids")]}  # file names only: no server path
 
     def train_stop(job_id: int, cancel: bool = False, request: gr.Request = None) -> dict:
         """Stop a job (SIGTERM: a checkpoint at the current step), or with cancel=True end it at once (SIGKILL)."""

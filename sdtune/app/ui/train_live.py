@@ -49,14 +49,13 @@ class TrainLive:
 
     def _read(self, job_id: int | None, owner: str | None) -> tuple:
         if job_id is None:
-            return "No job chosen.", loss_frame([]), loss_frame([]), None, ""
+            return "No job chosen.", loss_frame([]), loss_frame([]), [], ""
         try:
             status = self.jobs.status(owner, job_id)
         except SdtuneError as error:
-            return str(error), loss_frame([]), loss_frame([]), None, ""
-        grid = status["latest_grid"]
+            return str(error), loss_frame([]), loss_frame([]), [], ""
         return (state_line(status), loss_frame(status["train_loss"]), loss_frame(status["validation_loss"]),
-                str(grid) if grid is not None else None, "\n".join(status["log_tail"]))
+                grid_gallery(status["grids"]), "\n".join(status["log_tail"]))
 
     def control(self, action: str):
         """The handler of Stop, Cancel or Resume."""
@@ -169,7 +168,18 @@ def _fingerprint(job_id: int | None, value):
     rewrites its tail from the checkpoint's step), anything else by itself; each with the job it belongs to."""
     if isinstance(value, pd.DataFrame):
         return job_id, len(value), value.tail(1).values.tolist()
-    return job_id, value
+    return job_id, repr(value)  # a gallery's list too
+
+
+def grid_gallery(grids: list[Path]) -> list[tuple[str, str]]:
+    """The validation grids as the gallery shows them: newest first (the one opened large), each captioned with its
+    step (the trainer names them step-000500.png)."""
+    return [(str(grid), _step_caption(grid)) for grid in reversed(grids)]
+
+
+def _step_caption(grid: Path) -> str:
+    digits = grid.stem.removeprefix("step-")
+    return f"step {int(digits)}" if digits.isdigit() else grid.stem
 
 
 def loss_frame(series) -> pd.DataFrame:

@@ -116,7 +116,8 @@ def live_view() -> dict:
         v["train_loss"] = gr.LinePlot(loss_frame([]), x=LOSS_COLUMNS[0], y=LOSS_COLUMNS[1], label="Training loss")
         v["validation_loss"] = gr.LinePlot(loss_frame([]), x=LOSS_COLUMNS[0], y=LOSS_COLUMNS[1],
                                            label="Validation loss")
-    v["grid"] = gr.Image(label="Latest validation grid", type="filepath", interactive=False)
+    v["grid"] = gr.Gallery(label="Validation grids (newest first)", columns=6, height="auto", preview=True,
+                           selected_index=0, interactive=False)
     v["log"] = gr.Textbox(label="Log (last lines)", lines=8, max_lines=20, interactive=False)
     v["shown"] = gr.State(None)  # what this page shows now, so that a tick leaves unchanged plots undrawn
     with gr.Row():
