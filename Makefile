@@ -2,9 +2,9 @@
 #   make demo   set up, write the tiny world's data, fine-tune its shipped stock model, score stock against
 #               fine-tuned with metrics.py, then serve both in gradio_app.py (CPU, no network; docs/tinyworld.md)
 #   make test   set up and run the whole test suite (offline; CI's, after make lint)
-#               (585 tests in 18 min 11 s on a fresh clone of the 2-core build machine, 2026-12-07)
+#               (586 tests in 17 min 59 s on a fresh clone of the 2-core build machine, 2026-12-08)
 #   make test-quick   the suite without the tests marked slow, for the edit loop
-#               (551 tests, 4 min 54 s of the same run's per-test times, 2026-12-07; README's Tests)
+#               (552 tests, 4 min 34 s of the same run's per-test times, 2026-12-08; README's Tests)
 #   make lint   ruff (style, unused names, import order) and lint-imports (the rooms' import direction)
 PYTHON ?= python3
 VENV := .venv
