@@ -37,10 +37,7 @@ def serve_finished(manager: ModelManager, finished) -> str | None:
 def unserve_deleted(manager: ModelManager, output: Path) -> list[str]:
     """Stop serving every model read from a training job's `output` folder, which is about to be deleted (a request
     using one finishes first: the manager frees a busy model after it); returns their names."""
-    specs = manager.registry.specs
-    inside = [name for name in manager.names
-              if any(_under(where, output) for where in (specs[name].path, specs[name].lora, specs[name].unet,
-                                                         specs[name].single_file))]
+    inside = [name for name in manager.names if _reads_from(manager.registry.specs[name], output)]
     removed = []
     for name in inside:
         try:
@@ -51,5 +48,7 @@ def unserve_deleted(manager: ModelManager, output: Path) -> list[str]:
     return removed
 
 
-def _under(path: str | None, folder: Path) -> bool:
-    return path is not None and Path(path).resolve().is_relative_to(folder.resolve())
+def _reads_from(spec, folder: Path) -> bool:
+    """Whether a served model reads any of its files from under `folder`."""
+    return any(path is not None and Path(path).resolve().is_relative_to(folder.resolve())
+               for path in (spec.path, spec.lora, spec.unet, spec.single_file))

@@ -39,11 +39,12 @@ class TrainLive:
         return rows, gr.update(choices=choices, value=chosen)
 
     def view(self, selected, shown, request: gr.Request):
-        """The chosen job's state line, training and validation loss series, latest grid and log's last lines, each
-        left as it is (gr.skip()) when it has not changed since this page's last view (`shown`, the State this
+        """The chosen job's state line, training and validation loss series, validation grids and log's last lines,
+        each left as it is (gr.skip()) when it has not changed since this page's last view (`shown`, the State this
         returns last): a plot sent again is drawn again, every few seconds, for each open page."""
-        values = self._read(_job_id(selected), _user(request))
-        now = [_fingerprint(_job_id(selected), value) for value in values]
+        job_id = _job_id(selected)
+        values = self._read(job_id, _user(request))
+        now = [_fingerprint(job_id, value) for value in values]
         before = shown if isinstance(shown, list) and len(shown) == len(now) else [None] * len(now)
         return (*(gr.skip() if key == seen else value for value, key, seen in zip(values, now, before)), now)
 
